@@ -1,0 +1,22 @@
+"""implicit_nash: differentiable Nash equilibria and Nash gradient-based meta-learning in PyTorch."""
+from .equilibrium import NashLayer, nash_equilibrium, solve_vi
+from .errors import ConvergenceError, ConvergenceWarning
+from .games import AggregativeGame, CostGame, Game, residual
+from .implicit import Adjoint, Implicit, Unrolled
+from .linear_solve import (CG, GMRES, BiCGSTAB, Dense, LinearOperator, LinearSolveInfo, LinearSolver,
+                           Neumann, NormalCG)
+from .sets import Ball, Box, NonNegative, Reals, Simplex, StrategySet
+from .solvers import PRGD, Extragradient, GaussSeidel, SimultaneousGradient, Solution, Solver
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve_vi", "nash_equilibrium", "NashLayer",
+    "Game", "CostGame", "AggregativeGame", "residual",
+    "Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
+    "Adjoint", "Implicit", "Unrolled",
+    "LinearSolver", "LinearOperator", "LinearSolveInfo", "CG", "GMRES", "BiCGSTAB", "NormalCG",
+    "Neumann", "Dense",
+    "StrategySet", "Reals", "Box", "Ball", "NonNegative", "Simplex",
+    "ConvergenceError", "ConvergenceWarning",
+]

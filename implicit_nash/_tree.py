@@ -1,0 +1,81 @@
+"""Flattening pytrees of tensors into one vector with a player-major layout.
+
+Every leaf of a game's strategy has a leading player dimension ``B``; the flat vector stores
+player 0's entries of every leaf, then player 1's, and so on, so that a player's block is contiguous
+(Gauss--Seidel updates one block at a time).  A plain variational inequality is the case ``B = 1``
+with no player dimension.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List, Sequence, Tuple
+
+import torch
+
+from ._compat import tree_flatten, tree_unflatten
+
+
+class Flattener:
+    def __init__(self, tree: Any, players: int | None, name: str):
+        leaves, self.treedef = tree_flatten(tree)
+        if not leaves:
+            raise ValueError(f"{name} is an empty pytree; it must hold at least one tensor")
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor or a pytree (dict/tuple/list) of tensors, "
+                                f"found a leaf of type {type(leaf).__name__}")
+        dtypes = {leaf.dtype for leaf in leaves}
+        if len(dtypes) > 1:
+            raise TypeError(f"{name} mixes dtypes {sorted(map(str, dtypes))}; use one floating dtype")
+        if not leaves[0].is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {leaves[0].dtype}")
+        self.shapes: List[torch.Size] = [leaf.shape for leaf in leaves]
+        if players is None:
+            self.players = 1
+            self.sizes = [leaf.numel() for leaf in leaves]
+        else:
+            for leaf in leaves:
+                if leaf.dim() == 0 or leaf.shape[0] != players:
+                    raise ValueError(
+                        f"every leaf of {name} must have the player dimension first: expected leading "
+                        f"size {players}, got shape {tuple(leaf.shape)}")
+            self.players = players
+            self.sizes = [math.prod(leaf.shape[1:]) for leaf in leaves]
+        self.block = sum(self.sizes)
+        self.numel = self.players * self.block
+        self.dtype = leaves[0].dtype
+        self.device = leaves[0].device
+
+    def flatten(self, tree: Any) -> torch.Tensor:
+        leaves, treedef = tree_flatten(tree)
+        if treedef != self.treedef:
+            raise ValueError(f"pytree structure changed: expected {self.treedef}, got {treedef}")
+        for leaf, shape in zip(leaves, self.shapes):
+            if leaf.shape != shape:
+                raise ValueError(f"expected a tensor of shape {tuple(shape)}, got {tuple(leaf.shape)}")
+        if len(leaves) == 1:
+            return leaves[0].reshape(-1)
+        return torch.cat([leaf.reshape(self.players, -1) for leaf in leaves], dim=1).reshape(-1)
+
+    def unflatten(self, flat: torch.Tensor) -> Any:
+        if len(self.shapes) == 1:
+            return tree_unflatten([flat.reshape(self.shapes[0])], self.treedef)
+        parts = flat.reshape(self.players, self.block).split(self.sizes, dim=1)
+        return tree_unflatten([p.reshape(s) for p, s in zip(parts, self.shapes)], self.treedef)
+
+
+def leaves_of(tree: Any, name: str) -> Tuple[List[torch.Tensor], Any]:
+    """Flatten ``theta``; it may hold tensors only (use closures for non-tensor data)."""
+    leaves, treedef = tree_flatten(tree)
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or a pytree of tensors, found a leaf of type "
+                            f"{type(leaf).__name__}; pass non-tensor data through a closure")
+    return leaves, treedef
+
+
+def check_finite(leaves: Sequence[torch.Tensor], name: str) -> None:
+    for i, leaf in enumerate(leaves):
+        if leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            where = "" if len(leaves) == 1 else f" (leaf {i}, shape {tuple(leaf.shape)})"
+            raise ValueError(f"{name} contains NaN or inf{where}")
