@@ -84,9 +84,14 @@ class ImplicitSpec:
             return self.residual(zz, theta)
 
         _, vjp_z = torch.func.vjp(G_of_z, z)
-        op = LinearOperator(lambda u: vjp_z(u)[0],  # (dG/dz)^T u
-                            lambda u: torch.func.jvp(G_of_z, (z,), (u,))[1],  # (dG/dz) u
-                            self.symmetric)
+        transpose_of_vjp = []
+
+        def jvp(u):  # (dG/dz) u, as the VJP of the linear map w -> (dG/dz)^T w (reverse mode only)
+            if not transpose_of_vjp:
+                transpose_of_vjp.append(torch.func.vjp(lambda w: vjp_z(w)[0], torch.zeros_like(z))[1])
+            return transpose_of_vjp[0](u)[0]
+
+        op = LinearOperator(lambda u: vjp_z(u)[0], jvp, self.symmetric)  # matvec: (dG/dz)^T u
         u, info = self.linear_solver.solve(op, v.reshape(-1))
         self.last_info = info
         if not info.converged:
