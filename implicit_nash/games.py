@@ -13,10 +13,10 @@ Two ways to describe a game:
   per-player term plus a coupling through an aggregate
   :math:`s = \sum_k a(\phi_k, \theta)`,
 
-  .. math:: f_i = \ell_i(\phi_i;\theta) + h(\phi_i, \theta, s),
+  .. math:: f_i = \ell_i(\phi_i;\theta) + h_i(\phi_i, \theta, s),
 
   and computes the pseudo-gradient in :math:`O(B)` with one reverse pass: it differentiates
-  :math:`\sum_i \ell_i(x_i) + h(x_i, \theta, s - a(\phi_i) + a(x_i))` with respect to
+  :math:`\sum_i \ell_i(x_i) + h_i(x_i, \theta, s - a(\phi_i) + a(x_i))` with respect to
   :math:`x` at :math:`x = \phi`.  Each term depends on its own :math:`x_i` only, so the gradient's
   block ``i`` is :math:`\partial f_i/\partial\phi_i` including the player's own contribution to
   the aggregate, and the result stays a differentiable function of :math:`(\phi, \theta)`
@@ -98,7 +98,7 @@ class CostGame(Game):
 
 
 class AggregativeGame(Game):
-    r"""A game with costs :math:`f_i = \ell(\phi_i, \theta, d_i) + h(\phi_i, \theta, s)`,
+    r"""A game with costs :math:`f_i = \ell(\phi_i, \theta, d_i) + h(\phi_i, \theta, s, d_i)`,
     :math:`s = \sum_k a(\phi_k, \theta)`; its pseudo-gradient costs :math:`O(B)`.
 
     Args:
@@ -106,8 +106,9 @@ class AggregativeGame(Game):
             training loss), vmapped over players; ``None`` for none.
         contribution: ``contribution(phi_i, theta) -> pytree``, one player's share of the
             aggregate ``s``; ``None`` when there is no coupling.
-        coupling: ``coupling(phi_i, theta, s) -> scalar``; ``None`` for none.
-        data: per-player data passed to ``local``, a tuple of pytrees with leading dimension B.
+        coupling: ``coupling(phi_i, theta, s, *data_i) -> scalar``; ``None`` for none.
+        data: per-player data passed to ``local`` and ``coupling``, a tuple of pytrees with
+            leading dimension B.
         symmetric: whether the pseudo-gradient's Jacobian is symmetric, if known.
 
     Example:
@@ -117,7 +118,7 @@ class AggregativeGame(Game):
         >>> game = AggregativeGame(  # f_i = |phi_i - t_i|^2/2 + |phi_i - mean(phi)|^2/2
         ...     local=lambda p, th, t: 0.5 * ((p - t) ** 2).sum(),
         ...     contribution=lambda p, th: p / 3,
-        ...     coupling=lambda p, th, s: 0.5 * ((p - s) ** 2).sum(),
+        ...     coupling=lambda p, th, s, t: 0.5 * ((p - s) ** 2).sum(),
         ...     data=(targets,))
         >>> phi = nash_equilibrium(game, torch.zeros(3, 1, dtype=torch.float64), torch.zeros(()))
         >>> [round(v, 4) for v in phi.flatten().tolist()]
@@ -152,13 +153,14 @@ class AggregativeGame(Game):
             total = total + self._local(phi, theta)
         if self.coupling is not None:
             s = self.aggregate(phi, theta)
-            total = total + vmap(self.coupling, in_dims=(0, None, None))(phi, theta, s)
+            in_dims = (0, None, None) + (0,) * len(self.data)
+            total = total + vmap(self.coupling, in_dims=in_dims)(phi, theta, s, *self.data)
         return total
 
     def pseudo_gradient(self, phi, theta):
         if self.coupling is not None:
-            s = self.aggregate(phi, theta)
             own = vmap(self.contribution, in_dims=(0, None))(phi, theta)
+            s = tree_map(lambda o: o.sum(0), own)
 
         def own_costs(x):
             total = 0.0
@@ -168,7 +170,8 @@ class AggregativeGame(Game):
                 mine = vmap(self.contribution, in_dims=(0, None))(x, theta)
                 # s_i = s - a(phi_i) + a(x_i): player i moves its own share of the aggregate only.
                 s_i = tree_map(lambda S, o, m: S.unsqueeze(0) - o + m, s, own, mine)
-                total = total + vmap(self.coupling, in_dims=(0, None, 0))(x, theta, s_i).sum()
+                in_dims = (0, None, 0) + (0,) * len(self.data)
+                total = total + vmap(self.coupling, in_dims=in_dims)(x, theta, s_i, *self.data).sum()
             return total
 
         return grad(own_costs)(phi)

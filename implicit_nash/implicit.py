@@ -77,22 +77,30 @@ class ImplicitSpec:
 
     def backward(self, z: torch.Tensor, theta: List[torch.Tensor], v: torch.Tensor,
                  needs: Sequence[bool]) -> List[Optional[torch.Tensor]]:
-        theta = [t.detach() for t in theta]
-        z = z.detach()
+        wanted = [i for i, n in enumerate(needs) if n]
+        # One graph of G at (z*, theta), reused by every product of the Krylov solve
+        # (retain_graph) and by the final theta-VJP; cheaper than a torch.func.vjp per product.
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            theta = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(theta)]
+            G = self.residual(z, theta)
+        double = []
 
-        def G_of_z(zz):
-            return self.residual(zz, theta)
+        def vjp(u):  # (dG/dz)^T u
+            (g,) = torch.autograd.grad(G, z, u, retain_graph=True)
+            return g
 
-        _, vjp_z = torch.func.vjp(G_of_z, z)
-        transpose_of_vjp = []
+        def jvp(u):  # (dG/dz) u: the VJP of the linear map w -> (dG/dz)^T w (reverse mode only)
+            if not double:
+                with torch.enable_grad():
+                    w = torch.zeros_like(G, requires_grad=True)
+                    (gw,) = torch.autograd.grad(G, z, w, retain_graph=True, create_graph=True)
+                double.append((w, gw))
+            w, gw = double[0]
+            (g,) = torch.autograd.grad(gw, w, u, retain_graph=True)
+            return g
 
-        def jvp(u):  # (dG/dz) u, as the VJP of the linear map w -> (dG/dz)^T w (reverse mode only)
-            if not transpose_of_vjp:
-                transpose_of_vjp.append(torch.func.vjp(lambda w: vjp_z(w)[0], torch.zeros_like(z))[1])
-            return transpose_of_vjp[0](u)[0]
-
-        op = LinearOperator(lambda u: vjp_z(u)[0], jvp, self.symmetric)  # matvec: (dG/dz)^T u
-        u, info = self.linear_solver.solve(op, v.reshape(-1))
+        u, info = self.linear_solver.solve(LinearOperator(vjp, jvp, self.symmetric), v.reshape(-1))
         self.last_info = info
         if not info.converged:
             msg = (f"the implicit backward's linear solve ({type(self.linear_solver).__name__}) did not "
@@ -103,20 +111,11 @@ class ImplicitSpec:
                 raise ConvergenceError(msg, status="linear_solve", steps=info.steps,
                                        residual=info.residual, history=info.history)
             warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-        wanted = [i for i, n in enumerate(needs) if n]
         grads: List[Optional[torch.Tensor]] = [None] * len(theta)
-        if not wanted:
-            return grads
-
-        def G_of_theta(*sub):
-            full = list(theta)
-            for i, t in zip(wanted, sub):
-                full[i] = t
-            return self.residual(z, full)
-
-        _, vjp_theta = torch.func.vjp(G_of_theta, *[theta[i] for i in wanted])
-        for i, g in zip(wanted, vjp_theta(-u)):
-            grads[i] = g
+        if wanted:
+            found = torch.autograd.grad(G, [theta[i] for i in wanted], -u, allow_unused=True)
+            for i, g in zip(wanted, found):
+                grads[i] = torch.zeros_like(theta[i]) if g is None else g
         return grads
 
 

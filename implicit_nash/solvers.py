@@ -9,8 +9,10 @@ All solvers are frozen dataclasses holding hyperparameters only, and all run in 
 
 * each ``step`` evaluates ``F`` and reports the natural residual
   :math:`\|y - \Pi_\Omega(y - F(y))\|` at the point ``y`` where it evaluated ``F``;
-* the loop stops when that residual is at most ``atol + rtol * r0`` (``r0``: the residual at the
-  initial point) *and* the residual re-measured at the returned iterate passes too; or after
+* the loop stops when that residual is at most ``atol + rtol * max(r0, ||z_k||)`` (``r0``: the
+  residual at the initial point; with the unit step of the natural map the residual is measured in
+  the units of ``z``, and the ``||z_k||`` term keeps a warm start at a solution from asking for an
+  unreachable ``rtol * r0``) *and* the residual re-measured at the returned iterate passes too; or after
   exactly ``num_steps`` steps when that is set (the paper's Algorithm 2 runs a fixed number of
   steps); or when the residual exceeds ``1e6 * r0`` or is not finite (``"diverged"``).
 
@@ -308,6 +310,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
     rtol = default_rtol(z0.dtype) if solver.rtol is None else solver.rtol
     history: List[float] = []
     tol = None
+    r0 = None
     status = "max_steps"
     limit = solver.num_steps if solver.num_steps is not None else solver.max_steps
     final_residual = None
@@ -316,11 +319,14 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
         state = solver.step(problem, state)
         r = state["residual"]
         history.append(r)
-        if tol is None:
-            tol = solver.atol + rtol * r
-        if not math.isfinite(r) or r > DIVERGENCE_FACTOR * max(history[0], solver.atol, 1e-300):
+        if r0 is None:
+            r0 = r
+        if not math.isfinite(r) or r > DIVERGENCE_FACTOR * max(r0, solver.atol, 1e-300):
             status = "diverged"
+            tol = solver.atol + rtol * r0
             break
+        with torch.no_grad():
+            tol = solver.atol + rtol * max(r0, float(torch.linalg.vector_norm(state["z"])))
         if solver.num_steps is None and r <= tol:
             with torch.no_grad():
                 z = state["z"]

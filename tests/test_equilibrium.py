@@ -229,7 +229,7 @@ def test_aggregative_game_matches_cost_game(gen):
     game = inn.AggregativeGame(
         local=lambda p, th, t: 0.5 * ((p - t) ** 2).sum() + 0.5 * ((p - th) ** 2).sum(),
         contribution=lambda p, th: ((p - th) ** 2).sum(),
-        coupling=lambda p, th, s: 0.3 * ((p - th) ** 2).sum() / (1.0 + s),
+        coupling=lambda p, th, s, t: 0.3 * ((p - th) ** 2).sum() / (1.0 + s) + 0.2 * (p * t).sum() * s,
         data=(data,))
     theta = torch.randn(d, generator=gen)
     phi = torch.randn(B, d, generator=gen)

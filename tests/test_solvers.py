@@ -183,3 +183,12 @@ def test_bad_solver_fields_are_rejected():
         inn.GaussSeidel(step_size=0.1, order="sideways")
     with pytest.raises(TypeError):
         inn.PRGD(0.1)  # keyword-only: PRGD(step_size=0.1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_warm_start_at_the_solution_stops_at_once(name, game, gen):
+    """The tolerance must not be relative to the (tiny) initial residual of a warm start."""
+    theta = torch.randn(2, generator=gen)
+    exact = game.solution(theta)
+    sol = inn.nash_equilibrium(game.costs, exact, theta, solver=solvers_for(game)[name], return_info=True)
+    assert sol.status == "converged" and sol.steps <= 2
