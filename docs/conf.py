@@ -1,0 +1,23 @@
+"""Sphinx configuration for implicit_nash."""
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+project = "implicit_nash"
+author = "implicit_nash developers"
+release = "0.1.0"
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.doctest",
+]
+autosummary_generate = True
+autodoc_member_order = "bysource"
+napoleon_google_docstring = True
+intersphinx_mapping = {"torch": ("https://pytorch.org/docs/stable", None)}
+exclude_patterns = ["_build"]
+html_theme = "alabaster"
