@@ -54,13 +54,15 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         Fv = F(v, th)
         return Fv if constraint.unconstrained else v - project(v - Fv)
 
-    start = project(flat.flatten(z0).detach())
+    implicit = isinstance(adjoint, Implicit)
+    # The implicit gradient does not depend on the initial point; the unrolled one does (MAML
+    # starts at phi_i = theta, and that path is part of its gradient), so only Implicit detaches.
+    start = project(flat.flatten(z0).detach() if implicit else flat.flatten(z0))
     detached = [t.detach() for t in theta_leaves]
     with torch.enable_grad():
-        F0 = F(start, detached)
+        F0 = F(start.detach(), detached)
     if not bool(torch.isfinite(F0).all()):
         raise ValueError(f"the operator is NaN or inf at the initial point {z_name}")
-    implicit = isinstance(adjoint, Implicit)
     if implicit and F0.requires_grad:
         raise ValueError("the operator depends on tensors that require grad but are not in theta "
                          "(a closure over parameters?); the implicit adjoint would silently drop their "
@@ -86,6 +88,14 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
             raise ConvergenceError(msg, status=sol.status, steps=sol.steps, residual=sol.residual,
                                    history=sol.history)
         warnings.warn(msg, ConvergenceWarning, stacklevel=3)
+    elif implicit and sol.status == "completed" and sol.residual > sol.stats["tolerance"]:
+        # A fixed step count (num_steps) is a valid forward pass, but the implicit function
+        # theorem holds at an equilibrium only: say so rather than differentiate silently.
+        warnings.warn(f"{type(solver).__name__} ran its num_steps={sol.steps} steps and stopped at natural "
+                      f"residual {sol.residual:.3g} (tolerance {sol.stats['tolerance']:.3g}): the implicit "
+                      f"gradient assumes an equilibrium and is only approximate here; use more steps, a "
+                      f"tolerance-based stop (num_steps=None) or adjoint=Unrolled()", ConvergenceWarning,
+                      stacklevel=3)
 
     z = sol.value
     spec = None

@@ -297,3 +297,25 @@ def test_return_info_reports_history(gen):
     assert sol.residual <= sol.stats["tolerance"]
     assert sol.history[-1] < sol.history[0]
     assert math.isfinite(sol.stats["step_size"])
+
+
+def test_unrolled_differentiates_through_the_initial_point():
+    """MAML-style phi0 = theta: the unrolled gradient includes the path through phi0."""
+    theta = torch.tensor([1.0, 2.0], requires_grad=True)
+    lr = 0.5
+    z = inn.solve_vi(lambda z, t: z - 3 * t, 1.0 * theta, theta,
+                     solver=inn.SimultaneousGradient(step_size=lr, num_steps=1), adjoint=inn.Unrolled())
+    (g,) = torch.autograd.grad(z.sum(), theta)
+    # z1 = theta - lr (theta - 3 theta) = (1 + 2 lr) theta
+    assert torch.allclose(g, torch.full((2,), 1 + 2 * lr))
+
+
+def test_implicit_after_fixed_steps_warns_when_not_at_equilibrium():
+    A = torch.tensor([[2.0, 1.0], [-1.0, 2.0]])
+    solver = inn.SimultaneousGradient(step_size=0.1, num_steps=2)
+    with pytest.warns(inn.ConvergenceWarning, match="only approximate"):
+        inn.solve_vi(lambda z, t: A @ z - t, torch.zeros(2), torch.ones(2), solver=solver)
+    # enough steps to reach the tolerance: no warning (filterwarnings=error would fail the test)
+    sol = inn.solve_vi(lambda z, t: A @ z - t, torch.zeros(2), torch.ones(2),
+                       solver=inn.SimultaneousGradient(step_size=0.3, num_steps=400), return_info=True)
+    assert sol.status == "completed" and sol.residual <= sol.stats["tolerance"]
