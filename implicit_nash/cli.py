@@ -17,7 +17,94 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="solve a small non-symmetric game and check its hypergradient")
     demo.add_argument("--players", type=int, default=5)
     demo.add_argument("--dim", type=int, default=3)
+
+    train = sub.add_parser("train", help="meta-train a (Nash-)GBML algorithm on a task family")
+    train.add_argument("task", choices=["sinusoid"], help="task family")
+    train.add_argument("--algorithm", choices=["maml", "fomaml", "metasgd", "cavia", "trmaml", "imaml"])
+    train.add_argument("--penalty", choices=["none", "centroid", "robust"])
+    train.add_argument("--weight", type=float, help="penalty weight w")
+    train.add_argument("--robustness", type=float, help="robust penalty's r (>= 1)")
+    train.add_argument("--robust-c", type=float, help="robust penalty's constant C (default 1e-8)")
+    train.add_argument("--penalty-alpha", type=float,
+                       help="alpha of the (B/(alpha N))^2 scale (default: inner lr; Meta-SGD 0.05)")
+    train.add_argument("--num-tasks", type=int, help="N of the penalty scale (default: the task family's)")
+    train.add_argument("--meta-gradient", choices=["unrolled", "first_order", "implicit"])
+    train.add_argument("--inner-steps", type=int)
+    train.add_argument("--inner-lr", type=float)
+    train.add_argument("--outer-lr", type=float)
+    train.add_argument("--meta-batch", type=int)
+    train.add_argument("--iterations", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--context-dim", type=int, help="CAVIA context parameters")
+    train.add_argument("--task-lr", type=float, help="TR-MAML task-probability learning rate")
+    train.add_argument("--lam", type=float, help="iMAML proximal weight")
+    train.add_argument("--activation", choices=["relu", "tanh"])
+    train.add_argument("--eval-every", type=int)
+    train.add_argument("--checkpoint-every", type=int)
+    train.add_argument("--val-tasks", type=int)
+    train.add_argument("--test-tasks", type=int)
+    train.add_argument("--device", help="cpu or cuda")
+    train.add_argument("--dtype", choices=["float32", "float64"])
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--config", help="JSON file of options (command-line values override it)")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = sub.add_parser("evaluate", help="re-evaluate a saved run from its checkpoint")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", choices=["test", "val"], default="test")
     return parser
+
+
+_TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
+               "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed",
+               "context_dim", "task_lr", "lam", "activation", "eval_every", "checkpoint_every", "val_tasks",
+               "test_tasks", "device", "dtype", "threads")
+
+
+def _fail(message: str) -> int:
+    print(f"implicit-nash: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _train(args) -> int:
+    import json
+
+    from .meta.config import ConfigError, load_config_file, resolve
+    from .meta.trainer import train
+    try:
+        if args.resume:
+            given = [k for k in _TRAIN_KEYS if getattr(args, k) is not None] + (["config"] if args.config else [])
+            if given:
+                return _fail(f"--resume continues the saved configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
+            metrics = train({}, args.out, resume=True, progress=not args.no_progress)
+        else:
+            file = load_config_file(args.config) if args.config else None
+            cli = {k: getattr(args, k) for k in _TRAIN_KEYS}
+            cli["task"] = args.task
+            config = resolve(cli, file)
+            metrics = train(config, args.out, progress=not args.no_progress)
+    except (ConfigError, FloatingPointError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; continue with: implicit-nash train {args.task} --out {args.out} --resume")
+    print(json.dumps({k: metrics[k] for k in ("test_mse_mean", "test_mse_worst", "test_mse_std",
+                                              "sec_per_iteration", "iterations")}))
+    return 0
+
+
+def _evaluate(args) -> int:
+    import json
+
+    from .meta.config import ConfigError
+    from .meta.trainer import evaluate_run
+    try:
+        result = evaluate_run(args.run_dir, split=args.split)
+    except ConfigError as e:
+        return _fail(str(e))
+    print(json.dumps(result, indent=2))
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -28,6 +115,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         from .demo import main as demo_main
         return demo_main(args.players, args.dim)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
     return 2  # pragma: no cover (argparse enforces a command)
 
 

@@ -1,0 +1,205 @@
+"""Run configuration: defaults, the paper's presets, validation, and building the algorithm.
+
+A configuration is a flat dict of plain values (what ``--config FILE`` holds and what
+``metrics.json`` records as ``config``). :func:`resolve` merges, in order, the defaults, the preset of
+the task and algorithm (the paper's hyperparameters), a config file, and explicit command-line
+values, and rejects unknown keys and inconsistent values with a :class:`ConfigError` whose message is
+one line.
+
+Decisions where the paper is ambiguous (each is a key, so a flag):
+
+* ``penalty_alpha``: the :math:`\\alpha` of the centroid penalty's :math:`(B/(\\alpha N))^2` scale.
+  The inner learning rate, except Meta-SGD, where Appendix E says 0.05.
+* ``num_tasks``: N of the scale. For sinusoid the 100 amplitude sub-intervals of meta-training.
+* ``robust_c``: the constant C of eq. 14, which the paper does not give: 1e-8.
+* The robust penalty gets no :math:`(B/(\\alpha N))^2` factor: eq. 14 has none and Appendix E derives
+  it for :math:`p_C` only.
+* Evaluation adapts each test task with the plain inner problem (no Nash penalty, which couples the
+  tasks of a training batch): ``eval_penalty = false``.
+* ``query_shots``: 5 query points per meta-training task (K, as in MAML's sinusoid code).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ..penalties import CentroidPenalty, RobustPenalty
+from ..solvers import PRGD
+from . import ALGORITHMS
+
+__all__ = ["ConfigError", "DEFAULTS", "PRESETS", "resolve", "build_algorithm", "load_config_file"]
+
+
+class ConfigError(ValueError):
+    """An unknown or inconsistent configuration value (the message is one line)."""
+
+
+DEFAULTS: Dict[str, Any] = {
+    "task": "sinusoid",
+    "algorithm": "maml",
+    "penalty": "none",
+    "weight": None,
+    "robustness": 1.0,
+    "robust_c": 1e-8,
+    "penalty_alpha": None,      # None: the inner learning rate (Meta-SGD: 0.05)
+    "num_tasks": None,          # None: the task family's number of meta-training tasks
+    "meta_gradient": None,      # None: the algorithm's default
+    "inner_steps": 3,
+    "inner_lr": 0.001,
+    "outer_lr": 0.001,
+    "meta_batch": 25,
+    "iterations": 70000,
+    "seed": 0,
+    "context_dim": 4,
+    "task_lr": 1e-5,
+    "lam": 10.0,
+    "inner_max_steps": 200,
+    "throw": None,              # None: False for iMAML (see IMAML's docstring), True otherwise
+    "hidden": [40, 40],
+    "activation": "relu",
+    "shots": 5,
+    "query_shots": 5,
+    "eval_every": 1000,
+    "val_tasks": 980,
+    "val_seed": 777,
+    "test_tasks": 5000,
+    "test_seed": 12345,
+    "eval_penalty": False,
+    "checkpoint_every": 1000,
+    "device": "cpu",
+    "dtype": "float32",
+    "threads": None,
+}
+
+# The paper's hyperparameters (Appendix F; Section 4.1): sinusoid, 3 inner steps, alpha = beta =
+# 0.001, meta-batch 25, 70,000 iterations, TR-MAML task-probability rate 1e-5, 4 CAVIA contexts.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "sinusoid": {"inner_steps": 3, "inner_lr": 0.001, "outer_lr": 0.001, "meta_batch": 25,
+                 "iterations": 70000, "task_lr": 1e-5, "context_dim": 4, "hidden": [40, 40],
+                 "activation": "relu", "shots": 5},
+}
+
+TASKS = tuple(PRESETS)
+PENALTIES = ("none", "centroid", "robust")
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a JSON config file (keys as in :data:`DEFAULTS`, dashes allowed)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    data.pop("config", None)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(cli: Optional[Dict[str, Any]] = None, file: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Defaults < preset < config file < explicit values (``None`` in ``cli`` means not given)."""
+    cli = {k: v for k, v in (cli or {}).items() if v is not None}
+    file = dict(file or {})
+    for source, name in ((file, "config file"), (cli, "option")):
+        unknown = sorted(set(source) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"unknown {name} key(s): {', '.join(unknown)}")
+    task = cli.get("task", file.get("task", DEFAULTS["task"]))
+    if task not in PRESETS:
+        raise ConfigError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    config = {**DEFAULTS, **PRESETS[task], **file, **cli}
+    _validate(config)
+    return config
+
+
+def _num(config, key, *, positive=True, integer=False, allow_zero=False):
+    v = config[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ConfigError(f"{key} must be a finite number, got {v!r}")
+    if integer and int(v) != v:
+        raise ConfigError(f"{key} must be an integer, got {v!r}")
+    if positive and (v < 0 or (v == 0 and not allow_zero)):
+        raise ConfigError(f"{key} must be {'non-negative' if allow_zero else 'positive'}, got {v!r}")
+    if integer:
+        config[key] = int(v)
+
+
+def _validate(c: Dict[str, Any]) -> None:
+    if c["algorithm"] not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {c['algorithm']!r}; choose from {', '.join(ALGORITHMS)}")
+    if c["penalty"] not in PENALTIES:
+        raise ConfigError(f"unknown penalty {c['penalty']!r}; choose from {', '.join(PENALTIES)}")
+    if c["penalty"] == "none" and c["weight"] is not None:
+        raise ConfigError("--weight is given but --penalty is none; choose --penalty centroid or robust")
+    if c["penalty"] != "none" and c["weight"] is None:
+        raise ConfigError(f"--penalty {c['penalty']} needs --weight W")
+    if c["penalty"] != "none":
+        _num(c, "weight", allow_zero=True)
+    for key in ("inner_steps", "meta_batch", "iterations", "context_dim", "inner_max_steps", "shots",
+                "query_shots", "eval_every", "val_tasks", "test_tasks", "checkpoint_every"):
+        _num(c, key, integer=True)
+    for key in ("inner_lr", "outer_lr", "task_lr", "lam", "robust_c", "robustness"):
+        _num(c, key)
+    if c["robustness"] < 1:
+        raise ConfigError(f"robustness must be >= 1, got {c['robustness']!r}")
+    for key in ("seed", "val_seed", "test_seed"):
+        _num(c, key, integer=True, allow_zero=True)
+    for key in ("penalty_alpha", "num_tasks", "threads"):
+        if c[key] is not None:
+            _num(c, key, integer=key != "penalty_alpha")
+    if c["meta_gradient"] is not None and c["meta_gradient"] not in ("unrolled", "first_order", "implicit"):
+        raise ConfigError(f"unknown meta_gradient {c['meta_gradient']!r}; choose unrolled, first_order or implicit")
+    if c["algorithm"] == "fomaml" and c["meta_gradient"] not in (None, "first_order"):
+        raise ConfigError("fomaml is MAML with meta_gradient first_order; use --algorithm maml for "
+                          f"{c['meta_gradient']}")
+    if c["device"] not in ("cpu", "cuda") and not str(c["device"]).startswith("cuda:"):
+        raise ConfigError(f"device must be cpu or cuda, got {c['device']!r}")
+    if c["dtype"] not in ("float32", "float64"):
+        raise ConfigError(f"dtype must be float32 or float64, got {c['dtype']!r}")
+    if c["activation"] not in ("relu", "tanh"):
+        raise ConfigError(f"activation must be relu or tanh, got {c['activation']!r}")
+    if not isinstance(c["hidden"], list) or not c["hidden"] or not all(
+            isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in c["hidden"]):
+        raise ConfigError(f"hidden must be a non-empty list of positive integers, got {c['hidden']!r}")
+    for key in ("eval_penalty",):
+        if not isinstance(c[key], bool):
+            raise ConfigError(f"{key} must be true or false, got {c[key]!r}")
+    if c["throw"] is not None and not isinstance(c["throw"], bool):
+        raise ConfigError(f"throw must be true or false, got {c['throw']!r}")
+    if c["test_tasks"] < 490:
+        raise ConfigError(f"test_tasks must be at least 490 (one per test sub-interval), got {c['test_tasks']}")
+    if c["val_tasks"] < 490:
+        raise ConfigError(f"val_tasks must be at least 490 (one per test sub-interval), got {c['val_tasks']}")
+
+
+def build_algorithm(c: Dict[str, Any], num_train_tasks: int):
+    """The algorithm object a resolved configuration describes."""
+    name = c["algorithm"]
+    N = c["num_tasks"] if c["num_tasks"] is not None else num_train_tasks
+    alpha = c["penalty_alpha"]
+    if alpha is None:
+        alpha = 0.05 if name == "metasgd" else c["inner_lr"]
+    penalty = None
+    if c["penalty"] == "centroid":
+        penalty = CentroidPenalty(weight=float(c["weight"]), num_tasks=N, inner_lr=float(alpha))
+    elif c["penalty"] == "robust":
+        penalty = RobustPenalty(weight=float(c["weight"]), robustness=float(c["robustness"]), C=float(c["robust_c"]))
+    kwargs: Dict[str, Any] = {"inner_steps": c["inner_steps"], "inner_lr": float(c["inner_lr"]), "penalty": penalty}
+    if c["meta_gradient"] is not None:
+        kwargs["meta_gradient"] = c["meta_gradient"]
+    if name == "cavia":
+        kwargs["context_dim"] = c["context_dim"]
+    if name == "trmaml":
+        kwargs["task_lr"] = float(c["task_lr"])
+    if name == "imaml":
+        kwargs["lam"] = float(c["lam"])
+    kwargs["throw"] = (name != "imaml") if c["throw"] is None else c["throw"]
+    kwargs["solver"] = PRGD(max_steps=c["inner_max_steps"])
+    try:
+        return ALGORITHMS[name](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
