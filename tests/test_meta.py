@@ -1,0 +1,416 @@
+"""The GBML family against slow references written as per-task autograd loops (float64).
+
+The references below use no vmap, no AggregativeGame and no torch.func: every task is a Python
+loop iteration, every player's gradient is ``torch.autograd.grad`` of its full cost (eq. 12) with
+respect to its own parameters, with ``create_graph=True`` for second order.
+"""
+import math
+
+import pytest
+import torch
+
+import implicit_nash as inn
+from implicit_nash.meta import CAVIA, FOMAML, IMAML, MAML, TRMAML, MetaSGD
+from implicit_nash.penalties import CentroidPenalty, ProximalPenalty, RobustPenalty
+from implicit_nash.tasks import SinusoidTasks, mlp
+
+B, K, Q = 4, 5, 6
+
+
+# ------------------------------------------------------------------ the reference, by hand
+def forward(params, x):
+    """The mlp([1 + c, 6, 1], 'tanh') network written out (independent of functional_call)."""
+    h = torch.tanh(x @ params["0.weight"].T + params["0.bias"])
+    return h @ params["2.weight"].T + params["2.bias"]
+
+
+def sqd(a, b):
+    return sum(((a[k] - b[k]) ** 2).sum() for k in a)
+
+
+def ref_penalty(kind, pen, phis, anchor, i):
+    if kind is None:
+        return 0.0
+    if kind == "centroid":
+        n = len(phis)
+        centroid = {k: sum(p[k] for p in phis) / n for k in anchor}
+        return pen.scale(n) * sqd(anchor, centroid)
+    if kind == "robust":
+        r = pen.robustness
+        return pen.weight * len(phis) * sqd(phis[i], anchor) ** r / (pen.C + sum(sqd(p, anchor) ** r for p in phis))
+    if kind == "proximal":
+        return 0.5 * pen.lam * sqd(phis[i], anchor)
+    raise AssertionError(kind)
+
+
+def reference_losses(theta, batch, *, steps, kind=None, pen=None, lrs=None, cavia=False, first_order=False):
+    """Per-task query losses after ``steps`` simultaneous (Jacobi) gradient steps of the game."""
+    params = theta["params"]
+    if cavia:
+        anchor = {"context": torch.zeros(2)}
+        phis = [{"context": torch.zeros(2, requires_grad=True)} for _ in range(B)]
+
+        def predict(phi, x):
+            return forward(params, torch.cat([x, phi["context"].expand(x.shape[0], 2)], -1))
+    else:
+        anchor = params
+        # a distinct node per player, so that grad w.r.t. phis[i] counts player i's own path only
+        phis = [{k: v.clone() for k, v in params.items()} for _ in range(B)]
+        if first_order:
+            anchor = {k: v.detach() for k, v in params.items()}
+            phis = [{k: v.detach().clone().requires_grad_(True) for k, v in params.items()} for _ in range(B)]
+
+        def predict(phi, x):
+            return forward(phi, x)
+    for _ in range(steps):
+        new = []
+        for i in range(B):
+            f_i = ((predict(phis[i], batch["x_support"][i]) - batch["y_support"][i]) ** 2).mean()
+            f_i = f_i + ref_penalty(kind, pen, phis, anchor, i)
+            names = list(phis[i])
+            grads = torch.autograd.grad(f_i, [phis[i][k] for k in names], create_graph=not first_order)
+            lr = lambda k: 0.1 if lrs is None else lrs[k]
+            new.append({k: phis[i][k] - lr(k) * g for k, g in zip(names, grads)})
+        phis = new
+    if first_order:
+        phis = [{k: v.detach().requires_grad_(True) for k, v in p.items()} for p in phis]
+    losses = [((predict(phis[i], batch["x_query"][i]) - batch["y_query"][i]) ** 2).mean() for i in range(B)]
+    return torch.stack(losses), phis
+
+
+def leaves(theta):
+    return [v for d in theta.values() for v in d.values()]
+
+
+@pytest.fixture
+def batch(gen):
+    x = 10 * torch.rand(B, K + Q, 1, generator=gen) - 5
+    amp = 0.5 + 2 * torch.rand(B, 1, 1, generator=gen)
+    y = amp * torch.sin(x + 1.0)
+    return {"x_support": x[:, :K], "y_support": y[:, :K], "x_query": x[:, K:], "y_query": y[:, K:],
+            "task_ids": torch.tensor([3, 7, 3, 1])}
+
+
+def setup(algo, seed=0):
+    torch.manual_seed(seed)
+    model = mlp([1 + algo.input_extra(), 6, 1], "tanh")
+    return model, algo.init(model)
+
+
+PENALTIES = {
+    None: None,
+    "centroid": CentroidPenalty(weight=0.3, num_tasks=10, inner_lr=0.5),
+    "robust1": RobustPenalty(weight=0.2, robustness=1.0, C=1e-3),
+    "robust2": RobustPenalty(weight=0.2, robustness=2.0, C=1e-4),
+}
+
+
+def _kind(name):
+    return None if name is None else name.rstrip("12")
+
+
+# ------------------------------------------------------------------ meta-gradients
+@pytest.mark.parametrize("pen_name", list(PENALTIES))
+def test_maml_meta_gradient_equals_per_task_reference(pen_name, batch):
+    pen = PENALTIES[pen_name]
+    algo = MAML(inner_steps=3, inner_lr=0.1, penalty=pen)
+    model, theta = setup(algo)
+    losses = algo.task_losses(model, theta, batch)
+    ref, _ = reference_losses(theta, batch, steps=3, kind=_kind(pen_name), pen=pen)
+    assert torch.allclose(losses, ref, rtol=1e-10, atol=1e-12)
+    g = torch.autograd.grad(algo.outer_loss(losses, batch, {}), leaves(theta))
+    g_ref = torch.autograd.grad(ref.mean(), leaves(theta))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert any(float(a.abs().max()) > 1e-3 for a in g)  # not a trivially zero gradient
+
+
+@pytest.mark.parametrize("pen_name", [None, "centroid", "robust2"])
+def test_fomaml_meta_gradient_is_the_mean_query_gradient_at_the_adapted_parameters(pen_name, batch):
+    pen = PENALTIES[pen_name]
+    algo = FOMAML(inner_steps=3, inner_lr=0.1, penalty=pen)
+    model, theta = setup(algo)
+    losses = algo.task_losses(model, theta, batch)
+    g = torch.autograd.grad(losses.mean(), leaves(theta))
+    ref, phis = reference_losses(theta, batch, steps=3, kind=_kind(pen_name), pen=pen, first_order=True)
+    names = list(theta["params"])
+    per_task = [torch.autograd.grad(ref[i] / B, [phis[i][k] for k in names]) for i in range(B)]
+    for j, a in enumerate(g):
+        assert torch.allclose(a, sum(t[j] for t in per_task), rtol=1e-9, atol=1e-12)
+    # and it differs from the second-order gradient
+    so = torch.autograd.grad(MAML(inner_steps=3, inner_lr=0.1, penalty=pen).task_losses(model, theta, batch).mean(),
+                             leaves(theta))
+    assert max(float((a - b).abs().max()) for a, b in zip(g, so)) > 1e-6
+
+
+@pytest.mark.parametrize("pen_name", [None, "centroid", "robust1"])
+def test_metasgd_meta_gradient_equals_reference_including_the_learned_rates(pen_name, batch):
+    pen = PENALTIES[pen_name]
+    algo = MetaSGD(inner_steps=2, inner_lr=0.1, penalty=pen)
+    model, theta = setup(algo)
+    with torch.no_grad():  # distinct rates per parameter, so that a mix-up would show
+        for v in theta["lr"].values():
+            v.mul_(1 + 0.5 * torch.rand(v.shape))
+    losses = algo.task_losses(model, theta, batch)
+    ref, _ = reference_losses(theta, batch, steps=2, kind=_kind(pen_name), pen=pen, lrs=theta["lr"])
+    g = torch.autograd.grad(losses.mean(), leaves(theta))
+    g_ref = torch.autograd.grad(ref.mean(), leaves(theta))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    n_params = len(theta["params"])
+    assert all(float(t.abs().max()) > 0 for t in g[n_params:])  # the learned rates get a gradient
+
+
+@pytest.mark.parametrize("pen_name", [None, "centroid", "robust2"])
+def test_cavia_meta_gradient_equals_reference(pen_name, batch):
+    pen = PENALTIES[pen_name]
+    algo = CAVIA(inner_steps=3, inner_lr=0.1, penalty=pen, context_dim=2)
+    model, theta = setup(algo)
+    losses = algo.task_losses(model, theta, batch)
+    ref, _ = reference_losses(theta, batch, steps=3, kind=_kind(pen_name), pen=pen, cavia=True)
+    assert torch.allclose(losses, ref, rtol=1e-10, atol=1e-12)
+    g = torch.autograd.grad(losses.mean(), leaves(theta))
+    g_ref = torch.autograd.grad(ref.mean(), leaves(theta))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_trmaml_outer_loss_and_task_probabilities(batch):
+    algo = TRMAML(inner_steps=2, inner_lr=0.1, task_lr=0.05)
+    model, theta = setup(algo)
+    N = 10
+    state = algo.init_state(N, theta["params"]["0.bias"])
+    probs = torch.rand(N) + 0.1
+    state = {"task_probs": probs / probs.sum()}
+    losses = algo.task_losses(model, theta, batch)
+    outer = algo.outer_loss(losses, batch, state)
+    ref, _ = reference_losses(theta, batch, steps=2)
+    w = state["task_probs"][batch["task_ids"]] * N / B
+    assert torch.allclose(outer, (w * ref).sum(), rtol=1e-12)
+    g = torch.autograd.grad(outer, leaves(theta))
+    g_ref = torch.autograd.grad((w * ref).sum(), leaves(theta))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    # projected ascent: p + lr * g with g_j = N/B * sum of the losses of the tasks drawn as j
+    new = algo.update_state(state, losses, batch)["task_probs"]
+    gj = torch.zeros(N)
+    for b, j in enumerate(batch["task_ids"].tolist()):
+        gj[j] += losses[b].item() * N / B
+    assert torch.allclose(new, simplex_projection_by_sorting(state["task_probs"] + 0.05 * gj), atol=1e-15)
+
+
+def simplex_projection_by_sorting(v):
+    """Euclidean projection onto the probability simplex (Held et al. 1974; Duchi et al. 2008)."""
+    u = torch.sort(v, descending=True).values
+    css = torch.cumsum(u, 0)
+    j = torch.arange(1, v.numel() + 1, dtype=v.dtype)
+    rho = int(torch.nonzero(u - (css - 1) / j > 0).max())
+    tau = (css[rho] - 1) / (rho + 1)
+    return torch.clamp(v - tau, min=0)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_trmaml_simplex_projection_is_exact(scale, gen):
+    algo = TRMAML(task_lr=1.0)
+    N = 12
+    for _ in range(20):
+        p = torch.rand(N, generator=gen)
+        p = p / p.sum()
+        losses = scale * torch.rand(5, generator=gen)
+        ids = torch.randint(0, N, (5,), generator=gen)
+        new = algo.update_state({"task_probs": p}, losses, {"task_ids": ids})["task_probs"]
+        g = torch.zeros(N).index_add_(0, ids, losses) * N / 5
+        expected = simplex_projection_by_sorting(p + g)
+        v = p + g
+        tol = 1e-14 * (1 + float(v.abs().max()))  # rounding of v - tau scales with |v|
+        assert torch.allclose(new, expected, atol=tol)
+        assert abs(float(new.sum()) - 1) < N * tol and float(new.min()) >= 0
+        # KKT: the projection of v is max(v - tau, 0) with the same tau on the support
+        support = new > 0
+        taus = (v - new)[support]
+        assert torch.allclose(taus, taus[0].expand_as(taus), atol=10 * tol)
+        assert bool((v[~support] <= taus[0] + 10 * tol).all())
+
+
+def imaml_dense_meta_gradient(algo, model, theta, batch):
+    """iMAML's formula: mean_i (I + H_i / lam)^{-1} grad L_query,i(phi_i*), dense Hessians."""
+    phi = algo.adapt(model, theta, batch["x_support"], batch["y_support"], mode="implicit")
+    names = list(theta["params"])
+    shapes = [theta["params"][k].shape for k in names]
+    sizes = [s.numel() for s in shapes]
+
+    def unflat(v):
+        return {k: t.reshape(s) for k, t, s in zip(names, torch.split(v, sizes), shapes)}
+
+    total = 0
+    for i in range(B):
+        flat = torch.cat([phi[k][i].detach().reshape(-1) for k in names])
+        support = lambda v: ((forward(unflat(v), batch["x_support"][i]) - batch["y_support"][i]) ** 2).mean()
+        query = lambda v: ((forward(unflat(v), batch["x_query"][i]) - batch["y_query"][i]) ** 2).mean()
+        H = torch.autograd.functional.hessian(support, flat)
+        gq = torch.autograd.functional.jacobian(query, flat)
+        total = total + torch.linalg.solve(torch.eye(flat.numel()) + H / algo.lam, gq) / B
+    return total
+
+
+def test_imaml_implicit_meta_gradient_equals_the_dense_formula(batch):
+    algo = IMAML(lam=5.0, inner_lr=0.1, solver=inn.PRGD(rtol=1e-12, max_steps=20000))
+    model, theta = setup(algo)
+    losses = algo.task_losses(model, theta, batch)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(losses.mean(), leaves(theta))])
+    expected = imaml_dense_meta_gradient(algo, model, theta, batch)
+    assert torch.allclose(g, expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("pen_name", [None, "centroid", "robust_mild"])
+def test_implicit_and_unrolled_agree_on_a_long_contractive_inner_loop(pen_name, batch):
+    """Proximal inner problem (+ penalty): 1500 unrolled steps reach the equilibrium, and the
+    unrolled meta-gradient converges to the implicit one.
+
+    The robust penalty is not monotone in general (a player's own p_R, ``x/(c + x)`` of its squared
+    distance, is concave once that distance exceeds a third of the others'), so it gets a weight
+    small enough for the proximal term to keep the game strongly monotone.
+    """
+    pen = RobustPenalty(weight=0.02, robustness=1.0, C=1e-2) if pen_name == "robust_mild" else PENALTIES[pen_name]
+    implicit = IMAML(lam=5.0, penalty=pen, solver=inn.PRGD(rtol=1e-12, max_steps=20000))
+    unrolled = IMAML(lam=5.0, penalty=pen, meta_gradient="unrolled", inner_steps=1500, inner_lr=0.1)
+    model, theta = setup(implicit)
+    g_imp = torch.autograd.grad(implicit.task_losses(model, theta, batch).mean(), leaves(theta))
+    g_unr = torch.autograd.grad(unrolled.task_losses(model, theta, batch).mean(), leaves(theta))
+    for a, b in zip(g_imp, g_unr):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_cavia_implicit_mode_includes_the_loss_term_of_q(batch):
+    """CAVIA's loss depends on theta (the weights): the implicit gradient must match finite differences."""
+    algo = CAVIA(context_dim=2, penalty=ProximalPenalty(lam=3.0), meta_gradient="implicit",
+                 solver=inn.PRGD(rtol=1e-13, max_steps=50000))
+    model, theta = setup(algo)
+    g = torch.autograd.grad(algo.task_losses(model, theta, batch).mean(), leaves(theta))
+    w = theta["params"]["2.weight"]
+    direction = torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    eps = 1e-5
+
+    def at(shift):
+        shifted = {"params": {**theta["params"], "2.weight": (w + shift * direction).detach()}}
+        with torch.no_grad():
+            return algo.task_losses(model, shifted, batch).mean()
+
+    fd = (at(eps) - at(-eps)) / (2 * eps)
+    assert math.isclose(float((g[2] * direction).sum()), float(fd), rel_tol=1e-6, abs_tol=1e-9)
+
+
+# ------------------------------------------------------------------ penalties
+@pytest.mark.parametrize("pen_name", ["centroid", "robust1", "robust2"])
+def test_penalty_pseudo_gradient_equals_per_player_autograd(pen_name, batch, gen):
+    pen = PENALTIES[pen_name]
+    algo = MAML(penalty=pen)
+    model, theta = setup(algo)
+    phi = {k: v.detach() + 0.3 * torch.randn(B, *v.shape, generator=gen) for k, v in theta["params"].items()}
+    game = algo.game(model, theta, batch["x_support"], batch["y_support"])
+    F = game.pseudo_gradient(phi, theta)
+    players = [{k: phi[k][i].clone().requires_grad_(True) for k in phi} for i in range(B)]
+    for i in range(B):
+        f_i = ((forward(players[i], batch["x_support"][i]) - batch["y_support"][i]) ** 2).mean()
+        f_i = f_i + ref_penalty(_kind(pen_name), pen, players, theta["params"], i)
+        grads = torch.autograd.grad(f_i, [players[i][k] for k in phi])
+        for k, gk in zip(phi, grads):
+            assert torch.allclose(F[k][i], gk, rtol=1e-11, atol=1e-13)
+
+
+def test_penalty_values_and_scale():
+    pen = CentroidPenalty(weight=0.1, num_tasks=100, inner_lr=0.001)
+    assert math.isclose(pen.scale(25), 0.1 * (25 / (0.001 * 100)) ** 2)
+    assert CentroidPenalty(weight=0.1).scale(25) == 0.1
+    phi = {"w": torch.tensor([1.0, 2.0])}
+    anchor = {"w": torch.tensor([0.0, 0.0])}
+    s = {"w": torch.tensor([2.0, 2.0])}  # two players: centroid (1, 1)
+    assert math.isclose(float(pen.value(phi, anchor, s, 2)), pen.scale(2) * 2.0)
+    rob = RobustPenalty(weight=0.5, robustness=2.0, C=1e-8)
+    a = float(rob.contribution(phi, anchor))
+    assert math.isclose(a, 25.0)
+    assert math.isclose(float(rob.value(phi, anchor, torch.tensor(a + 7.0), 2)), 0.5 * 2 * 25 / (1e-8 + 32))
+    both = pen + rob + ProximalPenalty(lam=2.0)
+    assert both.coupled and not both.symmetric and len(both.terms) == 3
+
+
+def test_robust_penalty_gradient_is_finite_at_phi_equal_theta(batch):
+    """Algorithm 2 starts at phi_i = theta, where |theta - phi|^(2r) has a zero gradient for r >= 1."""
+    for r in (1.0, 2.0):
+        algo = MAML(penalty=RobustPenalty(weight=1.0, robustness=r, C=1e-12))
+        model, theta = setup(algo)
+        plain = MAML()
+        start = algo._start(theta, B)
+        F = algo.game(model, theta, batch["x_support"], batch["y_support"]).pseudo_gradient(start, theta)
+        F0 = plain.game(model, theta, batch["x_support"], batch["y_support"]).pseudo_gradient(start, theta)
+        for k in F:
+            assert torch.isfinite(F[k]).all() and torch.allclose(F[k], F0[k], atol=1e-15)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda: CentroidPenalty(weight=-1.0), "weight"),
+    (lambda: RobustPenalty(weight=0.1, robustness=0.5), "robustness must be >= 1"),
+    (lambda: RobustPenalty(weight=0.1, C=0.0), "C must be"),
+    (lambda: ProximalPenalty(lam=0.0), "lam"),
+    (lambda: MAML(inner_steps=0), "inner_steps"),
+    (lambda: MAML(inner_lr=-0.1), "inner_lr"),
+    (lambda: MAML(meta_gradient="second"), "meta_gradient"),
+    (lambda: MAML(penalty="centroid"), "penalty must be"),
+    (lambda: CAVIA(context_dim=0), "context_dim"),
+    (lambda: TRMAML(task_lr=0.0), "task_lr"),
+    (lambda: IMAML(lam=-1.0), "lam"),
+])
+def test_bad_hyperparameters_are_rejected(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        bad()
+
+
+@pytest.mark.parametrize("algo", [MAML(inner_lr=0.1), FOMAML(inner_lr=0.1), MetaSGD(inner_lr=0.1),
+                                  CAVIA(inner_lr=0.1, context_dim=2), TRMAML(inner_lr=0.1),
+                                  IMAML(inner_lr=0.1, lam=5.0, solver=inn.PRGD(max_steps=5000))],
+                         ids=lambda a: a.name)
+def test_contract_every_algorithm(algo, batch):
+    """Shared signature; float32 works; inner_steps and inner_lr have an effect; gradients flow."""
+    model, theta = setup(algo)
+    losses = algo.task_losses(model, theta, batch)
+    assert losses.shape == (B,) and losses.dtype == torch.float64
+    g = torch.autograd.grad(algo.outer_loss(losses, batch, algo.init_state(10, losses)),
+                            leaves(theta), allow_unused=True)
+    assert any(t is not None and float(t.abs().max()) > 0 for t in g)
+    import dataclasses
+    for field, new in (("inner_steps", 5), ("inner_lr", 0.05)):
+        if algo.meta_gradient == "implicit" and field in ("inner_steps", "inner_lr"):
+            continue  # the equilibrium does not depend on the forward's step count or rate
+        other = dataclasses.replace(algo, **{field: new})
+        # re-initialised from the same model: Meta-SGD's inner_lr is its rates' initial value
+        assert not torch.allclose(other.task_losses(model, other.init(model), batch), losses), field
+    model32 = mlp([1 + algo.input_extra(), 6, 1], "tanh").float()
+    theta32 = algo.init(model32)
+    b32 = {k: v.float() if v.is_floating_point() else v for k, v in batch.items()}
+    assert algo.task_losses(model32, theta32, b32).dtype == torch.float32
+
+
+# ------------------------------------------------------------------ sinusoid tasks
+def test_sinusoid_intervals_and_sampling():
+    from implicit_nash.tasks.sinusoid import interval_statistics, test_intervals, train_intervals
+    tr = train_intervals()
+    assert tr.shape == (100, 2) and torch.allclose(tr[:, 1] - tr[:, 0], torch.full((100,), 0.01))
+    assert math.isclose(float(tr[0, 0]), 0.1) and math.isclose(float(tr[94, 1]), 1.05)
+    assert math.isclose(float(tr[95, 0]), 4.95) and math.isclose(float(tr[99, 1]), 5.0)
+    te = test_intervals()
+    assert te.shape == (490, 2) and math.isclose(float(te[-1, 1]), 5.0)
+    tasks = SinusoidTasks()
+    g = torch.Generator().manual_seed(0)
+    b = tasks.sample(4000, g, dtype=torch.float64)
+    lo, hi = tr[b["task_ids"], 0], tr[b["task_ids"], 1]
+    assert bool(((b["amplitude"] >= lo) & (b["amplitude"] <= hi)).all())
+    large = float((b["task_ids"] >= 95).double().mean())
+    assert 0.03 < large < 0.07  # 5 of 100 sub-intervals: large amplitudes are rare
+    assert b["x_support"].shape == (4000, 5, 1) and float(b["x_support"].abs().max()) <= 5.0
+    # y = a sin(x + b) for some b in [0, pi]: recover b from two points of one task
+    test = tasks.test_set(num_tasks=980, seed=1, dtype=torch.float64)
+    assert torch.equal(torch.bincount(test["interval_ids"]), torch.full((490,), 2))
+    assert torch.equal(test["x_query"], tasks.test_set(num_tasks=980, seed=1, dtype=torch.float64)["x_query"])
+    per_task = torch.arange(980, dtype=torch.float64)
+    stats = interval_statistics(per_task, test["interval_ids"], 490)
+    assert math.isclose(stats["mean"], float(per_task.mean())) and math.isclose(stats["worst"], (489 + 979) / 2)

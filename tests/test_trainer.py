@@ -1,0 +1,109 @@
+"""The meta-trainer, its configuration and the command line."""
+import json
+
+import pytest
+import torch
+
+from implicit_nash.cli import main
+from implicit_nash.meta.config import ConfigError, build_algorithm, resolve
+from implicit_nash.meta.trainer import evaluate_run, train
+
+TINY = {"iterations": 6, "meta_batch": 3, "hidden": [8], "eval_every": 3, "checkpoint_every": 2,
+        "val_tasks": 490, "test_tasks": 490, "inner_lr": 0.01, "outer_lr": 0.01, "dtype": "float64"}
+
+
+def tiny(**kw):
+    return resolve({**TINY, **kw})
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    ("maml", {"penalty": "centroid", "weight": 0.1}),
+    ("metasgd", {"penalty": "robust", "weight": 0.01, "robustness": 2.0}),
+    ("trmaml", {}),
+    ("cavia", {}),
+])
+def test_resume_equals_an_uninterrupted_run(tmp_path, algorithm, extra):
+    config = tiny(algorithm=algorithm, **extra)
+    full = train(config, tmp_path / "full", progress=False, log=lambda s: None)
+    stopped = train(config, tmp_path / "resumed", progress=False, stop_after=3, log=lambda s: None)
+    assert stopped == {"stopped_at": 3}
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    resumed = train({}, tmp_path / "resumed", resume=True, progress=False, log=lambda s: None)
+    for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "final_train_loss", "iterations"):
+        assert resumed[key] == full[key], key
+    assert resumed["val_history"] == full["val_history"]
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["theta"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["theta"]
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k])
+
+
+def test_outputs_and_evaluate(tmp_path):
+    config = tiny()
+    metrics = train(config, tmp_path / "run", progress=False, log=lambda s: None)
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"config.json", "metrics.json", "checkpoint.pt", "curves.png"} <= files
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "sec_per_iteration", "iterations", "config"):
+        assert key in saved
+    assert saved["iterations"] == 6 and saved["config"]["algorithm"] == "maml"
+    assert saved["test_mse_worst"] >= saved["test_mse_mean"] > 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
+    again = evaluate_run(tmp_path / "run")
+    assert again["mse_mean"] == pytest.approx(metrics["test_mse_mean"], rel=1e-12)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, tmp_path / "run", progress=False)
+
+
+def test_penalty_scale_decisions():
+    algo = build_algorithm(tiny(penalty="centroid", weight=0.1), 100)
+    assert algo.penalty.num_tasks == 100 and algo.penalty.inner_lr == 0.01
+    algo = build_algorithm(tiny(algorithm="metasgd", penalty="centroid", weight=0.1), 100)
+    assert algo.penalty.inner_lr == 0.05  # Appendix E
+    algo = build_algorithm(tiny(penalty="robust", weight=0.1, robustness=2.0), 100)
+    assert algo.penalty.robustness == 2.0 and algo.penalty.scale == 1.0
+    assert build_algorithm(tiny(algorithm="imaml"), 100).throw is False
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"penalty": "centroid"}, "needs --weight"),
+    ({"weight": 0.1}, "--penalty is none"),
+    ({"algorithm": "reptile"}, "unknown algorithm"),
+    ({"inner_steps": 0}, "inner_steps must be positive"),
+    ({"robustness": 0.5, "penalty": "robust", "weight": 0.1}, "robustness must be >= 1"),
+    ({"algorithm": "fomaml", "meta_gradient": "unrolled"}, "fomaml is MAML"),
+    ({"bogus": 1}, "unknown option key"),
+    ({"test_tasks": 100}, "at least 490"),
+])
+def test_bad_configurations_are_rejected(options, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve({**TINY, **options})
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "sinusoid", "--penalty", "robust", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs --weight" in err and "Traceback" not in err
+    assert main(["train", "sinusoid", "--out", str(tmp_path / "y"), "--resume"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    cfg = tmp_path / "c.json"
+    cfg.write_text("{not json")
+    assert main(["train", "sinusoid", "--config", str(cfg), "--out", str(tmp_path / "z")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "sinusoid", "--algorithm", "nope", "--out", "o"])
+    assert e.value.code == 2
+
+
+def test_cli_train_with_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**TINY, "iterations": 2, "algorithm": "fomaml"}))
+    out = tmp_path / "run"
+    assert main(["train", "sinusoid", "--config", str(cfg), "--iterations", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["iterations"] == 3  # the command line overrides the file
+    assert json.loads((out / "config.json").read_text())["algorithm"] == "fomaml"
+    assert main(["evaluate", str(out)]) == 0
