@@ -3,6 +3,8 @@ from .equilibrium import NashLayer, nash_equilibrium, solve_vi
 from .errors import ConvergenceError, ConvergenceWarning
 from .games import AggregativeGame, CostGame, Game, residual
 from .implicit import Adjoint, Implicit, Unrolled
+from .penalties import (CentroidPenalty, Penalty, ProximalPenalty, RobustPenalty, SumPenalty, centroid_penalty,
+                        proximal_penalty, robust_penalty)
 from .linear_solve import (CG, GMRES, BiCGSTAB, Dense, LinearOperator, LinearSolveInfo, LinearSolver,
                            Neumann, NormalCG)
 from .sets import Ball, Box, NonNegative, Reals, Simplex, StrategySet
@@ -19,4 +21,6 @@ __all__ = [
     "Neumann", "Dense",
     "StrategySet", "Reals", "Box", "Ball", "NonNegative", "Simplex",
     "ConvergenceError", "ConvergenceWarning",
+    "Penalty", "CentroidPenalty", "RobustPenalty", "ProximalPenalty", "SumPenalty",
+    "centroid_penalty", "robust_penalty", "proximal_penalty",
 ]
