@@ -70,6 +70,20 @@ class Penalty:
         """The penalty of player ``i`` given the aggregate ``s`` (``None`` if uncoupled)."""
         raise NotImplementedError
 
+    def pseudo_gradient(self, phi: Any, anchor: Any, num_players: int) -> Any:
+        """Optional fast path: every player's partial gradient of its penalty, batched over players.
+
+        ``phi`` has the players as leading dimension. Implement it with torch operations (it is
+        differentiated again by the unrolled and implicit meta-gradients); when absent, the
+        gradient comes from autograd through ``contribution`` and ``value``.
+        """
+        raise NotImplementedError
+
+    @property
+    def has_pseudo_gradient(self) -> bool:
+        """Whether :meth:`pseudo_gradient` is implemented."""
+        return type(self).pseudo_gradient is not Penalty.pseudo_gradient
+
     def __add__(self, other: "Penalty") -> "SumPenalty":
         if not isinstance(other, Penalty):
             return NotImplemented
@@ -125,6 +139,11 @@ class CentroidPenalty(Penalty):
         centroid = tree_map(lambda t: t / num_players, s)
         return self.scale(num_players) * _sq_distance(anchor, centroid)
 
+    def pseudo_gradient(self, phi, anchor, num_players):
+        # d/dphi_i c|a - s/B|^2 = (2c/B)(mean_k phi_k - a), the same for every player
+        c = 2.0 * self.scale(num_players) / num_players
+        return tree_map(lambda p, a: (c * (p.mean(0) - a)).expand_as(p), phi, anchor)
+
 
 @dataclass(frozen=True, kw_only=True)
 class RobustPenalty(Penalty):
@@ -172,6 +191,23 @@ class RobustPenalty(Penalty):
         mine = _sq_distance(phi_i, anchor) ** self.robustness
         return self.scale * self.weight * num_players * mine / (self.C + s)
 
+    def pseudo_gradient(self, phi, anchor, num_players):
+        # a_i = q_i^r with q_i = |phi_i - a|^2; d/dphi_i [a_i / (C + sum_k a_k)]
+        #   = (C + S - a_i) / (C + S)^2 * r q_i^(r-1) * 2 (phi_i - a)
+        diffs = tree_map(lambda p, a: p - a, phi, anchor)
+        q = sum(d.reshape(d.shape[0], -1).pow(2).sum(1) for d in tree_leaves(diffs))
+        r = self.robustness
+        # q ** 0 would put 0 * q ** -1 = nan into the second derivative at q = 0 (phi_i = theta,
+        # where Algorithm 2 starts): r = 1 is special-cased, integer r uses an integer power
+        if r == 1:
+            a, dq = q, torch.ones_like(q)
+        else:
+            a = q ** (int(r) if float(r).is_integer() else r)
+            dq = r * q ** (int(r) - 1 if float(r).is_integer() else r - 1)
+        total = self.C + a.sum()
+        coef = self.scale * self.weight * num_players * (total - a) / total ** 2 * dq * 2.0
+        return tree_map(lambda d: coef.reshape(-1, *([1] * (d.dim() - 1))) * d, diffs)
+
 
 @dataclass(frozen=True, kw_only=True)
 class ProximalPenalty(Penalty):
@@ -190,6 +226,9 @@ class ProximalPenalty(Penalty):
 
     def value(self, phi_i, anchor, s, num_players):
         return 0.5 * self.lam * _sq_distance(phi_i, anchor)
+
+    def pseudo_gradient(self, phi, anchor, num_players):
+        return tree_map(lambda p, a: self.lam * (p - a), phi, anchor)
 
 
 @dataclass(frozen=True)
@@ -214,6 +253,14 @@ class SumPenalty(Penalty):
         # an uncoupled term contributes a dummy zero so that the aggregate stays a tuple of tensors
         zero = tree_leaves(phi_i)[0].new_zeros(())
         return tuple(t.contribution(phi_i, anchor) if t.coupled else zero for t in self.terms)
+
+    @property
+    def has_pseudo_gradient(self) -> bool:  # type: ignore[override]
+        return all(t.has_pseudo_gradient for t in self.terms)
+
+    def pseudo_gradient(self, phi, anchor, num_players):
+        parts = [t.pseudo_gradient(phi, anchor, num_players) for t in self.terms]
+        return tree_map(lambda *xs: sum(xs), *parts)
 
     def value(self, phi_i, anchor, s, num_players):
         parts = (None,) * len(self.terms) if s is None else s

@@ -318,6 +318,34 @@ def test_penalty_pseudo_gradient_equals_per_player_autograd(pen_name, batch, gen
             assert torch.allclose(F[k][i], gk, rtol=1e-11, atol=1e-13)
 
 
+@pytest.mark.parametrize("pen", [PENALTIES["centroid"], PENALTIES["robust1"], PENALTIES["robust2"],
+                                 RobustPenalty(weight=0.3, robustness=3.0, C=1e-3),
+                                 PENALTIES["centroid"] + ProximalPenalty(lam=2.0) + PENALTIES["robust2"]],
+                         ids=["centroid", "robust1", "robust2", "robust3", "sum"])
+@pytest.mark.parametrize("at_theta", [False, True])
+def test_penalty_fast_path_equals_autograd_path_to_second_order(pen, at_theta, batch, gen):
+    """The closed-form pseudo-gradients equal autograd through contribution/value, and so do their
+    derivatives (what the unrolled and implicit meta-gradients differentiate), also at phi = theta."""
+    fast, slow = MAML(penalty=pen), MAML(penalty=pen, fast_penalty=False)
+    model, theta = setup(fast)
+    shift = 0.0 if at_theta else 0.3
+    phi = {k: (v.detach() + shift * torch.randn(B, *v.shape, generator=gen)).requires_grad_(True)
+           for k, v in theta["params"].items()}
+    F1 = fast.game(model, theta, batch["x_support"], batch["y_support"]).pseudo_gradient(phi, theta)
+    F2 = slow.game(model, theta, batch["x_support"], batch["y_support"]).pseudo_gradient(phi, theta)
+    assert fast.game(model, theta, batch["x_support"], batch["y_support"]).coupling_gradient is not None
+    w = {k: torch.randn(F1[k].shape, generator=gen) for k in F1}
+    s1 = sum((F1[k] * w[k]).sum() for k in F1)
+    s2 = sum((F2[k] * w[k]).sum() for k in F2)
+    assert torch.allclose(s1, s2, rtol=1e-12)
+    inputs = list(phi.values()) + leaves(theta)
+    g1 = torch.autograd.grad(s1, inputs)
+    g2 = torch.autograd.grad(s2, inputs)
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_penalty_values_and_scale():
     pen = CentroidPenalty(weight=0.1, num_tasks=100, inner_lr=0.001)
     assert math.isclose(pen.scale(25), 0.1 * (25 / (0.001 * 100)) ** 2)

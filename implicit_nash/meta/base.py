@@ -71,6 +71,8 @@ class Algorithm:
         linear_solver: linear solver of the implicit backward (default GMRES: the game Jacobian is
             not symmetric with the robust penalty).
         loss: ``"mse"`` (regression) or ``"cross_entropy"`` (classification).
+        fast_penalty: use the penalty's closed-form pseudo-gradient when it has one (``False``:
+            autograd through its ``contribution`` and ``value``; the two agree, see the tests).
         throw: in implicit mode, raise :class:`~implicit_nash.ConvergenceError` when the inner
             solve or the backward's linear solve does not converge (``False``: a
             :class:`~implicit_nash.ConvergenceWarning`, which the trainer counts and reports).
@@ -84,6 +86,7 @@ class Algorithm:
     linear_solver: LinearSolver = dataclasses.field(default_factory=GMRES)
     loss: str = "mse"
     throw: bool = True
+    fast_penalty: bool = True
 
     name = "base"
 
@@ -163,7 +166,12 @@ class Algorithm:
         def coupling(phi_i, th, s, x_i, y_i):
             return penalty.value(phi_i, self.anchor(th), s, B)
 
-        return AggregativeGame(local=task_loss, contribution=contribution, coupling=coupling, data=(x, y))
+        fast = None
+        if penalty.has_pseudo_gradient and self.fast_penalty:
+            def fast(phi, th):
+                return penalty.pseudo_gradient(phi, self.anchor(th), B)
+        return AggregativeGame(local=task_loss, contribution=contribution, coupling=coupling, data=(x, y),
+                               coupling_gradient=fast, symmetric=penalty.symmetric)
 
     def _start(self, theta, B):
         return tree_map(lambda a: a.unsqueeze(0).expand(B, *a.shape), self.anchor(theta))
