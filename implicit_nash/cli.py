@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--meta-batch", type=int)
     train.add_argument("--iterations", type=int)
     train.add_argument("--seed", type=int)
+    train.add_argument("--seeds", type=int, nargs="+", help="train these seeds together, vectorised over runs")
     train.add_argument("--context-dim", type=int, help="CAVIA context parameters")
     train.add_argument("--task-lr", type=float, help="TR-MAML task-probability learning rate")
     train.add_argument("--lam", type=float, help="iMAML proximal weight")
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
-               "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed",
+               "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "activation", "eval_every", "checkpoint_every", "val_tasks",
                "test_tasks", "device", "dtype", "threads")
 

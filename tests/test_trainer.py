@@ -38,6 +38,38 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, algorithm, extra):
         assert torch.equal(a["params"][k], b["params"][k])
 
 
+@pytest.mark.parametrize("algorithm, extra", [
+    ("maml", {"penalty": "robust", "weight": 0.01, "robustness": 2.0}),
+    ("trmaml", {"penalty": "centroid", "weight": 0.1}),
+    ("metasgd", {}),
+])
+def test_runs_trained_together_equal_runs_trained_alone(tmp_path, algorithm, extra):
+    """Vectorising over seeds (vmap over stacked parameters, one Adam) changes nothing per run."""
+    config = tiny(algorithm=algorithm, iterations=4, **extra)
+    together = train({**config, "seeds": [0, 5]}, tmp_path / "both", progress=False, log=lambda s: None)
+    assert together["vectorised_over_runs"] and together["runs_trained_together"] == 2
+    for r, seed in enumerate([0, 5]):
+        alone = train({**config, "seed": seed}, tmp_path / f"s{seed}", progress=False, log=lambda s: None)
+        mine = together["runs"][r]
+        assert mine["seed"] == seed
+        for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "final_train_loss"):
+            assert mine[key] == pytest.approx(alone[key], rel=1e-9), key
+    assert together["test_mse_mean"] == pytest.approx(
+        (together["runs"][0]["test_mse_mean"] + together["runs"][1]["test_mse_mean"]) / 2)
+    assert together["test_mse_mean_ci95"] > 0
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    short = tiny(iterations=3)
+    train(short, tmp_path / "ext", progress=False, log=lambda s: None)
+    (tmp_path / "ext" / "metrics.json").unlink()
+    extended = train(tiny(iterations=6), tmp_path / "ext", resume=True, progress=False, log=lambda s: None)
+    full = train(tiny(iterations=6), tmp_path / "full", progress=False, log=lambda s: None)
+    assert extended["test_mse_mean"] == full["test_mse_mean"]
+    with pytest.raises(ConfigError, match="another configuration"):
+        train(tiny(iterations=9, seed=3), tmp_path / "ext", resume=True, progress=False)
+
+
 def test_outputs_and_evaluate(tmp_path):
     config = tiny()
     metrics = train(config, tmp_path / "run", progress=False, log=lambda s: None)

@@ -52,6 +52,7 @@ DEFAULTS: Dict[str, Any] = {
     "meta_batch": 25,
     "iterations": 70000,
     "seed": 0,
+    "seeds": None,              # a list: train these seeds together (vectorised over runs)
     "context_dim": 4,
     "task_lr": 1e-5,
     "lam": 10.0,
@@ -151,6 +152,13 @@ def _validate(c: Dict[str, Any]) -> None:
     for key in ("penalty_alpha", "num_tasks", "threads"):
         if c[key] is not None:
             _num(c, key, integer=key != "penalty_alpha")
+    if c["seeds"] is not None:
+        seeds = c["seeds"]
+        if not isinstance(seeds, list) or not seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+            raise ConfigError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"seeds must be distinct, got {seeds!r}")
     if c["meta_gradient"] is not None and c["meta_gradient"] not in ("unrolled", "first_order", "implicit"):
         raise ConfigError(f"unknown meta_gradient {c['meta_gradient']!r}; choose unrolled, first_order or implicit")
     if c["algorithm"] == "fomaml" and c["meta_gradient"] not in (None, "first_order"):

@@ -30,6 +30,7 @@ from .._compat import tree_leaves, tree_map
 from ..errors import ConvergenceWarning
 from ..tasks import SinusoidTasks, interval_statistics, mlp
 from .config import ConfigError, build_algorithm
+from .stats import mean_ci95
 
 __all__ = ["Run", "train", "evaluate_run", "evaluate"]
 
@@ -57,7 +58,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 class Run:
-    """A configured run: task family, network, algorithm, meta-parameters and optimiser."""
+    """Configured runs of one configuration, one per seed, trained together.
+
+    ``config["seeds"]`` (default ``[config["seed"]]``) lists R seeds. Every leaf of ``theta`` has a
+    leading run dimension R; each run has its own network initialisation, task generator and outer
+    state, and one Adam over the stacked leaves is R independent Adams (Adam is elementwise). With
+    R > 1 the meta-loss of all runs is computed in one ``torch.func.vmap`` over runs (unrolled and
+    first-order modes); the implicit mode, whose solver loop checks tolerances on concrete values,
+    loops over runs instead.
+    """
 
     def __init__(self, config: Dict[str, Any]):
         self.config = config
@@ -70,23 +79,40 @@ class Run:
             raise ConfigError("--device cuda was asked for but CUDA is not available")
         self.device = device
         self.dtype = _dtype(config["dtype"])
-        torch.manual_seed(config["seed"])
+        self.seeds = list(config["seeds"]) if config.get("seeds") else [config["seed"]]
         sizes = [self.tasks.input_dim + self.algorithm.input_extra(), *config["hidden"], self.tasks.output_dim]
-        self.model = mlp(sizes, config["activation"]).to(device=device, dtype=self.dtype)
-        self.theta = self.algorithm.init(self.model)
+        thetas = []
+        for seed in self.seeds:
+            torch.manual_seed(seed)
+            model = mlp(sizes, config["activation"]).to(device=device, dtype=self.dtype)
+            thetas.append(self.algorithm.init(model))
+        self.model = model  # the structure; its own weights are never used (functional_call)
+        self.theta = tree_map(lambda *xs: torch.stack([x.detach() for x in xs]).requires_grad_(True), *thetas)
         self.optimizer = torch.optim.Adam(tree_leaves(self.theta), lr=config["outer_lr"])
-        self.generator = torch.Generator().manual_seed(config["seed"] + 1)
+        self.generators = [torch.Generator().manual_seed(seed + 1) for seed in self.seeds]
         like = tree_leaves(self.theta)[0]
-        self.state = self.algorithm.init_state(self.tasks.num_train_tasks, like)
+        states = [self.algorithm.init_state(self.tasks.num_train_tasks, like) for _ in self.seeds]
+        self.state = tree_map(lambda *xs: torch.stack(xs), *states) if states[0] else {}
+        self.vectorised = len(self.seeds) > 1 and self.algorithm.meta_gradient != "implicit"
         self.iteration = 0
         self.history: Dict[str, list] = {"iteration": [], "train_loss": [], "val": []}
         self.train_seconds = 0.0
         self.warnings = 0
 
+    @property
+    def runs(self) -> int:
+        return len(self.seeds)
+
+    def theta_of(self, r: int) -> Dict[str, Any]:
+        return tree_map(lambda t: t[r], self.theta)
+
+    def state_of(self, r: int) -> Dict[str, Any]:
+        return tree_map(lambda t: t[r], self.state)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
         return {"theta": tree_map(lambda t: t.detach().cpu(), self.theta),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "optimizer": self.optimizer.state_dict(), "generators": [g.get_state() for g in self.generators],
                 "state": tree_map(lambda t: t.detach().cpu(), self.state), "iteration": self.iteration,
                 "history": self.history, "train_seconds": self.train_seconds, "warnings": self.warnings,
                 "config": self.config}
@@ -96,7 +122,8 @@ class Run:
             for t, v in zip(tree_leaves(self.theta), tree_leaves(sd["theta"])):
                 t.copy_(v)
         self.optimizer.load_state_dict(sd["optimizer"])
-        self.generator.set_state(sd["generator"])
+        for g, st in zip(self.generators, sd["generators"]):
+            g.set_state(st)
         self.state = tree_map(lambda t: t.to(self.device), sd["state"])
         self.iteration = sd["iteration"]
         self.history = sd["history"]
@@ -104,23 +131,44 @@ class Run:
         self.warnings = sd["warnings"]
 
     # ------------------------------------------------------------------ one meta-iteration
-    def step(self) -> float:
-        batch = _to(self.tasks.sample(self.config["meta_batch"], self.generator, self.dtype), self.device)
+    def _batch(self) -> Dict[str, Any]:
+        parts = [self.tasks.sample(self.config["meta_batch"], g, self.dtype) for g in self.generators]
+        return _to({k: torch.stack([p[k] for p in parts]) for k in parts[0]}, self.device)
+
+    def step(self) -> list:
+        """One meta-iteration of every run; returns each run's meta-loss."""
+        batch = self._batch()
+        algo, model = self.algorithm, self.model
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            losses = self.algorithm.task_losses(self.model, self.theta, batch)
-            loss = self.algorithm.outer_loss(losses, batch, self.state)
+            if self.vectorised:
+                def one(theta, b, state):
+                    losses = algo.task_losses(model, theta, b)
+                    return algo.outer_loss(losses, b, state), losses
+                outer, losses = torch.func.vmap(one)(self.theta, batch, self.state)
+            else:
+                pairs = []
+                for r in range(self.runs):
+                    b = {k: v[r] for k, v in batch.items()}
+                    losses_r = algo.task_losses(model, self.theta_of(r), b)
+                    pairs.append((algo.outer_loss(losses_r, b, self.state_of(r)), losses_r))
+                outer = torch.stack([p[0] for p in pairs])
+                losses = torch.stack([p[1] for p in pairs])
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            outer.sum().backward()  # runs are independent: each run's leaves get its own gradient
         self._count(caught)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the meta-loss is {value} at iteration {self.iteration + 1}; "
-                                     f"lower --outer-lr or --inner-lr")
+        values = [float(v) for v in outer.detach()]
+        bad = [seed for seed, v in zip(self.seeds, values) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"the meta-loss is not finite at iteration {self.iteration + 1} "
+                                     f"(seed {bad[0]}); lower --outer-lr or --inner-lr")
         self.optimizer.step()
-        self.state = self.algorithm.update_state(self.state, losses, batch)
+        if self.state:
+            new = [algo.update_state(self.state_of(r), losses[r].detach(), {k: v[r] for k, v in batch.items()})
+                   for r in range(self.runs)]
+            self.state = tree_map(lambda *xs: torch.stack(xs), *new)
         self.iteration += 1
-        return value
+        return values
 
     def _count(self, caught) -> None:
         for w in caught:
@@ -130,16 +178,19 @@ class Run:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, split: str) -> Dict[str, Any]:
+    def evaluate(self, split: str) -> list:
+        """Each run's evaluation on the validation or test tasks (the same tasks for every run)."""
         c = self.config
         n, seed = (c["val_tasks"], c["val_seed"]) if split == "val" else (c["test_tasks"], c["test_seed"])
         test = self.tasks.test_set(num_tasks=n, seed=seed, dtype=self.dtype)
+        results = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            result = evaluate(self.algorithm, self.model, self.theta, test, device=self.device,
-                              nash=c["eval_penalty"])
+            for r in range(self.runs):
+                results.append(evaluate(self.algorithm, self.model, self.theta_of(r), test, device=self.device,
+                                        nash=c["eval_penalty"]))
         self._count(caught)
-        return result
+        return results
 
 
 def evaluate(algorithm, model, theta, test: Dict[str, Any], *, device=None, nash: bool = False,
@@ -178,25 +229,32 @@ def _plot(history: Dict[str, list], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    it, tl = history["iteration"], history["train_loss"]
+    it = history["iteration"]
     if it:
+        tl = [sum(v) / len(v) for v in history["train_loss"]]
         w = max(1, len(tl) // 100)
         smooth = [sum(tl[max(0, i - w + 1):i + 1]) / len(tl[max(0, i - w + 1):i + 1]) for i in range(len(tl))]
         axes[0].plot(it, tl, alpha=0.25, lw=0.6, label="per iteration")
         axes[0].plot(it, smooth, lw=1.2, label=f"moving mean ({w})")
         axes[0].set_yscale("log")
+        axes[0].legend(fontsize=8)
+    runs = len(history["train_loss"][0]) if history["train_loss"] else 1
     axes[0].set_xlabel("iteration")
-    axes[0].set_ylabel("meta-training loss")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("meta-training loss" + (f" (mean of {runs} runs)" if runs > 1 else ""))
     val = history["val"]
     if val:
         vi = [v["iteration"] for v in val]
         for key, label in (("mse_mean", "mean"), ("mse_worst", "worst"), ("mse_std", "std")):
-            axes[1].plot(vi, [v[key] for v in val], marker="o", ms=3, label=label)
+            per_run = [[r[key] for r in v["runs"]] for v in val]
+            mid = [sum(x) / len(x) for x in per_run]
+            line, = axes[1].plot(vi, mid, marker="o", ms=3, label=label)
+            if runs > 1:
+                axes[1].fill_between(vi, [min(x) for x in per_run], [max(x) for x in per_run],
+                                     color=line.get_color(), alpha=0.2)
         axes[1].set_yscale("log")
+        axes[1].legend(fontsize=8)
     axes[1].set_xlabel("iteration")
-    axes[1].set_ylabel("validation MSE over sub-intervals")
-    axes[1].legend(fontsize=8)
+    axes[1].set_ylabel("validation MSE over sub-intervals" + (" (band: min-max over runs)" if runs > 1 else ""))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -208,13 +266,17 @@ def _plot(history: Dict[str, list], path: Path, title: str) -> None:
 def _title(c: Dict[str, Any]) -> str:
     pen = "" if c["penalty"] == "none" else (
         f" + p_C({c['weight']:g})" if c["penalty"] == "centroid" else f" + p_R({c['weight']:g}, {c['robustness']:g})")
-    return f"{c['task']}: {c['algorithm']}{pen}, seed {c['seed']}"
+    seeds = c.get("seeds") or [c["seed"]]
+    who = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {','.join(map(str, seeds))}"
+    return f"{c['task']}: {c['algorithm']}{pen}, {who}"
 
 
 def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progress: bool = True,
           stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train a resolved configuration into ``out_dir``; returns the metrics (also in metrics.json).
 
+    ``resume=True`` continues the run saved in ``out_dir``; if ``config`` is given too, its
+    ``iterations`` may extend the saved run (a longer run's first part is the shorter run).
     ``stop_after`` stops after that many iterations of this call *without* finishing the run (a
     test hook that simulates a kill; a checkpoint is written first).
     """
@@ -224,7 +286,12 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         if not ckpt.is_file():
             raise ConfigError(f"--resume: {ckpt} does not exist")
         saved = torch.load(ckpt, weights_only=False)
-        config = saved["config"]
+        if config and {k: v for k, v in config.items() if k != "iterations"} != \
+                {k: v for k, v in saved["config"].items() if k != "iterations"}:
+            raise ConfigError(f"{out} holds a run of another configuration; resume it without options")
+        config = {**saved["config"], "iterations": (config or saved["config"])["iterations"]}
+        if config["iterations"] < saved["iteration"]:
+            raise ConfigError(f"{out} has already run {saved['iteration']} iterations, more than {config['iterations']}")
     elif ckpt.exists() or (out / "metrics.json").exists():
         raise ConfigError(f"{out} already holds a run; use --resume to continue it or another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -233,8 +300,7 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
     run = Run(config)
     if resume:
         run.load_state_dict(saved)
-    else:
-        _atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True))
+    _atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True))
     c = config
     total = c["iterations"]
     bar = None
@@ -244,18 +310,20 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
     done_here = 0
     while run.iteration < total:
         t0 = time.perf_counter()
-        loss = run.step()
+        losses = run.step()
         run.train_seconds += time.perf_counter() - t0
         run.history["iteration"].append(run.iteration)
-        run.history["train_loss"].append(loss)
+        run.history["train_loss"].append(losses)
         done_here += 1
         if run.iteration % c["eval_every"] == 0 or run.iteration == total:
-            v = run.evaluate("val")
-            run.history["val"].append({"iteration": run.iteration, **{k: v[k] for k in ("mse_mean", "mse_worst", "mse_std")}})
+            results = run.evaluate("val")
+            run.history["val"].append({"iteration": run.iteration, "runs": [
+                {k: v[k] for k in ("mse_mean", "mse_worst", "mse_std")} for v in results]})
         if bar is not None:
-            post = {"loss": f"{loss:.3g}"}
+            post = {"loss": f"{sum(losses) / len(losses):.3g}"}
             if run.history["val"]:
-                post["val_mean"] = f"{run.history['val'][-1]['mse_mean']:.3g}"
+                last = run.history["val"][-1]["runs"]
+                post["val_mean"] = f"{sum(v['mse_mean'] for v in last) / len(last):.3g}"
             if run.warnings:
                 post["not_converged"] = run.warnings
             bar.set_postfix(post, refresh=False)
@@ -272,33 +340,50 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
     metrics = _finish(run, out)
     log(f"{_title(c)}: test MSE mean {metrics['test_mse_mean']:.4g}, worst {metrics['test_mse_worst']:.4g}, "
         f"std {metrics['test_mse_std']:.4g} over {metrics['test']['intervals']} sub-intervals "
-        f"({metrics['iterations']} iterations, {metrics['sec_per_iteration'] * 1e3:.2f} ms/iteration) -> {out}")
+        f"({metrics['iterations']} iterations, {metrics['sec_per_iteration'] * 1e3:.2f} ms/iteration"
+        f"{'' if run.runs == 1 else f' for {run.runs} runs together'}) -> {out}")
     if run.warnings:
         log(f"warning: {run.warnings} inner or linear solves did not converge to tolerance (see metrics.json)")
     return metrics
 
 
 def _finish(run: Run, out: Path) -> Dict[str, Any]:
-    test = run.evaluate("test")
+    tests = run.evaluate("test")
     c = run.config
-    metrics = {
-        "test_mse_mean": test["mse_mean"], "test_mse_worst": test["mse_worst"], "test_mse_std": test["mse_std"],
-        "baseline_unadapted_mse_mean": test["unadapted_mean"], "baseline_zero_mse_mean": test["zero_mean"],
+    per_run = []
+    for r, (seed, test) in enumerate(zip(run.seeds, tests)):
+        entry = {"seed": seed, "test_mse_mean": test["mse_mean"], "test_mse_worst": test["mse_worst"],
+                 "test_mse_std": test["mse_std"], "baseline_unadapted_mse_mean": test["unadapted_mean"],
+                 "baseline_zero_mse_mean": test["zero_mean"], "per_interval": test["per_interval"],
+                 "final_train_loss": run.history["train_loss"][-1][r] if run.history["train_loss"] else None}
+        if "task_probs" in run.state:
+            probs = run.state["task_probs"][r].cpu()
+            entry["task_probs"] = {"max": float(probs.max()), "min": float(probs.min()),
+                                   "large_amplitude_mass": float(probs[95:].sum())}
+        per_run.append(entry)
+    metrics: Dict[str, Any] = {}
+    for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "baseline_unadapted_mse_mean",
+                "baseline_zero_mse_mean", "final_train_loss"):
+        values = [e[key] for e in per_run]
+        metrics[key] = sum(values) / len(values)
+        if run.runs > 1 and key.startswith("test_"):
+            metrics[key + "_ci95"] = mean_ci95(values)["ci"]
+    metrics.update({
         "sec_per_iteration": run.train_seconds / max(run.iteration, 1),
+        "runs_trained_together": run.runs,
+        "vectorised_over_runs": run.vectorised,
         "iterations": run.iteration,
-        "budget": f"{run.iteration} iterations x meta-batch {c['meta_batch']}, seed {c['seed']}; "
-                  f"test: {test['tasks']} tasks over {test['intervals']} amplitude sub-intervals (seed {c['test_seed']})",
+        "seeds": run.seeds,
+        "budget": f"{run.iteration} iterations x meta-batch {c['meta_batch']}, seeds {run.seeds}; test: "
+                  f"{tests[0]['tasks']} tasks over {tests[0]['intervals']} amplitude sub-intervals "
+                  f"(seed {c['test_seed']})",
         "not_converged_solves": run.warnings,
-        "test": {k: test[k] for k in ("tasks", "intervals", "per_interval")},
+        "test": {k: tests[0][k] for k in ("tasks", "intervals")},
+        "runs": per_run,
         "val_history": run.history["val"],
-        "final_train_loss": run.history["train_loss"][-1] if run.history["train_loss"] else None,
         "torch": torch.__version__,
         "config": c,
-    }
-    if "task_probs" in run.state:
-        probs = run.state["task_probs"].cpu()
-        metrics["task_probs"] = {"max": float(probs.max()), "min": float(probs.min()),
-                                 "large_amplitude_mass": float(probs[95:].sum())}
+    })
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     try:
         _plot(run.history, out / "curves.png", _title(c))
@@ -315,6 +400,10 @@ def evaluate_run(out_dir: str, *, split: str = "test") -> Dict[str, Any]:
     saved = torch.load(ckpt, weights_only=False)
     run = Run(saved["config"])
     run.load_state_dict(saved)
-    result = run.evaluate(split)
-    result.pop("per_interval")
-    return {"iteration": run.iteration, "split": split, **result}
+    results = run.evaluate(split)
+    for r in results:
+        r.pop("per_interval")
+    out = {"iteration": run.iteration, "split": split, "seeds": run.seeds, "runs": results}
+    if run.runs == 1:
+        out.update(results[0])
+    return out
