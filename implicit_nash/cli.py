@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    rep = sub.add_parser("reproduce", help="reproduce the paper's sinusoid tables (all seeds, all rows)")
+    rep.add_argument("name", choices=["table2", "robustness"],
+                     help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6")
+    rep.add_argument("--iterations", type=int, default=70000, help="meta-iterations per run (paper: 70000)")
+    rep.add_argument("--seeds", type=int, default=5, help="seeds per row, trained together (paper: 5)")
+    rep.add_argument("--jobs", type=int, default=1, help="rows trained in parallel processes")
+    rep.add_argument("--algorithms", nargs="+", help="only these algorithms' rows")
+    rep.add_argument("--out", default="results", help="output directory (default: results)")
+    rep.add_argument("--eval-every", type=int, help="validation every N iterations (default 1000)")
+    rep.add_argument("--val-tasks", type=int)
+    rep.add_argument("--test-tasks", type=int)
+    rep.add_argument("--no-progress", action="store_true")
+
     ev = sub.add_parser("evaluate", help="re-evaluate a saved run from its checkpoint")
     ev.add_argument("run_dir")
     ev.add_argument("--split", choices=["test", "val"], default="test")
@@ -95,6 +108,22 @@ def _train(args) -> int:
     return 0
 
 
+def _reproduce(args) -> int:
+    from .meta.config import ConfigError
+    from .reproduce import reproduce
+    overrides = {k: getattr(args, k) for k in ("eval_every", "val_tasks", "test_tasks") if getattr(args, k) is not None}
+    try:
+        if args.iterations < 1:
+            return _fail(f"--iterations must be positive, got {args.iterations}")
+        reproduce(args.name, args.out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
+                  algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None)
+    except (ConfigError, FloatingPointError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; run the same command again to resume (finished rows are kept)")
+    return 0
+
+
 def _evaluate(args) -> int:
     import json
 
@@ -118,6 +147,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return demo_main(args.players, args.dim)
     if args.command == "train":
         return _train(args)
+    if args.command == "reproduce":
+        return _reproduce(args)
     if args.command == "evaluate":
         return _evaluate(args)
     return 2  # pragma: no cover (argparse enforces a command)

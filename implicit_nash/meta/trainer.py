@@ -99,6 +99,18 @@ class Run:
         self.train_seconds = 0.0
         self.warnings = 0
 
+    LOG_EVERY = 50  # the history keeps the meta-loss averaged over blocks of this many iterations
+
+    def record(self, losses: list, final: bool = False) -> None:
+        """Accumulate each run's meta-loss; log the block mean every ``LOG_EVERY`` iterations."""
+        acc = self.history.setdefault("block", {"sum": [0.0] * self.runs, "count": 0})
+        acc["sum"] = [a + v for a, v in zip(acc["sum"], losses)]
+        acc["count"] += 1
+        if self.iteration % self.LOG_EVERY == 0 or final:
+            self.history["iteration"].append(self.iteration)
+            self.history["train_loss"].append([a / acc["count"] for a in acc["sum"]])
+            self.history["block"] = {"sum": [0.0] * self.runs, "count": 0}
+
     @property
     def runs(self) -> int:
         return len(self.seeds)
@@ -234,8 +246,8 @@ def _plot(history: Dict[str, list], path: Path, title: str) -> None:
         tl = [sum(v) / len(v) for v in history["train_loss"]]
         w = max(1, len(tl) // 100)
         smooth = [sum(tl[max(0, i - w + 1):i + 1]) / len(tl[max(0, i - w + 1):i + 1]) for i in range(len(tl))]
-        axes[0].plot(it, tl, alpha=0.25, lw=0.6, label="per iteration")
-        axes[0].plot(it, smooth, lw=1.2, label=f"moving mean ({w})")
+        axes[0].plot(it, tl, alpha=0.35, lw=0.6, label=f"mean of {Run.LOG_EVERY} iterations")
+        axes[0].plot(it, smooth, lw=1.2, label=f"moving mean of {w} points")
         axes[0].set_yscale("log")
         axes[0].legend(fontsize=8)
     runs = len(history["train_loss"][0]) if history["train_loss"] else 1
@@ -312,8 +324,7 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         t0 = time.perf_counter()
         losses = run.step()
         run.train_seconds += time.perf_counter() - t0
-        run.history["iteration"].append(run.iteration)
-        run.history["train_loss"].append(losses)
+        run.record(losses, final=run.iteration == total)
         done_here += 1
         if run.iteration % c["eval_every"] == 0 or run.iteration == total:
             results = run.evaluate("val")
@@ -330,6 +341,8 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
             bar.update(1)
         if run.iteration % c["checkpoint_every"] == 0 or run.iteration == total:
             _atomic_save(run.state_dict(), ckpt)
+        if run.iteration % 200 == 0 or run.iteration == total:  # for watchers in other processes
+            _atomic_write_text(out / "progress.json", json.dumps({"iteration": run.iteration, "total": total}))
         if stop_after is not None and done_here >= stop_after and run.iteration < total:
             _atomic_save(run.state_dict(), ckpt)
             if bar is not None:
