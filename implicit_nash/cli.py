@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--test-tasks", type=int)
     rep.add_argument("--no-progress", action="store_true")
 
+    ver = sub.add_parser("verify", help="run the numerical checks of the paper's theory (the analysis package)")
+    ver.add_argument("--quick", action="store_true", help="smaller grids, under 3 minutes")
+    ver.add_argument("--out", help="output directory (default results/analysis[_quick])")
+    ver.add_argument("--check", default="all", help="one check, or all (default)")
+
     ev = sub.add_parser("evaluate", help="re-evaluate a saved run from its checkpoint")
     ev.add_argument("run_dir")
     ev.add_argument("--split", choices=["test", "val"], default="test")
@@ -147,6 +152,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return demo_main(args.players, args.dim)
     if args.command == "train":
         return _train(args)
+    if args.command == "verify":
+        # The command line is the application layer: the library modules never import analysis.
+        from analysis import CHECKS
+        from analysis.report import main as verify_main
+        if args.check != "all" and args.check not in CHECKS:
+            return _fail(f"unknown check {args.check!r}; choose from {', '.join(CHECKS)} or all")
+        return verify_main(args.check, args.out, args.quick)
     if args.command == "reproduce":
         return _reproduce(args)
     if args.command == "evaluate":

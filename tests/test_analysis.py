@@ -1,0 +1,33 @@
+"""`implicit-nash verify --quick`: every check runs, writes its record and figure, and the theory's
+predictions hold where the paper's assumptions do (and the robust penalty's assumptions fail)."""
+import json
+
+from implicit_nash.cli import main
+
+EXPECTED = {
+    "prgd_rate": "holds", "iteration_complexity": "holds", "memory": "holds", "hypergradient_error": "holds",
+    "order_independence": "holds", "outer_convergence": "holds", "lemma_b4": "holds",
+    "assumptions": "assumption fails",
+}
+
+
+def test_verify_quick(tmp_path, capsys):
+    assert main(["verify", "--quick", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.html").is_file()
+    for check, verdict in EXPECTED.items():
+        record = json.loads((tmp_path / f"{check}.json").read_text())
+        assert record["verdict"] == verdict, (check, record["explanation"])
+        assert (tmp_path / record["figure"]).is_file()
+        assert record["measured"] and record["predicted"] and record["explanation"]
+        assert f"(#{check})" in report
+    rate = json.loads((tmp_path / "prgd_rate.json").read_text())["measured"]
+    assert rate["max_error_over_bound"] <= 1 + 1e-9
+    assumptions = json.loads((tmp_path / "assumptions.json").read_text())["measured"]
+    assert assumptions["p_C_symmetric"] and assumptions["p_R_asymmetric"]
+    assert -1.1 < assumptions["robust_gradient_slope"] < -0.9
+
+
+def test_verify_rejects_unknown_check(capsys):
+    assert main(["verify", "--check", "nope"]) == 2
+    assert "unknown check" in capsys.readouterr().err
