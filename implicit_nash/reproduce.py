@@ -122,9 +122,13 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=iterations * len(rows), desc=f"reproduce {name}", unit="it", dynamic_ncols=True)
+    failures: Dict[str, str] = {}
     if jobs == 1:
         for r in rows:
-            results[r["key"]] = _run_row(configs[r["key"]], str(out / "runs" / r["key"]))
+            try:
+                results[r["key"]] = _run_row(configs[r["key"]], str(out / "runs" / r["key"]))
+            except (FloatingPointError, RuntimeError) as e:  # reported in the table; the others go on
+                failures[r["key"]] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             if bar is not None:
                 bar.n = _progress(out, list(configs))
                 bar.refresh()
@@ -137,7 +141,10 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
             while pending:
                 finished = [f for f in pending if f.done()]
                 for f in finished:
-                    results[futures[f]] = f.result()  # re-raises a row's error here
+                    try:
+                        results[futures[f]] = f.result()
+                    except Exception as e:  # a failed row is reported in the table; the others go on
+                        failures[futures[f]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     pending.discard(f)
                 if bar is not None:
                     bar.n = _progress(out, list(configs))
@@ -147,7 +154,11 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
     if bar is not None:
         bar.n = iterations * len(rows)
         bar.close()
-    report = _report(name, rows, results, budget, iterations, seeds, time.time() - t0, overrides)
+    for key, msg in failures.items():
+        log(f"row {key} failed: {msg}")
+    if not results:
+        raise ConfigError("every row failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    report = _report(name, rows, results, budget, iterations, seeds, time.time() - t0, overrides, failures)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}.md").write_text(_markdown(report))
     try:
@@ -158,24 +169,36 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
     return report
 
 
-def _report(name, rows, results, budget, iterations, seeds, seconds, overrides) -> Dict[str, Any]:
+def _report(name, rows, results, budget, iterations, seeds, seconds, overrides, failures=None) -> Dict[str, Any]:
     table = []
+    failures = failures or {}
     for r in rows:
+        if r["key"] in failures:
+            table.append({"key": r["key"], "label": r["label"], "algorithm": r["algorithm"], "penalty": r["options"],
+                          "failed": failures[r["key"]],
+                          "paper": {k: {"mean": v[0], "ci": v[1]} for k, v in r["paper"].items()}})
+            continue
         m = results[r["key"]]
+        finite = [run for run in m["runs"] if run.get("diverged_at") is None]
         ours = {}
         for metric in ("mean", "worst", "std"):
-            values = [run[f"test_mse_{metric}"] for run in m["runs"]]
+            values = [run[f"test_mse_{metric}"] for run in finite]
             ours[metric] = {**mean_ci95(values), "values": values}
         table.append({"key": r["key"], "label": r["label"], "algorithm": r["algorithm"],
                       "penalty": r["options"], "ours": ours,
+                      "diverged_seeds": {str(run["seed"]): run["diverged_at"] for run in m["runs"]
+                                         if run.get("diverged_at") is not None},
                       "paper": {k: {"mean": v[0], "ci": v[1]} for k, v in r["paper"].items()},
                       "iterations": m["iterations"], "sec_per_iteration": m["sec_per_iteration"],
                       "zero_baseline": m["baseline_zero_mse_mean"],
                       "unadapted_baseline": m["baseline_unadapted_mse_mean"]})
     for row in table:
-        plain = next(t for t in table if t["algorithm"] == row["algorithm"] and t["penalty"]["penalty"] == "none")
-        row["verdict"] = _verdict(row, plain)
-    first = results[rows[0]["key"]]
+        if "failed" in row:
+            continue
+        plain = next((t for t in table if t["algorithm"] == row["algorithm"] and t["penalty"]["penalty"] == "none"
+                      and "failed" not in t), None)
+        row["verdict"] = _verdict(row, plain if plain is not None else row)
+    first = results[next(r["key"] for r in rows if r["key"] in results)]
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (overrides or {}).items())
     return {"reproduction": name, "budget": budget, "test": first["test"], "iterations": iterations, "seeds": list(range(seeds)),
             "overrides": overrides or {}, "wall_seconds_this_call": seconds,
@@ -219,7 +242,12 @@ def _markdown(rep) -> str:
     lines += ["| row | ours: mean | worst | std | paper: mean | worst | std | vs plain (ours) |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rep["rows"]:
-        o, p = r["ours"], r["paper"]
+        p = r["paper"]
+        if "failed" in r:
+            lines.append(f"| {r['label']} | failed: {r['failed']} | | | {_fmt(p['mean'])} | {_fmt(p['worst'])} | "
+                         f"{_fmt(p['std'])} | |")
+            continue
+        o = r["ours"]
         if "vs_plain" in r["verdict"]:
             vp = r["verdict"]["vs_plain"]
             parts = []
@@ -231,17 +259,22 @@ def _markdown(rep) -> str:
             verdict = "; ".join(parts)
         else:
             verdict = "(plain)"
+        if r["diverged_seeds"]:
+            verdict += (f"; seed(s) {', '.join(r['diverged_seeds'])} diverged (at iteration "
+                        f"{', '.join(map(str, r['diverged_seeds'].values()))}): statistics over the other "
+                        f"{o['mean']['n']}")
         lines.append(f"| {r['label']} | {_fmt(o['mean'])} | {_fmt(o['worst'])} | {_fmt(o['std'])} | "
                      f"{_fmt(p['mean'])} | {_fmt(p['worst'])} | {_fmt(p['std'])} | {verdict} |")
+    ok_rows = [r for r in rep["rows"] if "failed" not in r]
     lines += ["", "## Against the paper", ""]
-    for r in rep["rows"]:
+    for r in ok_rows:
         vs = r["verdict"]["vs_paper"]
         agree = [m for m in ("mean", "worst", "std") if vs[m]["intervals_overlap"]]
         lines.append(f"- {r['label']}: mean {r['ours']['mean']['mean']:.3f} vs paper {r['paper']['mean']['mean']:.2f} "
                      f"({'intervals overlap' if vs['mean']['intervals_overlap'] else 'intervals do not overlap'}); "
                      f"metrics whose intervals overlap the paper's: {', '.join(agree) if agree else 'none'}.")
-    claims_c = [r for r in rep["rows"] if r["penalty"]["penalty"] == "centroid"]
-    claims_r = [r for r in rep["rows"] if r["penalty"]["penalty"] == "robust"]
+    claims_c = [r for r in ok_rows if r["penalty"]["penalty"] == "centroid" and "vs_plain" in r["verdict"]]
+    claims_r = [r for r in ok_rows if r["penalty"]["penalty"] == "robust" and "vs_plain" in r["verdict"]]
     lines += ["", "## The paper's two claims (Section 3.3)", ""]
     if claims_c:
         held = [r["label"] for r in claims_c if r["verdict"]["vs_plain"]["mean"]["better"]]
@@ -258,7 +291,7 @@ def _markdown(rep) -> str:
     lines += ["", "## Cost", "",
               "| row | iterations | ms per iteration (all seeds together) | zero-predictor MSE | unadapted MSE |",
               "|---|---|---|---|---|"]
-    for r in rep["rows"]:
+    for r in ok_rows:
         lines.append(f"| {r['label']} | {r['iterations']} | {r['sec_per_iteration'] * 1e3:.1f} | "
                      f"{r['zero_baseline']:.3f} | {r['unadapted_baseline']:.3f} |")
     lines += ["", f"Wall time of the call that wrote this file: {rep['wall_seconds_this_call'] / 60:.1f} min "
@@ -274,8 +307,10 @@ def _figure(rep, rows, results, path: Path) -> None:
     algos = list(dict.fromkeys(r["algorithm"] for r in rows))
     fig, axes = plt.subplots(len(algos), 3, figsize=(12, 2.8 * len(algos)), squeeze=False)
     for i, algo in enumerate(algos):
-        for r in [r for r in rows if r["algorithm"] == algo]:
-            hist = results[r["key"]]["val_history"]
+        for r in [r for r in rows if r["algorithm"] == algo and r["key"] in results]:
+            m = results[r["key"]]
+            keep = [j for j, run in enumerate(m["runs"]) if run.get("diverged_at") is None]
+            hist = [{"iteration": h["iteration"], "runs": [h["runs"][j] for j in keep]} for h in m["val_history"]]
             its = [h["iteration"] for h in hist]
             for j, metric in enumerate(("mse_mean", "mse_worst", "mse_std")):
                 stats = [mean_ci95([run[metric] for run in h["runs"]]) for h in hist]

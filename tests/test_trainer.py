@@ -1,5 +1,6 @@
 """The meta-trainer, its configuration and the command line."""
 import json
+import math
 
 import pytest
 import torch
@@ -139,3 +140,24 @@ def test_cli_train_with_config_file(tmp_path, capsys):
     assert printed["iterations"] == 3  # the command line overrides the file
     assert json.loads((out / "config.json").read_text())["algorithm"] == "fomaml"
     assert main(["evaluate", str(out)]) == 0
+
+
+def test_a_diverging_seed_is_recorded_and_does_not_disturb_the_others():
+    from implicit_nash.meta.trainer import Run
+    config = tiny(seeds=[0, 5], penalty="centroid", weight=0.1)
+    both = Run(config)
+    with torch.no_grad():  # seed 5's run blows up
+        next(iter(both.theta["params"].values()))[1].fill_(float("inf"))
+    alone = Run(tiny(seed=0, penalty="centroid", weight=0.1))
+    for _ in range(3):
+        losses = both.step()
+        alone.step()
+    assert both.diverged == {5: 1} and not math.isfinite(losses[1])
+    for k, v in alone.theta["params"].items():
+        assert torch.allclose(both.theta["params"][k][0], v, rtol=1e-12, atol=1e-14)
+    every = Run(tiny(seeds=[0, 1]))
+    with torch.no_grad():
+        for v in every.theta["params"].values():
+            v.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="every seed"):
+        every.step()

@@ -98,6 +98,7 @@ class Run:
         self.history: Dict[str, list] = {"iteration": [], "train_loss": [], "val": []}
         self.train_seconds = 0.0
         self.warnings = 0
+        self.diverged: Dict[int, int] = {}  # seed -> first iteration with a non-finite meta-loss
 
     LOG_EVERY = 50  # the history keeps the meta-loss averaged over blocks of this many iterations
 
@@ -127,7 +128,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "generators": [g.get_state() for g in self.generators],
                 "state": tree_map(lambda t: t.detach().cpu(), self.state), "iteration": self.iteration,
                 "history": self.history, "train_seconds": self.train_seconds, "warnings": self.warnings,
-                "config": self.config}
+                "diverged": self.diverged, "config": self.config}
 
     def load_state_dict(self, sd: Dict[str, Any]) -> None:
         with torch.no_grad():
@@ -141,6 +142,7 @@ class Run:
         self.history = sd["history"]
         self.train_seconds = sd["train_seconds"]
         self.warnings = sd["warnings"]
+        self.diverged = dict(sd.get("diverged", {}))
 
     # ------------------------------------------------------------------ one meta-iteration
     def _batch(self) -> Dict[str, Any]:
@@ -170,10 +172,16 @@ class Run:
             outer.sum().backward()  # runs are independent: each run's leaves get its own gradient
         self._count(caught)
         values = [float(v) for v in outer.detach()]
-        bad = [seed for seed, v in zip(self.seeds, values) if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"the meta-loss is not finite at iteration {self.iteration + 1} "
-                                     f"(seed {bad[0]}); lower --outer-lr or --inner-lr")
+        for seed, v in zip(self.seeds, values):
+            if not math.isfinite(v) and seed not in self.diverged:
+                self.diverged[seed] = self.iteration + 1
+        if len(self.diverged) == self.runs:
+            which = "" if self.runs == 1 else f" for every seed ({', '.join(map(str, self.seeds))})"
+            raise FloatingPointError(f"the meta-loss is not finite at iteration {self.iteration + 1}{which}; "
+                                     f"lower --outer-lr or --inner-lr")
+        # A run whose meta-loss is not finite has diverged: it is recorded (``diverged``) and carries
+        # on as NaN in its own slice; the others are unaffected (vmap over runs and Adam are both
+        # elementwise in the run dimension), so one diverging seed does not stop the rest.
         self.optimizer.step()
         if self.state:
             new = [algo.update_state(self.state_of(r), losses[r].detach(), {k: v[r] for k, v in batch.items()})
@@ -355,6 +363,9 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         f"std {metrics['test_mse_std']:.4g} over {metrics['test']['intervals']} sub-intervals "
         f"({metrics['iterations']} iterations, {metrics['sec_per_iteration'] * 1e3:.2f} ms/iteration"
         f"{'' if run.runs == 1 else f' for {run.runs} runs together'}) -> {out}")
+    if run.diverged:
+        log(f"warning: seed(s) {', '.join(map(str, run.diverged))} diverged (non-finite meta-loss) at iteration(s) "
+            f"{', '.join(map(str, run.diverged.values()))}; the metrics average the other seeds")
     if run.warnings:
         log(f"warning: {run.warnings} inner or linear solves did not converge to tolerance (see metrics.json)")
     return metrics
@@ -373,14 +384,17 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
             probs = run.state["task_probs"][r].cpu()
             entry["task_probs"] = {"max": float(probs.max()), "min": float(probs.min()),
                                    "large_amplitude_mass": float(probs[95:].sum())}
+        entry["diverged_at"] = run.diverged.get(seed)
         per_run.append(entry)
     metrics: Dict[str, Any] = {}
+    finite = [e for e in per_run if e["diverged_at"] is None]
     for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "baseline_unadapted_mse_mean",
                 "baseline_zero_mse_mean", "final_train_loss"):
-        values = [e[key] for e in per_run]
+        values = [e[key] for e in finite]  # over the seeds that did not diverge (listed below)
         metrics[key] = sum(values) / len(values)
-        if run.runs > 1 and key.startswith("test_"):
+        if len(values) > 1 and key.startswith("test_"):
             metrics[key + "_ci95"] = mean_ci95(values)["ci"]
+    metrics["diverged_seeds"] = {str(k): v for k, v in run.diverged.items()}
     metrics.update({
         "sec_per_iteration": run.train_seconds / max(run.iteration, 1),
         "runs_trained_together": run.runs,
