@@ -270,9 +270,13 @@ def _markdown(rep) -> str:
     for r in ok_rows:
         vs = r["verdict"]["vs_paper"]
         agree = [m for m in ("mean", "worst", "std") if vs[m]["intervals_overlap"]]
+        seeds_txt = ", ".join(f"{v:.3g}" for v in r["ours"]["mean"]["values"])
         lines.append(f"- {r['label']}: mean {r['ours']['mean']['mean']:.3f} vs paper {r['paper']['mean']['mean']:.2f} "
                      f"({'intervals overlap' if vs['mean']['intervals_overlap'] else 'intervals do not overlap'}); "
-                     f"metrics whose intervals overlap the paper's: {', '.join(agree) if agree else 'none'}.")
+                     f"metrics whose intervals overlap the paper's: {', '.join(agree) if agree else 'none'}; "
+                     f"per-seed mean MSE: {seeds_txt}"
+                     + (f"; diverged during training: seed(s) {', '.join(r['diverged_seeds'])}" if r["diverged_seeds"] else "")
+                     + ".")
     claims_c = [r for r in ok_rows if r["penalty"]["penalty"] == "centroid" and "vs_plain" in r["verdict"]]
     claims_r = [r for r in ok_rows if r["penalty"]["penalty"] == "robust" and "vs_plain" in r["verdict"]]
     lines += ["", "## The paper's two claims (Section 3.3)", ""]
