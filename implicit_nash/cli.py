@@ -19,7 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dim", type=int, default=3)
 
     train = sub.add_parser("train", help="meta-train a (Nash-)GBML algorithm on a task family")
-    train.add_argument("task", choices=["sinusoid"], help="task family")
+    train.add_argument("task", choices=["sinusoid", "faces", "celeba", "digits", "miniimagenet"], help="task family")
+    train.add_argument("--data-root", help="dataset folder (celeba, miniimagenet)")
+    train.add_argument("--ways", type=int, help="classes per episode (classification)")
+    train.add_argument("--shots", type=int, help="support examples (per class for classification)")
+    train.add_argument("--query-shots", type=int, help="query examples (per class for classification)")
+    train.add_argument("--filters", type=int, help="conv-4 filters (classification)")
     train.add_argument("--algorithm", choices=["maml", "fomaml", "metasgd", "cavia", "trmaml", "imaml"])
     train.add_argument("--penalty", choices=["none", "centroid", "robust"])
     train.add_argument("--weight", type=float, help="penalty weight w")
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "activation", "eval_every", "checkpoint_every", "val_tasks",
-               "test_tasks", "device", "dtype", "threads")
+               "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters")
 
 
 def _fail(message: str) -> int:
@@ -92,6 +97,7 @@ def _train(args) -> int:
 
     from .meta.config import ConfigError, load_config_file, resolve
     from .meta.trainer import train
+    from .tasks import DataError
     try:
         if args.resume:
             given = [k for k in _TRAIN_KEYS if getattr(args, k) is not None] + (["config"] if args.config else [])
@@ -104,11 +110,12 @@ def _train(args) -> int:
             cli["task"] = args.task
             config = resolve(cli, file)
             metrics = train(config, args.out, progress=not args.no_progress)
-    except (ConfigError, FloatingPointError) as e:
+    except (ConfigError, DataError, FloatingPointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue with: implicit-nash train {args.task} --out {args.out} --resume")
-    print(json.dumps({k: metrics[k] for k in ("test_mse_mean", "test_mse_worst", "test_mse_std",
+    mt = metrics["metric"]
+    print(json.dumps({k: metrics[k] for k in (f"test_{mt}_mean", f"test_{mt}_worst", f"test_{mt}_std",
                                               "sec_per_iteration", "iterations")}))
     return 0
 

@@ -216,13 +216,20 @@ class Algorithm:
         return phi
 
     # ----------------------------------------------------------------- the outer level
-    def task_losses(self, model, theta, batch, *, nash: bool = True, mode: Optional[str] = None):
-        """Each task's query loss after adaptation on its support set, shape (B,)."""
+    def task_losses(self, model, theta, batch, *, nash: bool = True, mode: Optional[str] = None,
+                    metric: Optional[str] = None):
+        """Each task's query loss after adaptation on its support set, shape (B,).
+
+        ``metric="accuracy"`` returns each task's query accuracy instead (evaluation).
+        """
         phi = self.adapt(model, theta, batch["x_support"], batch["y_support"], nash=nash, mode=mode)
         kind = self.loss
 
         def query_loss(phi_i, x_i, y_i):
-            return _task_loss(kind, self.predict(model, theta, phi_i, x_i), y_i)
+            pred = self.predict(model, theta, phi_i, x_i)
+            if metric == "accuracy":
+                return (pred.argmax(-1) == y_i).to(pred.dtype).mean()
+            return _task_loss(kind, pred, y_i)
 
         return vmap(query_loss)(phi, batch["x_query"], batch["y_query"])
 

@@ -1,6 +1,8 @@
 """CAVIA (Zintgraf et al., 2019) and its Nash-GBML variant.
 
 Only a context vector :math:`\\psi_i` is adapted per task; it is concatenated to the network's input
+(or, for a network with ``takes_context``, such as :class:`~implicit_nash.tasks.Conv4`, passed to it
+for FiLM conditioning)
 and reset to zero for every task. The network weights are the meta-parameters and are not adapted,
 so the task loss depends on :math:`\\theta` directly: the implicit mode uses the general
 :math:`Q = \\partial_\\theta F` that includes the loss term (DESIGN.md §2). The penalties measure
@@ -39,5 +41,7 @@ class CAVIA(Algorithm):
         return {"context": leaf.new_zeros(self.context_dim)}
 
     def predict(self, model, theta, phi_i, x):
+        if getattr(model, "takes_context", False):  # e.g. Conv4 with FiLM conditioning
+            return functional_call(model, theta["params"], (x, phi_i["context"]))
         context = phi_i["context"].expand(*x.shape[:-1], self.context_dim)
         return functional_call(model, theta["params"], (torch.cat([x, context], dim=-1),))

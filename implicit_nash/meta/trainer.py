@@ -6,7 +6,8 @@ One run lives in one directory:
 * ``checkpoint.pt``: written atomically (a temporary file, then ``os.replace``) every
   ``checkpoint_every`` iterations and at the end: meta-parameters, Adam state, the task sampler's
   generator state, the algorithm's outer state (TR-MAML's task probabilities), the history;
-* ``metrics.json``: final test metrics (``test_mse_mean/worst/std``, ``sec_per_iteration``,
+* ``metrics.json``: final test metrics (``test_<metric>_mean/worst/std`` with metric ``mse`` or
+  ``accuracy``, ``sec_per_iteration``,
   ``iterations``), the baselines, validation history, and the configuration;
 * ``curves.png``: training loss and validation MSE against iterations.
 
@@ -28,7 +29,8 @@ import torch
 
 from .._compat import tree_leaves, tree_map
 from ..errors import ConvergenceWarning
-from ..tasks import SinusoidTasks, interval_statistics, mlp
+from ..tasks import make_family
+from ..tasks.base import group_statistics
 from .config import ConfigError, build_algorithm
 from .stats import mean_ci95
 
@@ -70,21 +72,18 @@ class Run:
 
     def __init__(self, config: Dict[str, Any]):
         self.config = config
-        if config["task"] != "sinusoid":  # pragma: no cover - other task families come with their issues
-            raise ConfigError(f"task {config['task']!r} is not available")
-        self.tasks = SinusoidTasks(shots=config["shots"], query_shots=config["query_shots"])
-        self.algorithm = build_algorithm(config, self.tasks.num_train_tasks)
+        self.tasks = make_family(config)
+        self.algorithm = build_algorithm(config, self.tasks.num_train_tasks, loss=self.tasks.loss)
         device = torch.device(config["device"])
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but CUDA is not available")
         self.device = device
         self.dtype = _dtype(config["dtype"])
         self.seeds = list(config["seeds"]) if config.get("seeds") else [config["seed"]]
-        sizes = [self.tasks.input_dim + self.algorithm.input_extra(), *config["hidden"], self.tasks.output_dim]
         thetas = []
         for seed in self.seeds:
             torch.manual_seed(seed)
-            model = mlp(sizes, config["activation"]).to(device=device, dtype=self.dtype)
+            model = self.tasks.network(self.algorithm, config).to(device=device, dtype=self.dtype)
             thetas.append(self.algorithm.init(model))
         self.model = model  # the structure; its own weights are never used (functional_call)
         self.theta = tree_map(lambda *xs: torch.stack([x.detach() for x in xs]).requires_grad_(True), *thetas)
@@ -202,26 +201,29 @@ class Run:
         """Each run's evaluation on the validation or test tasks (the same tasks for every run)."""
         c = self.config
         n, seed = (c["val_tasks"], c["val_seed"]) if split == "val" else (c["test_tasks"], c["test_seed"])
-        test = self.tasks.test_set(num_tasks=n, seed=seed, dtype=self.dtype)
+        test = self.tasks.eval_set(split, num_tasks=n, seed=seed, dtype=self.dtype)
         results = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             for r in range(self.runs):
                 results.append(evaluate(self.algorithm, self.model, self.theta_of(r), test, device=self.device,
-                                        nash=c["eval_penalty"]))
+                                        nash=c["eval_penalty"], family=self.tasks))
         self._count(caught)
         return results
 
 
 def evaluate(algorithm, model, theta, test: Dict[str, Any], *, device=None, nash: bool = False,
-             chunk: int = 500) -> Dict[str, Any]:
-    """Adapt to every test task (``inner_steps`` on its support set) and score its query set.
+             chunk: int = 500, family=None) -> Dict[str, Any]:
+    """Adapt to every evaluation task (on its support set) and score its query set.
 
-    Returns mean, worst and standard deviation over amplitude sub-intervals of the per-interval
-    test MSE, plus two baselines on the same tasks: ``unadapted`` (the meta-parameters without any
-    inner step) and ``zero`` (predicting 0 everywhere).
+    Returns mean, worst and standard deviation over the evaluation groups (sinusoid: amplitude
+    sub-intervals; images and episodes: one group each) of the per-group metric, keyed
+    ``<metric>_mean`` etc., plus two baselines on the same tasks: ``unadapted`` (the meta-parameters
+    without any inner step) and ``trivial`` (predicting 0, or chance accuracy).
     """
     device = torch.device("cpu") if device is None else device
+    metric = "mse" if family is None else family.metric
+    higher = False if family is None else family.higher_is_better
     detached = tree_map(lambda t: t.detach(), theta)
     mode = "implicit" if algorithm.meta_gradient == "implicit" else "first_order"
     n = test["x_support"].shape[0]
@@ -229,21 +231,26 @@ def evaluate(algorithm, model, theta, test: Dict[str, Any], *, device=None, nash
     with torch.no_grad():
         for lo in range(0, n, chunk):
             part = _to({k: v[lo:lo + chunk] for k, v in test.items() if isinstance(v, torch.Tensor)}, device)
-            per_task.append(algorithm.task_losses(model, detached, part, nash=nash, mode=mode).cpu())
+            per_task.append(algorithm.task_losses(model, detached, part, nash=nash, mode=mode,
+                                                  metric=None if metric == "mse" else metric).cpu())
             start = algorithm._start(detached, part["x_query"].shape[0])
             pred = torch.func.vmap(lambda p, x: algorithm.predict(model, detached, p, x))(start, part["x_query"])
-            unadapted.append(((pred - part["y_query"]) ** 2).mean(dim=(1, 2)).cpu())
+            if metric == "accuracy":
+                unadapted.append((pred.argmax(-1) == part["y_query"]).to(torch.float64).mean(1).cpu())
+            else:
+                unadapted.append(((pred - part["y_query"]) ** 2).mean(dim=tuple(range(1, pred.dim()))).cpu())
     per_task_t = torch.cat(per_task).to(torch.float64)
-    ids, m = test["interval_ids"], test["num_intervals"]
-    stats = interval_statistics(per_task_t, ids, m)
-    base = interval_statistics(torch.cat(unadapted).to(torch.float64), ids, m)
-    zero = interval_statistics((test["y_query"] ** 2).mean(dim=(1, 2)).to(torch.float64), ids, m)
-    return {"mse_mean": stats["mean"], "mse_worst": stats["worst"], "mse_std": stats["std"],
-            "per_interval": stats["per_interval"], "tasks": n, "intervals": m,
-            "unadapted_mean": base["mean"], "zero_mean": zero["mean"]}
+    ids, m = test["group_ids"], test["num_groups"]
+    stats = group_statistics(per_task_t, ids, m, higher)
+    base = group_statistics(torch.cat(unadapted).to(torch.float64), ids, m, higher)
+    trivial = family.trivial_metric(test) if family is not None else (test["y_query"] ** 2).mean(dim=(1, 2))
+    zero = group_statistics(trivial.to(torch.float64), ids, m, higher)
+    return {"metric": metric, f"{metric}_mean": stats["mean"], f"{metric}_worst": stats["worst"],
+            f"{metric}_std": stats["std"], "per_group": stats["per_group"], "tasks": n, "groups": m,
+            "unadapted_mean": base["mean"], "trivial_mean": zero["mean"]}
 
 
-def _plot(history: Dict[str, list], path: Path, title: str) -> None:
+def _plot(history: Dict[str, list], path: Path, title: str, metric: str = "mse") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -264,17 +271,18 @@ def _plot(history: Dict[str, list], path: Path, title: str) -> None:
     val = history["val"]
     if val:
         vi = [v["iteration"] for v in val]
-        for key, label in (("mse_mean", "mean"), ("mse_worst", "worst"), ("mse_std", "std")):
+        for key, label in ((f"{metric}_mean", "mean"), (f"{metric}_worst", "worst"), (f"{metric}_std", "std")):
             per_run = [[r[key] for r in v["runs"]] for v in val]
             mid = [sum(x) / len(x) for x in per_run]
             line, = axes[1].plot(vi, mid, marker="o", ms=3, label=label)
             if runs > 1:
                 axes[1].fill_between(vi, [min(x) for x in per_run], [max(x) for x in per_run],
                                      color=line.get_color(), alpha=0.2)
-        axes[1].set_yscale("log")
+        if metric == "mse":
+            axes[1].set_yscale("log")
         axes[1].legend(fontsize=8)
     axes[1].set_xlabel("iteration")
-    axes[1].set_ylabel("validation MSE over sub-intervals" + (" (band: min-max over runs)" if runs > 1 else ""))
+    axes[1].set_ylabel(f"validation {metric} over groups" + (" (band: min-max over runs)" if runs > 1 else ""))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -322,6 +330,7 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         run.load_state_dict(saved)
     _atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True))
     c = config
+    mt = run.tasks.metric
     total = c["iterations"]
     bar = None
     if progress:
@@ -337,12 +346,12 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         if run.iteration % c["eval_every"] == 0 or run.iteration == total:
             results = run.evaluate("val")
             run.history["val"].append({"iteration": run.iteration, "runs": [
-                {k: v[k] for k in ("mse_mean", "mse_worst", "mse_std")} for v in results]})
+                {k: v[k] for k in (f"{mt}_mean", f"{mt}_worst", f"{mt}_std")} for v in results]})
         if bar is not None:
             post = {"loss": f"{sum(losses) / len(losses):.3g}"}
             if run.history["val"]:
                 last = run.history["val"][-1]["runs"]
-                post["val_mean"] = f"{sum(v['mse_mean'] for v in last) / len(last):.3g}"
+                post[f"val_{mt}"] = f"{sum(v[mt + '_mean'] for v in last) / len(last):.3g}"
             if run.warnings:
                 post["not_converged"] = run.warnings
             bar.set_postfix(post, refresh=False)
@@ -359,8 +368,8 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
     if bar is not None:
         bar.close()
     metrics = _finish(run, out)
-    log(f"{_title(c)}: test MSE mean {metrics['test_mse_mean']:.4g}, worst {metrics['test_mse_worst']:.4g}, "
-        f"std {metrics['test_mse_std']:.4g} over {metrics['test']['intervals']} sub-intervals "
+    log(f"{_title(c)}: test {mt} mean {metrics[f'test_{mt}_mean']:.4g}, worst {metrics[f'test_{mt}_worst']:.4g}, "
+        f"std {metrics[f'test_{mt}_std']:.4g} over {metrics['test']['groups']} evaluation groups "
         f"({metrics['iterations']} iterations, {metrics['sec_per_iteration'] * 1e3:.2f} ms/iteration"
         f"{'' if run.runs == 1 else f' for {run.runs} runs together'}) -> {out}")
     if run.diverged:
@@ -374,11 +383,13 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
 def _finish(run: Run, out: Path) -> Dict[str, Any]:
     tests = run.evaluate("test")
     c = run.config
+    mt = run.tasks.metric
+    trivial = "zero" if mt == "mse" else "chance"
     per_run = []
     for r, (seed, test) in enumerate(zip(run.seeds, tests)):
-        entry = {"seed": seed, "test_mse_mean": test["mse_mean"], "test_mse_worst": test["mse_worst"],
-                 "test_mse_std": test["mse_std"], "baseline_unadapted_mse_mean": test["unadapted_mean"],
-                 "baseline_zero_mse_mean": test["zero_mean"], "per_interval": test["per_interval"],
+        entry = {"seed": seed, f"test_{mt}_mean": test[f"{mt}_mean"], f"test_{mt}_worst": test[f"{mt}_worst"],
+                 f"test_{mt}_std": test[f"{mt}_std"], f"baseline_unadapted_{mt}_mean": test["unadapted_mean"],
+                 f"baseline_{trivial}_{mt}_mean": test["trivial_mean"], "per_group": test["per_group"],
                  "final_train_loss": run.history["train_loss"][-1][r] if run.history["train_loss"] else None}
         if "task_probs" in run.state:
             probs = run.state["task_probs"][r].cpu()
@@ -388,8 +399,8 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
         per_run.append(entry)
     metrics: Dict[str, Any] = {}
     finite = [e for e in per_run if e["diverged_at"] is None]
-    for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "baseline_unadapted_mse_mean",
-                "baseline_zero_mse_mean", "final_train_loss"):
+    for key in (f"test_{mt}_mean", f"test_{mt}_worst", f"test_{mt}_std", f"baseline_unadapted_{mt}_mean",
+                f"baseline_{trivial}_{mt}_mean", "final_train_loss"):
         values = [e[key] for e in finite]  # over the seeds that did not diverge (listed below)
         metrics[key] = sum(values) / len(values)
         if len(values) > 1 and key.startswith("test_"):
@@ -402,10 +413,11 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
         "iterations": run.iteration,
         "seeds": run.seeds,
         "budget": f"{run.iteration} iterations x meta-batch {c['meta_batch']}, seeds {run.seeds}; test: "
-                  f"{tests[0]['tasks']} tasks over {tests[0]['intervals']} amplitude sub-intervals "
+                  f"{tests[0]['tasks']} tasks over {tests[0]['groups']} evaluation groups "
                   f"(seed {c['test_seed']})",
         "not_converged_solves": run.warnings,
-        "test": {k: tests[0][k] for k in ("tasks", "intervals")},
+        "metric": mt,
+        "test": {"tasks": tests[0]["tasks"], "groups": tests[0]["groups"], "intervals": tests[0]["groups"]},
         "runs": per_run,
         "val_history": run.history["val"],
         "torch": torch.__version__,
@@ -413,7 +425,7 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
     })
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     try:
-        _plot(run.history, out / "curves.png", _title(c))
+        _plot(run.history, out / "curves.png", _title(c), mt)
     except ImportError:  # pragma: no cover - matplotlib is a dependency; say so if it is missing
         warnings.warn("matplotlib is not installed: curves.png was not written", RuntimeWarning)
     return metrics
@@ -429,7 +441,7 @@ def evaluate_run(out_dir: str, *, split: str = "test") -> Dict[str, Any]:
     run.load_state_dict(saved)
     results = run.evaluate(split)
     for r in results:
-        r.pop("per_interval")
+        r.pop("per_group")
     out = {"iteration": run.iteration, "split": split, "seeds": run.seeds, "runs": results}
     if run.runs == 1:
         out.update(results[0])

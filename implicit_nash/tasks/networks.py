@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["mlp"]
+__all__ = ["mlp", "Conv4"]
 
 
 def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
@@ -21,3 +22,49 @@ def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(acts[activation]())
     return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """The 4-block convolutional network of Finn et al. (2017) for few-shot classification.
+
+    Each block: 3×3 convolution with ``filters`` channels, batch normalisation with batch statistics
+    only (``track_running_stats=False``: every task normalises with its own examples, as MAML's
+    transductive setting does, and nothing is updated in place, which ``vmap`` needs), ReLU and 2×2
+    max-pooling; then a linear layer to ``ways`` logits.
+
+    With ``context_dim > 0`` (CAVIA), a FiLM layer maps the context vector to a per-channel scale and
+    shift applied after the batch normalisation of block ``film_block`` (1-based), and the network is
+    called as ``net(x, context)``. CAVIA's paper conditions the convolutional network through FiLM;
+    which block is our choice (the third by default) and is an argument.
+    """
+
+    def __init__(self, in_channels: int = 3, filters: int = 32, ways: int = 5, image_size: int = 84,
+                 context_dim: int = 0, film_block: int = 3):
+        super().__init__()
+        if not 1 <= film_block <= 4:
+            raise ValueError(f"film_block must be 1..4, got {film_block}")
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        size, channels = image_size, in_channels
+        self.pools = []
+        for _ in range(4):
+            self.convs.append(nn.Conv2d(channels, filters, 3, padding=1))
+            self.norms.append(nn.BatchNorm2d(filters, track_running_stats=False))
+            self.pools.append(size >= 2)  # small images (8x8 digits) stop pooling at 1x1
+            channels, size = filters, (size // 2 if size >= 2 else size)
+        self.head = nn.Linear(filters * size * size, ways)
+        self.context_dim, self.film_block = context_dim, film_block
+        self.takes_context = context_dim > 0
+        if context_dim > 0:
+            self.film = nn.Linear(context_dim, 2 * filters)
+
+    def forward(self, x, context=None):
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms), 1):
+            x = norm(conv(x))
+            if self.takes_context and i == self.film_block:
+                gamma, beta = self.film(context).chunk(2, dim=-1)
+                x = x * (1 + gamma).reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+            x = torch.relu(x)
+            if self.pools[i - 1]:
+                x = nn.functional.max_pool2d(x, 2)
+        return self.head(x.flatten(1))

@@ -19,6 +19,9 @@ from typing import Dict, Optional
 
 import torch
 
+from .base import TaskFamily, group_statistics
+from .networks import mlp
+
 __all__ = ["SinusoidTasks", "train_intervals", "test_intervals", "interval_statistics"]
 
 
@@ -36,17 +39,13 @@ def test_intervals() -> torch.Tensor:
 
 def interval_statistics(per_task: torch.Tensor, interval_ids: torch.Tensor, num_intervals: int) -> Dict[str, float]:
     """Mean, worst and (population) standard deviation over sub-intervals of the per-interval mean."""
-    counts = torch.bincount(interval_ids, minlength=num_intervals).to(per_task.dtype)
-    if bool((counts == 0).any()):
-        raise ValueError("every test sub-interval needs at least one test task")
-    sums = torch.zeros(num_intervals, dtype=per_task.dtype).index_add_(0, interval_ids, per_task)
-    per_interval = sums / counts
-    return {"mean": float(per_interval.mean()), "worst": float(per_interval.max()),
-            "std": float(per_interval.std(unbiased=False)), "per_interval": per_interval.tolist()}
+    stats = group_statistics(per_task, interval_ids, num_intervals)
+    stats["per_interval"] = stats.pop("per_group")
+    return stats
 
 
 @dataclass(frozen=True)
-class SinusoidTasks:
+class SinusoidTasks(TaskFamily):
     """The sinusoid task family.
 
     Args:
@@ -72,6 +71,15 @@ class SinusoidTasks:
     @property
     def num_train_tasks(self) -> int:
         return 100
+
+    def network(self, algorithm, config):
+        """Finn et al.'s 1-40-40-1 ReLU network (CAVIA: plus its context inputs)."""
+        return mlp([self.input_dim + algorithm.input_extra(), *config["hidden"], self.output_dim], config["activation"])
+
+    def eval_set(self, split, num_tasks, seed, dtype=torch.float32):
+        batch = self.test_set(num_tasks=num_tasks, seed=seed, dtype=dtype)
+        batch["group_ids"], batch["num_groups"] = batch["interval_ids"], batch["num_intervals"]
+        return batch
 
     def _tasks(self, intervals, ids, n_support, n_query, generator, dtype):
         n = ids.shape[0]

@@ -1,0 +1,62 @@
+"""What a task family provides to the trainer: sampling, evaluation sets, its network and metric."""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+__all__ = ["TaskFamily", "DataError", "group_statistics"]
+
+
+class DataError(ValueError):
+    """Data on disk that cannot be used (missing, truncated, too small); the message names the file."""
+
+
+def group_statistics(per_task: torch.Tensor, group_ids: torch.Tensor, num_groups: int,
+                     higher_is_better: bool = False) -> Dict[str, Any]:
+    """Mean, worst and (population) standard deviation over groups of the per-group mean.
+
+    Groups are sinusoid amplitude sub-intervals, or single test images or episodes. ``worst`` is the
+    largest value for an error, the smallest for an accuracy.
+    """
+    counts = torch.bincount(group_ids, minlength=num_groups).to(per_task.dtype)
+    if bool((counts == 0).any()):
+        raise ValueError("every evaluation group needs at least one task")
+    sums = torch.zeros(num_groups, dtype=per_task.dtype).index_add_(0, group_ids, per_task)
+    per_group = sums / counts
+    worst = per_group.min() if higher_is_better else per_group.max()
+    return {"mean": float(per_group.mean()), "worst": float(worst),
+            "std": float(per_group.std(unbiased=False)), "per_group": per_group.tolist()}
+
+
+class TaskFamily:
+    """Base class of the task families.
+
+    Attributes:
+        loss: ``"mse"`` or ``"cross_entropy"``, the inner and outer training loss.
+        metric: ``"mse"`` or ``"accuracy"``, what evaluation reports.
+        higher_is_better: whether a larger metric is better (accuracy).
+        num_train_tasks: N, the number of meta-training tasks (the penalty scale's N).
+    """
+
+    loss = "mse"
+    metric = "mse"
+    higher_is_better = False
+    num_train_tasks = 1
+
+    def network(self, algorithm, config: Dict[str, Any]) -> torch.nn.Module:  # pragma: no cover
+        raise NotImplementedError
+
+    def sample(self, batch_size: int, generator: torch.Generator, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover
+
+    def eval_set(self, split: str, num_tasks: int, seed: int, dtype=torch.float32) -> Dict[str, Any]:
+        """Fixed evaluation tasks with ``group_ids`` and ``num_groups`` (see :func:`group_statistics`)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def trivial_metric(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """Per-task metric of a trivial predictor: predicting 0 (regression) or chance (classification)."""
+        if self.metric == "mse":
+            return (batch["y_query"] ** 2).mean(dim=tuple(range(1, batch["y_query"].dim())))
+        n = batch["x_query"].shape[0]
+        return torch.full((n,), 1.0 / float(batch["ways"]), dtype=torch.float64)
