@@ -58,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's sinusoid tables (all seeds, all rows)")
-    rep.add_argument("name", choices=["table2", "robustness"],
-                     help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6")
-    rep.add_argument("--iterations", type=int, default=70000, help="meta-iterations per run (paper: 70000)")
+    rep.add_argument("name", choices=["table2", "robustness", "table3", "table4"],
+                     help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6; table3: CelebA "
+                          "image completion; table4: MiniImageNet (both need --data-root)")
+    rep.add_argument("--iterations", type=int, help="meta-iterations per run (default: the paper's)")
+    rep.add_argument("--data-root", help="dataset folder for table3 (CelebA) and table4 (MiniImageNet)")
     rep.add_argument("--seeds", type=int, default=5, help="seeds per row, trained together (paper: 5)")
     rep.add_argument("--jobs", type=int, default=1, help="rows trained in parallel processes")
     rep.add_argument("--algorithms", nargs="+", help="only these algorithms' rows")
@@ -123,13 +125,15 @@ def _train(args) -> int:
 def _reproduce(args) -> int:
     from .meta.config import ConfigError
     from .reproduce import reproduce
+    from .tasks import DataError
     overrides = {k: getattr(args, k) for k in ("eval_every", "val_tasks", "test_tasks") if getattr(args, k) is not None}
     try:
-        if args.iterations < 1:
+        if args.iterations is not None and args.iterations < 1:
             return _fail(f"--iterations must be positive, got {args.iterations}")
         reproduce(args.name, args.out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
-                  algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None)
-    except (ConfigError, FloatingPointError) as e:
+                  algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,
+                  data_root=args.data_root)
+    except (ConfigError, DataError, FloatingPointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail("interrupted; run the same command again to resume (finished rows are kept)")

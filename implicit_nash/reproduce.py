@@ -24,7 +24,9 @@ from .meta.stats import mean_ci95
 
 __all__ = ["ROWSETS", "paper_tables", "reproduce"]
 
-_NAMES = {"MAML": "maml", "Meta-SGD": "metasgd", "CAVIA": "cavia", "TR-MAML": "trmaml"}
+_NAMES = {"MAML": "maml", "Meta-SGD": "metasgd", "CAVIA": "cavia", "TR-MAML": "trmaml",
+          "CAVIA(32)": "cavia", "CAVIA(128)": "cavia"}
+_EXTRA = {"CAVIA(32)": {"filters": 32}, "CAVIA(128)": {"filters": 128}}
 
 
 def paper_tables() -> Dict[str, Any]:
@@ -39,14 +41,16 @@ def _rows(table: str, algorithms: Optional[List[str]] = None) -> List[Dict[str, 
         if algorithms and algo not in algorithms:
             continue
         pen = r["penalty"]
+        base = r["algorithm"].lower().replace("(", "").replace(")", "").replace("-", "")
         if pen is None:
-            key, opts = f"{algo}", {"penalty": "none"}
+            key, opts = f"{base}", {"penalty": "none"}
         elif pen["kind"] == "centroid":
-            key, opts = f"{algo}_pC_{pen['weight']:g}", {"penalty": "centroid", "weight": pen["weight"]}
+            key, opts = f"{base}_pC_{pen['weight']:g}", {"penalty": "centroid", "weight": pen["weight"]}
         else:
-            key = f"{algo}_pR_{pen['weight']:g}_r{pen['robustness']:g}"
+            key = f"{base}_pR_{pen['weight']:g}_r{pen['robustness']:g}"
             opts = {"penalty": "robust", "weight": pen["weight"], "robustness": float(pen["robustness"])}
-        rows.append({"key": key, "algorithm": algo, "label": _label(r), "options": opts,
+        opts = {**opts, **_EXTRA.get(r["algorithm"], {})}
+        rows.append({"key": key, "algorithm": algo, "group": r["algorithm"], "label": _label(r), "options": opts,
                      "paper": {m: (r[m], r[m + "_ci"]) for m in ("mean", "worst", "std")}})
     return rows
 
@@ -63,7 +67,13 @@ def _label(r) -> str:
 ROWSETS: Dict[str, Callable[[], List[Dict[str, Any]]]] = {
     "table2": lambda: _rows("table2"),
     "robustness": lambda: _rows("table5") + _rows("table6"),
+    "table3": lambda: _rows("table3"),
+    "table4": lambda: _rows("table4"),
 }
+# the task of each reproduction, and the factor from our metric to the paper's unit
+# (Table 3 prints MSE x 1e-2, i.e. 100 x MSE; Table 4 prints accuracy in %)
+SETTINGS = {"table2": ("sinusoid", 1.0), "robustness": ("sinusoid", 1.0), "table3": ("celeba", 100.0),
+            "table4": ("miniimagenet", 100.0)}
 
 
 def _run_row(config: Dict[str, Any], out: str) -> Dict[str, Any]:
@@ -91,8 +101,8 @@ def _progress(out: Path, keys: List[str]) -> int:
     return done
 
 
-def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 5, jobs: int = 1,
-              algorithms: Optional[List[str]] = None, progress: bool = True,
+def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: int = 5, jobs: int = 1,
+              algorithms: Optional[List[str]] = None, progress: bool = True, data_root: Optional[str] = None,
               overrides: Optional[Dict[str, Any]] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run (or finish) a reproduction and write its table, JSON and figure; returns the JSON."""
     if name not in ROWSETS:
@@ -102,6 +112,12 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     rows = ROWSETS[name]()
+    task, scale = SETTINGS[name]
+    if task in ("celeba", "miniimagenet") and not data_root:
+        raise ConfigError(f"reproduce {name} needs --data-root DIR (the {task} data)")
+    if iterations is None:
+        from .meta.config import PRESETS
+        iterations = PRESETS[task]["iterations"]
     if algorithms:
         unknown = sorted(set(algorithms) - set(_NAMES.values()))
         if unknown:
@@ -111,8 +127,10 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
     (out / "runs").mkdir(parents=True, exist_ok=True)
     configs = {}
     for r in rows:
-        cli = {"algorithm": r["algorithm"], **r["options"], "iterations": iterations,
+        cli = {"task": task, "algorithm": r["algorithm"], **r["options"], "iterations": iterations,
                "seeds": list(range(seeds)), "threads": 1, **(overrides or {})}
+        if data_root:
+            cli["data_root"] = str(data_root)
         configs[r["key"]] = resolve(cli)
     budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
     log(f"reproduce {name}: {budget}; runs in {out / 'runs'}")
@@ -158,7 +176,7 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
         log(f"row {key} failed: {msg}")
     if not results:
         raise ConfigError("every row failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
-    report = _report(name, rows, results, budget, iterations, seeds, time.time() - t0, overrides, failures)
+    report = _report(name, rows, results, budget, iterations, seeds, time.time() - t0, overrides, failures, scale)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}.md").write_text(_markdown(report))
     try:
@@ -169,45 +187,49 @@ def reproduce(name: str, out_dir: str, *, iterations: int = 70000, seeds: int = 
     return report
 
 
-def _report(name, rows, results, budget, iterations, seeds, seconds, overrides, failures=None) -> Dict[str, Any]:
+def _report(name, rows, results, budget, iterations, seeds, seconds, overrides, failures=None,
+            scale: float = 1.0) -> Dict[str, Any]:
     table = []
     failures = failures or {}
+    metric = next(iter(results.values()))["metric"] if results else "mse"
+    trivial = "zero" if metric == "mse" else "chance"
     for r in rows:
         if r["key"] in failures:
-            table.append({"key": r["key"], "label": r["label"], "algorithm": r["algorithm"], "penalty": r["options"],
-                          "failed": failures[r["key"]],
+            table.append({"key": r["key"], "label": r["label"], "algorithm": r["algorithm"], "group": r["group"],
+                          "penalty": r["options"], "failed": failures[r["key"]],
                           "paper": {k: {"mean": v[0], "ci": v[1]} for k, v in r["paper"].items()}})
             continue
         m = results[r["key"]]
         finite = [run for run in m["runs"] if run.get("diverged_at") is None]
         ours = {}
-        for metric in ("mean", "worst", "std"):
-            values = [run[f"test_mse_{metric}"] for run in finite]
-            ours[metric] = {**mean_ci95(values), "values": values}
-        table.append({"key": r["key"], "label": r["label"], "algorithm": r["algorithm"],
+        for stat in ("mean", "worst", "std"):
+            values = [scale * run[f"test_{metric}_{stat}"] for run in finite]
+            ours[stat] = {**mean_ci95(values), "values": values}
+        table.append({"key": r["key"], "label": r["label"], "algorithm": r["algorithm"], "group": r["group"],
                       "penalty": r["options"], "ours": ours,
                       "diverged_seeds": {str(run["seed"]): run["diverged_at"] for run in m["runs"]
                                          if run.get("diverged_at") is not None},
                       "paper": {k: {"mean": v[0], "ci": v[1]} for k, v in r["paper"].items()},
                       "iterations": m["iterations"], "sec_per_iteration": m["sec_per_iteration"],
-                      "zero_baseline": m["baseline_zero_mse_mean"],
-                      "unadapted_baseline": m["baseline_unadapted_mse_mean"]})
+                      "trivial_baseline": scale * m[f"baseline_{trivial}_{metric}_mean"],
+                      "unadapted_baseline": scale * m[f"baseline_unadapted_{metric}_mean"]})
     for row in table:
         if "failed" in row:
             continue
-        plain = next((t for t in table if t["algorithm"] == row["algorithm"] and t["penalty"]["penalty"] == "none"
+        plain = next((t for t in table if t["group"] == row["group"] and t["penalty"]["penalty"] == "none"
                       and "failed" not in t), None)
-        row["verdict"] = _verdict(row, plain if plain is not None else row)
+        row["verdict"] = _verdict(row, plain if plain is not None else row, higher=metric == "accuracy")
     first = results[next(r["key"] for r in rows if r["key"] in results)]
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (overrides or {}).items())
-    return {"reproduction": name, "budget": budget, "test": first["test"], "iterations": iterations, "seeds": list(range(seeds)),
+    return {"reproduction": name, "budget": budget, "test": first["test"], "metric": metric, "scale": scale,
+            "unit": paper_tables()[{"robustness": "table5"}.get(name, name)].get("unit", metric), "iterations": iterations, "seeds": list(range(seeds)),
             "overrides": overrides or {}, "wall_seconds_this_call": seconds,
             "paper_budget": "70,000 iterations, 5 trials (paper, Appendix F)",
             "command": f"implicit-nash reproduce {name} --iterations {iterations} --seeds {seeds}{flags}",
             "rows": table}
 
 
-def _verdict(row, plain) -> Dict[str, Any]:
+def _verdict(row, plain, higher: bool = False) -> Dict[str, Any]:
     v: Dict[str, Any] = {}
     ours, paper = row["ours"], row["paper"]
     # against the paper's own number for this row
@@ -219,8 +241,11 @@ def _verdict(row, plain) -> Dict[str, Any]:
         for m in ("mean", "worst", "std"):
             d = ours[m]["mean"] - plain["ours"][m]["mean"]
             separated = abs(d) > ours[m]["ci"] + plain["ours"][m]["ci"]
+            # "better": lower error, or higher accuracy (for the std the same direction as the mean's is
+            # not a quality, so it is reported but not judged)
             v["vs_plain"][m] = {"difference": d, "relative": d / plain["ours"][m]["mean"],
-                                "better": d < 0, "outside_intervals": bool(separated)}
+                                "better": (d > 0) if (higher and m != "std") else (d < 0),
+                                "outside_intervals": bool(separated)}
     return v
 
 
@@ -230,13 +255,14 @@ def _fmt(x: Dict[str, float]) -> str:
 
 
 def _markdown(rep) -> str:
-    lines = [f"# Reproduction: {rep['reproduction']} (5-shot, 3-step sinusoid regression)", "",
+    lines = [f"# Reproduction: {rep['reproduction']} ({paper_tables()[{'robustness': 'table5'}.get(rep['reproduction'], rep['reproduction'])]['what']})", "",
+             f"Unit: {rep['unit']} (ours converted to the paper's unit).", "",
              f"Command: `{rep['command']}`", "",
              f"**Budget used: {rep['budget']}.** The paper's budget: {rep['paper_budget']}.",
-             f"Test: {rep['test']['tasks']} tasks over {rep['test']['intervals']} amplitude sub-intervals of "
-             "[0.1, 5.0] (the same tasks for every run); "
-             "mean, worst and standard deviation over sub-intervals of the per-sub-interval MSE; ± is the 95% "
-             "t-interval over seeds (ours) or as printed in the paper.", ""]
+             f"Test: {rep['test']['tasks']} tasks in {rep['test']['groups']} evaluation groups (the same tasks for "
+             f"every run; sinusoid: amplitude sub-intervals of [0.1, 5.0], images and episodes: one each); mean, "
+             f"worst and standard deviation over groups of the per-group {rep['metric']}; ± is the 95% t-interval "
+             "over seeds (ours) or as printed in the paper.", ""]
     if rep["overrides"]:
         lines += [f"Overrides of the paper's hyperparameters: `{json.dumps(rep['overrides'])}`", ""]
     lines += ["| row | ours: mean | worst | std | paper: mean | worst | std | vs plain (ours) |",
@@ -271,7 +297,7 @@ def _markdown(rep) -> str:
         vs = r["verdict"]["vs_paper"]
         agree = [m for m in ("mean", "worst", "std") if vs[m]["intervals_overlap"]]
         seeds_txt = ", ".join(f"{v:.3g}" for v in r["ours"]["mean"]["values"])
-        lines.append(f"- {r['label']}: mean {r['ours']['mean']['mean']:.3f} vs paper {r['paper']['mean']['mean']:.2f} "
+        lines.append(f"- {r['label']}: mean {r['ours']['mean']['mean']:.3f} vs paper {r['paper']['mean']['mean']:.3g} "
                      f"({'intervals overlap' if vs['mean']['intervals_overlap'] else 'intervals do not overlap'}); "
                      f"metrics whose intervals overlap the paper's: {', '.join(agree) if agree else 'none'}; "
                      f"per-seed mean MSE: {seeds_txt}"
@@ -284,20 +310,20 @@ def _markdown(rep) -> str:
         held = [r["label"] for r in claims_c if r["verdict"]["vs_plain"]["mean"]["better"]]
         sig = [r["label"] for r in claims_c if r["verdict"]["vs_plain"]["mean"]["better"]
                and r["verdict"]["vs_plain"]["mean"]["outside_intervals"]]
-        lines.append(f"- *p_C reduces the mean MSE*: lower mean in {len(held)} of {len(claims_c)} rows "
+        lines.append(f"- *p_C improves the mean*: better mean in {len(held)} of {len(claims_c)} rows "
                      f"({', '.join(held) or 'none'}); beyond the CIs in {len(sig)} ({', '.join(sig) or 'none'}).")
     if claims_r:
         held = [r["label"] for r in claims_r if r["verdict"]["vs_plain"]["worst"]["better"]]
         sig = [r["label"] for r in claims_r if r["verdict"]["vs_plain"]["worst"]["better"]
                and r["verdict"]["vs_plain"]["worst"]["outside_intervals"]]
-        lines.append(f"- *p_R reduces the worst-case MSE*: lower worst in {len(held)} of {len(claims_r)} rows "
+        lines.append(f"- *p_R improves the worst case*: better worst case in {len(held)} of {len(claims_r)} rows "
                      f"({', '.join(held) or 'none'}); beyond the CIs in {len(sig)} ({', '.join(sig) or 'none'}).")
     lines += ["", "## Cost", "",
-              "| row | iterations | ms per iteration (all seeds together) | zero-predictor MSE | unadapted MSE |",
+              "| row | iterations | ms per iteration (all seeds together) | trivial predictor | unadapted meta-parameters |",
               "|---|---|---|---|---|"]
     for r in ok_rows:
         lines.append(f"| {r['label']} | {r['iterations']} | {r['sec_per_iteration'] * 1e3:.1f} | "
-                     f"{r['zero_baseline']:.3f} | {r['unadapted_baseline']:.3f} |")
+                     f"{r['trivial_baseline']:.3f} | {r['unadapted_baseline']:.3f} |")
     lines += ["", f"Wall time of the call that wrote this file: {rep['wall_seconds_this_call'] / 60:.1f} min "
               "(rows found finished were not retrained)."]
     return "\n".join(lines) + "\n"
@@ -308,27 +334,29 @@ def _figure(rep, rows, results, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    algos = list(dict.fromkeys(r["algorithm"] for r in rows))
+    algos = list(dict.fromkeys(r["group"] for r in rows))
+    metric = rep["metric"]
     fig, axes = plt.subplots(len(algos), 3, figsize=(12, 2.8 * len(algos)), squeeze=False)
     for i, algo in enumerate(algos):
-        for r in [r for r in rows if r["algorithm"] == algo and r["key"] in results]:
+        for r in [r for r in rows if r["group"] == algo and r["key"] in results]:
             m = results[r["key"]]
             keep = [j for j, run in enumerate(m["runs"]) if run.get("diverged_at") is None]
             hist = [{"iteration": h["iteration"], "runs": [h["runs"][j] for j in keep]} for h in m["val_history"]]
             its = [h["iteration"] for h in hist]
-            for j, metric in enumerate(("mse_mean", "mse_worst", "mse_std")):
-                stats = [mean_ci95([run[metric] for run in h["runs"]]) for h in hist]
+            for j, key in enumerate((f"{metric}_mean", f"{metric}_worst", f"{metric}_std")):
+                stats = [mean_ci95([run[key] for run in h["runs"]]) for h in hist]
                 mid = [s["mean"] for s in stats]
                 ci = [0.0 if math.isnan(s["ci"]) else s["ci"] for s in stats]
                 line, = axes[i][j].plot(its, mid, lw=1.2, label=r["label"])
                 axes[i][j].fill_between(its, [m - c for m, c in zip(mid, ci)], [m + c for m, c in zip(mid, ci)],
                                         color=line.get_color(), alpha=0.2)
-                axes[i][j].set_yscale("log")
-                axes[i][j].set_title(f"{algo}: {metric.split('_')[1]} MSE", fontsize=9)
+                if metric == "mse" and min(mid) > 0:
+                    axes[i][j].set_yscale("log")
+                axes[i][j].set_title(f"{algo}: {key.split('_')[1]} {metric}", fontsize=9)
         axes[i][0].legend(fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("iteration")
-    fig.suptitle(f"Validation MSE over amplitude sub-intervals during training (mean over seeds, 95% t-band); "
+    fig.suptitle(f"Validation {metric} during training (mean over seeds, 95% t-band); "
                  f"budget: {rep['budget']}", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")

@@ -66,3 +66,26 @@ def test_t_interval():
     assert r["mean"] == 3.0 and r["ci"] == pytest.approx(2.776 * (2.5 / 5) ** 0.5)
     with pytest.raises(ValueError):
         t_critical_95(0)
+
+
+def test_table3_pipeline_on_a_celeba_fixture(tmp_path):
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    (root / "Eval").mkdir()
+    lines = []
+    for i in range(1, 9):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / "img_align_celeba" / f"{i}.jpg")
+        lines.append(f"{i}.jpg {0 if i <= 5 else (1 if i <= 6 else 2)}")
+    (root / "Eval" / "list_eval_partition.txt").write_text("\n".join(lines))
+    rows = ROWSETS["table4"]()
+    assert {r["options"].get("filters") for r in rows if r["group"].startswith("CAVIA")} == {32, 128}
+    with pytest.raises(ConfigError, match="needs --data-root"):
+        reproduce("table3", tmp_path / "x", progress=False)
+    rep = reproduce("table3", tmp_path / "t3", iterations=2, seeds=2, algorithms=["maml"], progress=False,
+                    data_root=str(root), overrides={"image_size": 6, "shots": 5, "hidden": [8], "eval_every": 2,
+                                                    "val_tasks": 1, "test_tasks": 2}, log=lambda s: None)
+    assert rep["metric"] == "mse" and rep["scale"] == 100.0 and len(rep["rows"]) == 3
+    assert "MSE x 1e-2" in (tmp_path / "t3" / "table3.md").read_text()

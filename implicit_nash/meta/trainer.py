@@ -271,14 +271,16 @@ def _plot(history: Dict[str, list], path: Path, title: str, metric: str = "mse")
     val = history["val"]
     if val:
         vi = [v["iteration"] for v in val]
+        positive = True
         for key, label in ((f"{metric}_mean", "mean"), (f"{metric}_worst", "worst"), (f"{metric}_std", "std")):
             per_run = [[r[key] for r in v["runs"]] for v in val]
             mid = [sum(x) / len(x) for x in per_run]
             line, = axes[1].plot(vi, mid, marker="o", ms=3, label=label)
+            positive = positive and min(mid) > 0
             if runs > 1:
                 axes[1].fill_between(vi, [min(x) for x in per_run], [max(x) for x in per_run],
                                      color=line.get_color(), alpha=0.2)
-        if metric == "mse":
+        if metric == "mse" and positive:
             axes[1].set_yscale("log")
         axes[1].legend(fontsize=8)
     axes[1].set_xlabel("iteration")
