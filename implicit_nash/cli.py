@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--test-tasks", type=int)
     rep.add_argument("--no-progress", action="store_true")
 
+    sw = sub.add_parser("sweep", help="run a grid of trainings (local process pool or Ray), cached and resumable")
+    sw.add_argument("spec", help="JSON file: {'task': ..., 'fixed': {...}, 'grid': {option: [values]}}")
+    sw.add_argument("--jobs", type=int, default=1, help="parallel runs on the local backend")
+    sw.add_argument("--backend", choices=["local", "ray"], default="local")
+    sw.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
+    sw.add_argument("--out", default="sweeps", help="output directory (default: sweeps)")
+
     ver = sub.add_parser("verify", help="run the numerical checks of the paper's theory (the analysis package)")
     ver.add_argument("--quick", action="store_true", help="smaller grids, under 3 minutes")
     ver.add_argument("--out", help="output directory (default results/analysis[_quick])")
@@ -163,6 +170,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return demo_main(args.players, args.dim)
     if args.command == "train":
         return _train(args)
+    if args.command == "sweep":
+        from .meta.config import ConfigError
+        from .sweep import load_spec, sweep
+        from .tasks import DataError
+        try:
+            sweep(load_spec(args.spec), args.out, jobs=args.jobs, backend=args.backend, address=args.address)
+        except (ConfigError, DataError) as e:
+            return _fail(str(e))
+        return 0
     if args.command == "verify":
         # The command line is the application layer: the library modules never import analysis.
         from analysis import CHECKS

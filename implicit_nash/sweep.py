@@ -1,0 +1,191 @@
+"""Sweeps: a grid of training runs on a local process pool or a Ray cluster, cached and resumable.
+
+A sweep specification is a JSON file::
+
+    {"task": "sinusoid",
+     "fixed": {"iterations": 2000, "inner_lr": 0.01},
+     "grid": {"algorithm": ["maml", "metasgd"],
+              "penalty": ["none", "centroid"],
+              "weight": [0.01, 0.1],
+              "seed": [0, 1, 2]}}
+
+Every combination of the grid's values is one run (``weight`` and ``robustness`` are dropped for
+``penalty: none``, so the plain algorithm runs once per seed). Runs live in ``DIR/runs/<key>/`` and
+use the same trainer, checkpoints and caching as :mod:`implicit_nash.reproduce`: a finished run is
+skipped, an interrupted one resumes from its checkpoint. ``--backend ray`` sends each run to a Ray
+cluster (``--address``; a local Ray instance when omitted) instead of the local process pool.
+Results are gathered into ``DIR/sweep.json``, ``DIR/sweep.md`` and ``DIR/sweep.png``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from .meta.config import ConfigError, resolve
+from .reproduce import _run_row
+
+__all__ = ["expand", "sweep", "load_spec"]
+
+
+def load_spec(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep specification {path} does not exist")
+    try:
+        spec = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"sweep specification {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
+        raise ConfigError(f"sweep specification {path} needs a non-empty object 'grid' of lists")
+    for k, v in spec["grid"].items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"sweep specification {path}: grid entry {k!r} must be a non-empty list")
+    return spec
+
+
+def _key(run: Dict[str, Any]) -> str:
+    parts = []
+    for k in sorted(run):
+        v = run[k]
+        parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+    return "_".join(parts).replace("/", "-")
+
+
+def expand(spec: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The runs of a specification: one dict of grid values per distinct valid combination."""
+    names = list(spec["grid"])
+    runs, seen = [], set()
+    for values in itertools.product(*(spec["grid"][n] for n in names)):
+        run = dict(zip(names, values))
+        if run.get("penalty", spec.get("fixed", {}).get("penalty", "none")) == "none":
+            run.pop("weight", None)
+            run.pop("robustness", None)
+        key = _key(run)
+        if key not in seen:
+            seen.add(key)
+            runs.append(run)
+    return runs
+
+
+def _submit_ray(address: Optional[str]):
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--backend ray needs Ray: pip install 'ray[default]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(_run_row)
+    return ray, remote
+
+
+def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "local",
+          address: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run a sweep (skipping finished runs) and write its table, JSON and figure."""
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    runs = expand(spec)
+    configs = {}
+    for run in runs:
+        cli = {"task": spec.get("task", "sinusoid"), "threads": 1, **spec.get("fixed", {}), **run}
+        configs[_key(run)] = resolve(cli)
+    log(f"sweep: {len(runs)} runs in {out / 'runs'} ({backend} backend)")
+    t0 = time.time()
+    results: Dict[str, Dict[str, Any]] = {}
+    failures: Dict[str, str] = {}
+    keys = list(configs)
+    if backend == "ray":
+        ray, remote = _submit_ray(address)
+        refs = {k: remote.remote(configs[k], str(out / "runs" / k)) for k in keys}
+        for k, ref in refs.items():
+            try:
+                results[k] = ray.get(ref)
+            except Exception as e:  # reported in the table; the other runs go on
+                failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    elif jobs == 1:
+        for k in keys:
+            try:
+                results[k] = _run_row(configs[k], str(out / "runs" / k))
+            except (FloatingPointError, RuntimeError, ValueError) as e:
+                failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    else:
+        import multiprocessing as mp
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {k: pool.submit(_run_row, configs[k], str(out / "runs" / k)) for k in keys}
+            for k, f in futures.items():
+                try:
+                    results[k] = f.result()
+                except Exception as e:  # reported in the table; the other runs go on
+                    failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    table = []
+    for run in runs:
+        k = _key(run)
+        row: Dict[str, Any] = {"key": k, **run}
+        if k in failures:
+            row["failed"] = failures[k]
+        else:
+            m = results[k]
+            mt = m["metric"]
+            row.update({"metric": mt, "mean": m[f"test_{mt}_mean"], "worst": m[f"test_{mt}_worst"],
+                        "std": m[f"test_{mt}_std"], "iterations": m["iterations"],
+                        "sec_per_iteration": m["sec_per_iteration"]})
+        table.append(row)
+    report = {"spec": spec, "runs": table, "backend": backend, "wall_seconds_this_call": time.time() - t0}
+    (out / "sweep.json").write_text(json.dumps(report, indent=2))
+    names = list(spec["grid"])
+    lines = ["# Sweep", "", f"Specification: `{json.dumps(spec)}`", "",
+             f"{len(table)} runs; {len(failures)} failed. Test metric over evaluation groups "
+             "(mean, worst, standard deviation).", "",
+             "| " + " | ".join(names) + " | iterations | mean | worst | std |",
+             "|" + "---|" * (len(names) + 4)]
+    for row in table:
+        cells = [str(row.get(n, "-")) for n in names]
+        if "failed" in row:
+            lines.append("| " + " | ".join(cells) + f" | failed: {row['failed']} | | | |")
+        else:
+            lines.append("| " + " | ".join(cells) + f" | {row['iterations']} | {row['mean']:.4g} | {row['worst']:.4g} | "
+                         f"{row['std']:.4g} |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    _figure(table, out / "sweep.png")
+    log(f"wrote {out / 'sweep.md'}")
+    return report
+
+
+def _figure(table, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in table if "failed" not in r]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in done:
+        label = f"{r.get('algorithm', '')} {r.get('penalty', '')}".strip() or "runs"
+        groups.setdefault(label, []).append(r)
+    weighted = False
+    for label, rs in groups.items():
+        with_w = [r for r in rs if r.get("weight")]
+        if with_w:
+            weighted = True
+            ax.scatter([r["weight"] for r in with_w], [r["mean"] for r in with_w], label=label, s=14)
+        else:  # plain algorithms: a horizontal line at their mean over seeds
+            ax.axhline(sum(r["mean"] for r in rs) / len(rs), ls="--", lw=1, label=f"{label} (mean of {len(rs)})",
+                       color=next(ax._get_lines.prop_cycler)["color"] if hasattr(ax._get_lines, "prop_cycler") else None)
+    if weighted:
+        ax.set_xscale("log")
+        ax.set_xlabel("penalty weight")
+    else:
+        ax.set_xlabel("(no penalty weights in this sweep)")
+    ax.set_ylabel(f"test {done[0]['metric'] if done else ''} (mean over groups)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,57 @@
+"""Sweeps: grid expansion, the local backend, resuming an interrupted sweep, Ray where installed."""
+import json
+
+import pytest
+
+from implicit_nash.cli import main
+from implicit_nash.meta.config import ConfigError, resolve
+from implicit_nash.meta.trainer import train
+from implicit_nash.sweep import _key, expand, load_spec, sweep
+
+FIXED = {"iterations": 4, "meta_batch": 3, "hidden": [8], "eval_every": 2, "checkpoint_every": 2,
+         "val_tasks": 490, "test_tasks": 490, "inner_lr": 0.01, "dtype": "float64"}
+
+
+def spec(**grid):
+    return {"task": "sinusoid", "fixed": FIXED, "grid": grid}
+
+
+def test_expand_drops_weights_of_plain_runs():
+    runs = expand(spec(penalty=["none", "centroid"], weight=[0.1, 0.01], seed=[0, 1]))
+    assert len(runs) == 2 + 4  # plain once per seed, centroid per weight and seed
+    assert all("weight" not in r for r in runs if r["penalty"] == "none")
+
+
+def test_local_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
+    s = spec(algorithm=["maml", "fomaml"], seed=[0])
+    out = tmp_path / "sw"
+    # an interrupted sweep: one run finished, the other killed half-way
+    runs = expand(s)
+    done_cfg = resolve({"task": "sinusoid", "threads": 1, **FIXED, **runs[0]})
+    train(done_cfg, out / "runs" / _key(runs[0]), progress=False, log=lambda m: None)
+    half_cfg = resolve({"task": "sinusoid", "threads": 1, **FIXED, **runs[1]})
+    train(half_cfg, out / "runs" / _key(runs[1]), progress=False, stop_after=2, log=lambda m: None)
+    finished = (out / "runs" / _key(runs[0]) / "checkpoint.pt").stat().st_mtime_ns
+    report = sweep(s, out, log=lambda m: None)
+    assert (out / "runs" / _key(runs[0]) / "checkpoint.pt").stat().st_mtime_ns == finished  # not redone
+    assert all(r["iterations"] == 4 for r in report["runs"])
+    # the resumed run ends where an uninterrupted one does
+    fresh = train(half_cfg, tmp_path / "fresh", progress=False, log=lambda m: None)
+    resumed = next(r for r in report["runs"] if r["algorithm"] == "fomaml")
+    assert resumed["mean"] == fresh["test_mse_mean"]
+    for name in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (out / name).is_file()
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(s))
+    assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert load_spec(str(path))["grid"] == s["grid"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"grid": {"seed": []}}))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_spec(str(bad))
+
+
+def test_ray_backend(tmp_path):
+    pytest.importorskip("ray")
+    report = sweep(spec(seed=[0]), tmp_path / "ray", backend="ray", log=lambda m: None)
+    assert report["runs"][0]["iterations"] == 4
