@@ -7,4 +7,15 @@ def tree_leaves(tree):
     return tree_flatten(tree)[0]
 
 
-__all__ = ["tree_flatten", "tree_leaves", "tree_map", "tree_unflatten"]
+__all__ = ["tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "differentiable_all_reduce_sum"]
+
+
+def differentiable_all_reduce_sum(t, group):
+    """All-reduce (sum) that autograd differentiates: its backward all-reduces the incoming gradients.
+
+    ``torch.distributed._functional_collectives`` is what PyTorch recommends in place of the deprecated
+    ``torch.distributed.nn.functional.all_reduce``; it is private, hence here.
+    """
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+    return funcol.all_reduce(t, "sum", group if group is not None else dist.group.WORLD)

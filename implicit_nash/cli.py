@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="JSON file of options (command-line values override it)")
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--distributed", action="store_true", default=None,
+                       help="shard the meta-batch over torch.distributed ranks (run under torchrun)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's sinusoid tables (all seeds, all rows)")
@@ -93,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "activation", "eval_every", "checkpoint_every", "val_tasks",
-               "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters")
+               "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
+               "distributed")
 
 
 def _fail(message: str) -> int:
@@ -108,8 +111,12 @@ def _train(args) -> int:
     from .meta.trainer import train
     from .tasks import DataError
     try:
+        if args.distributed:
+            from .distributed import init_from_env
+            init_from_env()
         if args.resume:
-            given = [k for k in _TRAIN_KEYS if getattr(args, k) is not None] + (["config"] if args.config else [])
+            given = [k for k in _TRAIN_KEYS if k != "distributed" and getattr(args, k) is not None] + \
+                (["config"] if args.config else [])
             if given:
                 return _fail(f"--resume continues the saved configuration; drop {', '.join('--' + g.replace('_', '-') for g in given)}")
             metrics = train({}, args.out, resume=True, progress=not args.no_progress)

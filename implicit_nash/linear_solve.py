@@ -22,6 +22,8 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
+from . import _collective
+
 __all__ = [
     "LinearOperator", "LinearSolveInfo", "LinearSolver", "CG", "GMRES", "BiCGSTAB", "NormalCG",
     "Neumann", "Dense", "default_rtol",
@@ -131,14 +133,18 @@ class LinearSolver:
 
     def _tolerance(self, b: torch.Tensor) -> float:
         rtol = default_rtol(b.dtype) if self.rtol is None else self.rtol
-        return max(self.atol, rtol * float(torch.linalg.vector_norm(b)))
+        return max(self.atol, rtol * _norm(b))
 
     def solve(self, A, b: torch.Tensor) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover
         raise NotImplementedError
 
 
 def _norm(v: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(v))
+    # over every rank's block of the vector when the players are sharded (implicit_nash.distributed)
+    return _collective.norm(v)
+
+
+_dot = _collective.dot
 
 
 def _zero_rhs(b: torch.Tensor, tol: float) -> Tuple[torch.Tensor, LinearSolveInfo]:
@@ -172,7 +178,7 @@ class CG(LinearSolver):
             v = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
             Av, Au = op(v), op(u)
             matvecs += 2
-            gap = abs(float(u @ Av - v @ Au))
+            gap = abs(_dot(u, Av) - _dot(v, Au))
             scale = _norm(u) * _norm(Av) + _norm(v) * _norm(Au)
             limit = max(1e-6, 1e3 * torch.finfo(b.dtype).eps)
             if gap > limit * scale:
@@ -185,20 +191,20 @@ class CG(LinearSolver):
         x = torch.zeros_like(b)
         r = b.clone()
         p = r.clone()
-        rs = float(r @ r)
+        rs = _dot(r, r)
         history = [math.sqrt(rs)]
         steps = 0
         while steps < self.max_steps and history[-1] > tol:
             Ap = op(p)
             matvecs += 1
-            curv = float(p @ Ap)
+            curv = _dot(p, Ap)
             if not curv > 0:
                 raise ValueError(f"CG met non-positive curvature p'Ap = {curv:.3g}: the operator is not "
                                  "positive definite; use GMRES")
             alpha = rs / curv
             x = x + alpha * p
             r = r - alpha * Ap
-            rs_new = float(r @ r)
+            rs_new = _dot(r, r)
             p = r + (rs_new / rs) * p
             rs = rs_new
             steps += 1
@@ -248,9 +254,9 @@ class GMRES(LinearSolver):
                 matvecs += 1
                 steps += 1
                 basis = V[: j + 1]
-                h = basis @ w
+                h = _collective.allsum(basis @ w)
                 w = w - h @ basis
-                h2 = basis @ w  # second pass: keeps the basis orthogonal to working precision
+                h2 = _collective.allsum(basis @ w)  # second pass: keeps the basis orthogonal to working precision
                 w = w - h2 @ basis
                 col = (h + h2).tolist()
                 hn = _norm(w)
@@ -309,18 +315,18 @@ class BiCGSTAB(LinearSolver):
         steps = matvecs = 0
         tiny = torch.finfo(b.dtype).tiny
         while res > tol and steps < self.max_steps:
-            rho_new = float(r_hat @ r)
+            rho_new = _dot(r_hat, r)
             if abs(rho_new) <= tiny:  # breakdown: restart the shadow residual
                 r_hat = r.clone()
                 rho, alpha, omega = 1.0, 1.0, 1.0
                 v.zero_()
                 p.zero_()
-                rho_new = float(r_hat @ r)
+                rho_new = _dot(r_hat, r)
             beta = (rho_new / rho) * (alpha / omega)
             p = r + beta * (p - omega * v)
             v = op(p)
             matvecs += 1
-            alpha = rho_new / float(r_hat @ v)
+            alpha = rho_new / _dot(r_hat, v)
             s = r - alpha * v
             steps += 1
             if _norm(s) <= tol:
@@ -331,8 +337,8 @@ class BiCGSTAB(LinearSolver):
                 break
             t = op(s)
             matvecs += 1
-            tt = float(t @ t)
-            omega = float(t @ s) / tt if tt > 0 else 0.0
+            tt = _dot(t, t)
+            omega = _dot(t, s) / tt if tt > 0 else 0.0
             x = x + alpha * p + omega * s
             r = s - omega * t
             rho = rho_new
@@ -366,7 +372,7 @@ class NormalCG(LinearSolver):
         r = b.clone()
         z = opT(r)
         p = z.clone()
-        zz = float(z @ z)
+        zz = _dot(z, z)
         matvecs = 1
         res = _norm(r)
         history = [res]
@@ -374,12 +380,12 @@ class NormalCG(LinearSolver):
         while res > tol and steps < self.max_steps and zz > 0:
             w = op(p)
             matvecs += 1
-            alpha = zz / float(w @ w)
+            alpha = zz / _dot(w, w)
             x = x + alpha * p
             r = r - alpha * w
             z = opT(r)
             matvecs += 1
-            zz_new = float(z @ z)
+            zz_new = _dot(z, z)
             p = z + (zz_new / zz) * p
             zz = zz_new
             steps += 1
@@ -444,6 +450,9 @@ class Dense(LinearSolver):
 
     def solve(self, A, b):
         _check_b(b)
+        if _collective.active():
+            raise ValueError("Dense materialises the operator on one process and cannot be used with players "
+                             "sharded over ranks; use GMRES or BiCGSTAB")
         op = as_operator(A)
         tol = self._tolerance(b)
         eye = torch.eye(b.numel(), dtype=b.dtype, device=b.device)

@@ -31,6 +31,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from . import _collective
 from ._compat import tree_leaves, tree_map
 
 __all__ = ["Penalty", "CentroidPenalty", "RobustPenalty", "ProximalPenalty", "SumPenalty",
@@ -142,7 +143,9 @@ class CentroidPenalty(Penalty):
     def pseudo_gradient(self, phi, anchor, num_players):
         # d/dphi_i c|a - s/B|^2 = (2c/B)(mean_k phi_k - a), the same for every player
         c = 2.0 * self.scale(num_players) / num_players
-        return tree_map(lambda p, a: (c * (p.mean(0) - a)).expand_as(p), phi, anchor)
+        # the mean over all players (every rank's block when they are sharded)
+        return tree_map(lambda p, a: (c * (_collective.differentiable_sum(p.sum(0)) / num_players - a)).expand_as(p),
+                        phi, anchor)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,7 +207,7 @@ class RobustPenalty(Penalty):
         else:
             a = q ** (int(r) if float(r).is_integer() else r)
             dq = r * q ** (int(r) - 1 if float(r).is_integer() else r - 1)
-        total = self.C + a.sum()
+        total = self.C + _collective.differentiable_sum(a.sum())
         coef = self.scale * self.weight * num_players * (total - a) / total ** 2 * dq * 2.0
         return tree_map(lambda d: coef.reshape(-1, *([1] * (d.dim() - 1))) * d, diffs)
 

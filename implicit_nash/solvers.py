@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from . import _collective
 from .linear_solve import _check_nonneg, _check_positive, default_rtol
 
 __all__ = ["Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
@@ -86,7 +87,7 @@ class FlatProblem:
 
     def residual_norm(self, z: torch.Tensor, Fz: torch.Tensor) -> float:
         with torch.no_grad():
-            return float(torch.linalg.vector_norm(self.residual_vector(z.detach(), Fz.detach())))
+            return _collective.norm(self.residual_vector(z.detach(), Fz.detach()))
 
 
 def _validate_step_size(value, *, allow_none: bool) -> None:
@@ -210,10 +211,12 @@ class PRGD(Solver):
         else:
             with torch.no_grad():
                 F0 = problem.F(z0)
-                direction = F0 if bool(F0.any()) else torch.ones_like(z0)
-                eps = 1e-4 * max(1.0, float(z0.abs().max())) if z0.numel() else 1e-4
-                dz = -eps * direction / float(direction.abs().max())
-                L0 = float(torch.linalg.vector_norm(problem.F(z0 + dz) - F0)) / float(torch.linalg.vector_norm(dz))
+                direction = F0 if _collective.allmax(float(F0.abs().max()) if F0.numel() else 0.0) > 0 \
+                    else torch.ones_like(z0)
+                zmax = _collective.allmax(float(z0.abs().max()) if z0.numel() else 0.0)
+                eps = 1e-4 * max(1.0, zmax)
+                dz = -eps * direction / _collective.allmax(float(direction.abs().max()))
+                L0 = _collective.norm(problem.F(z0 + dz) - F0) / _collective.norm(dz)
             lam = self.ratio / L0 if L0 > 0 else 1.0
         return {"z": z0, "z_prev": z0, "y_prev": None, "Fy_prev": None, "step_size": lam}
 
@@ -230,8 +233,8 @@ class PRGD(Solver):
                 y = z + (lam / lam_prev) * (z - z_prev)
                 Fy = problem.F(y)
                 with torch.no_grad():
-                    dF = float(torch.linalg.vector_norm(Fy - Fy_prev))
-                    dy = float(torch.linalg.vector_norm(y - y_prev))
+                    dF = _collective.norm(Fy - Fy_prev)
+                    dy = _collective.norm(y - y_prev)
                 if lam * dF <= self.ratio * dy or not math.isfinite(dF):
                     break
                 lam *= 0.5
@@ -274,6 +277,9 @@ class GaussSeidel(Solver):
             object.__setattr__(self, "order", tuple(int(i) for i in self.order))
 
     def init(self, problem, z0):
+        if _collective.active():
+            raise ValueError("GaussSeidel updates players one after another, which does not shard over ranks; "
+                             "use PRGD, Extragradient or SimultaneousGradient")
         return {"z": z0, "rng": random.Random(self.seed)}
 
     def _order(self, players: int, rng: random.Random) -> Sequence[int]:
@@ -326,7 +332,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
             tol = solver.atol + rtol * r0
             break
         with torch.no_grad():
-            tol = solver.atol + rtol * max(r0, float(torch.linalg.vector_norm(state["z"])))
+            tol = solver.atol + rtol * max(r0, _collective.norm(state["z"]))
         if solver.num_steps is None and r <= tol:
             with torch.no_grad():
                 z = state["z"]

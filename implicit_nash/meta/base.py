@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as nnf
 from torch.func import functional_call, vmap
 
+from .. import _collective
 from .._compat import tree_map
 from ..equilibrium import solve_vi
 from ..games import AggregativeGame
@@ -145,8 +146,12 @@ class Algorithm:
         return total
 
     def game(self, model, theta, x, y, nash: bool = True) -> AggregativeGame:
-        """The inner game of eq. 12 for a batch of tasks with support sets ``(x, y)``."""
-        B = x.shape[0]
+        """The inner game of eq. 12 for a batch of tasks with support sets ``(x, y)``.
+
+        When the meta-batch is sharded over ranks (:mod:`implicit_nash.distributed`), ``x`` and ``y``
+        hold this rank's tasks and B counts the tasks of every rank.
+        """
+        B = x.shape[0] * _collective.world()
         penalty = self.inner_penalty(nash)
         kind = self.loss
 

@@ -73,6 +73,7 @@ DEFAULTS: Dict[str, Any] = {
     "ways": 5,
     "filters": 32,
     "image_size": 32,
+    "distributed": False,       # shard the meta-batch over torch.distributed ranks (under torchrun)
     "device": "cpu",
     "dtype": "float32",
     "threads": None,
@@ -206,7 +207,7 @@ def _validate(c: Dict[str, Any]) -> None:
     if not isinstance(c["hidden"], list) or not c["hidden"] or not all(
             isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in c["hidden"]):
         raise ConfigError(f"hidden must be a non-empty list of positive integers, got {c['hidden']!r}")
-    for key in ("eval_penalty",):
+    for key in ("eval_penalty", "distributed"):
         if not isinstance(c[key], bool):
             raise ConfigError(f"{key} must be true or false, got {c[key]!r}")
     if c["throw"] is not None and not isinstance(c["throw"], bool):

@@ -47,13 +47,23 @@ def _to(batch: Dict[str, Any], device) -> Dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _is_writer() -> bool:
+    """Only rank 0 writes files when a run is sharded over ranks."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
+    if not _is_writer():
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    if not _is_writer():
+        return
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -92,6 +102,16 @@ class Run:
         like = tree_leaves(self.theta)[0]
         states = [self.algorithm.init_state(self.tasks.num_train_tasks, like) for _ in self.seeds]
         self.state = tree_map(lambda *xs: torch.stack(xs), *states) if states[0] else {}
+        self.distributed = bool(config.get("distributed"))
+        if self.distributed:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                raise ConfigError("--distributed needs torch.distributed initialised (run under torchrun)")
+            if len(self.seeds) > 1:
+                raise ConfigError("--distributed shards one run's meta-batch; train several seeds as separate runs")
+            if config["meta_batch"] % dist.get_world_size():
+                raise ConfigError(f"--meta-batch {config['meta_batch']} does not split evenly over "
+                                  f"{dist.get_world_size()} ranks")
         self.vectorised = len(self.seeds) > 1 and self.algorithm.meta_gradient != "implicit"
         self.iteration = 0
         self.history: Dict[str, list] = {"iteration": [], "train_loss": [], "val": []}
@@ -159,6 +179,8 @@ class Run:
                     losses = algo.task_losses(model, theta, b)
                     return algo.outer_loss(losses, b, state), losses
                 outer, losses = torch.func.vmap(one)(self.theta, batch, self.state)
+            elif self.distributed:
+                outer, losses = self._sharded_step(batch)
             else:
                 pairs = []
                 for r in range(self.runs):
@@ -167,8 +189,9 @@ class Run:
                     pairs.append((algo.outer_loss(losses_r, b, self.state_of(r)), losses_r))
                 outer = torch.stack([p[0] for p in pairs])
                 losses = torch.stack([p[1] for p in pairs])
-            self.optimizer.zero_grad(set_to_none=True)
-            outer.sum().backward()  # runs are independent: each run's leaves get its own gradient
+            if not self.distributed:
+                self.optimizer.zero_grad(set_to_none=True)
+                outer.sum().backward()  # runs are independent: each run's leaves get its own gradient
         self._count(caught)
         values = [float(v) for v in outer.detach()]
         for seed, v in zip(self.seeds, values):
@@ -188,6 +211,26 @@ class Run:
             self.state = tree_map(lambda *xs: torch.stack(xs), *new)
         self.iteration += 1
         return values
+
+    def _sharded_step(self, batch):
+        """One meta-iteration with this rank's block of the meta-batch (see implicit_nash.distributed)."""
+        from .. import distributed as dist_
+        import torch.distributed as dist
+        algo, model = self.algorithm, self.model
+        w, r = dist.get_world_size(), dist.get_rank()
+        full = {k: v[0] for k, v in batch.items()}  # every rank samples the same whole batch ...
+        mine = dist_.shard(full, r, w)               # ... and keeps its contiguous block of tasks
+        with dist_.sharded():
+            losses_local = algo.task_losses(model, self.theta_of(0), mine)
+            # the outer loss's mean (or TR-MAML's N/B weights) over this rank's B/w tasks, divided by w:
+            # summed over the ranks it is the loss of the whole batch
+            outer_local = algo.outer_loss(losses_local, mine, self.state_of(0)) / w
+            self.optimizer.zero_grad(set_to_none=True)
+            outer_local.backward()
+            outer = dist_.allsum(outer_local.detach().reshape(1))
+        dist_.allreduce_gradients(tree_leaves(self.theta))
+        losses = dist_.all_gather_cat(losses_local.detach()).unsqueeze(0)
+        return outer, losses
 
     def _count(self, caught) -> None:
         for w in caught:
@@ -324,6 +367,10 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
             raise ConfigError(f"{out} has already run {saved['iteration']} iterations, more than {config['iterations']}")
     elif ckpt.exists() or (out / "metrics.json").exists():
         raise ConfigError(f"{out} already holds a run; use --resume to continue it or another --out")
+    if config.get("distributed"):
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()  # every rank has checked the directory before rank 0 writes into it
     out.mkdir(parents=True, exist_ok=True)
     if config.get("threads"):
         torch.set_num_threads(config["threads"])
@@ -427,7 +474,8 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
     })
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     try:
-        _plot(run.history, out / "curves.png", _title(c), mt)
+        if _is_writer():
+            _plot(run.history, out / "curves.png", _title(c), mt)
     except ImportError:  # pragma: no cover - matplotlib is a dependency; say so if it is missing
         warnings.warn("matplotlib is not installed: curves.png was not written", RuntimeWarning)
     return metrics

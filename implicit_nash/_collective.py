@@ -1,0 +1,100 @@
+"""Reductions that span ranks when a game's players are sharded over ``torch.distributed`` ranks.
+
+Outside :func:`sharded` every function here is the plain single-process operation, so the
+single-process code paths are unchanged. Inside it (see :mod:`implicit_nash.distributed`), each rank
+holds a block of the players, and every quantity that involves all players is reduced over the
+ranks:
+
+* inner products and norms of player-major flat vectors (solver tolerances, PRGD's step-size
+  estimate, the Krylov solvers' dot products) with :func:`dot`, :func:`norm`, :func:`allsum`,
+  :func:`allmax`, so that every rank takes the same decisions in lockstep;
+* the penalty aggregates (the centroid's sum of parameters, the robust penalty's sum of distances)
+  with :func:`differentiable_sum`, an all-reduce that autograd differentiates (its backward is the
+  all-reduce of the incoming gradients), inside the inner steps and inside the implicit backward's
+  matrix-vector products.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+__all__ = ["sharded", "active", "world", "rank", "norm", "dot", "allsum", "allmax", "differentiable_sum"]
+
+_GROUP: Optional[object] = None
+_ACTIVE = False
+
+
+@contextlib.contextmanager
+def sharded(group=None):
+    """Within this block, players are sharded over the ranks of ``group`` (default: the world)."""
+    global _GROUP, _ACTIVE
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sharded() needs torch.distributed to be initialised (init_process_group)")
+    old = (_GROUP, _ACTIVE)
+    _GROUP, _ACTIVE = group, True
+    try:
+        yield
+    finally:
+        _GROUP, _ACTIVE = old
+
+
+def active() -> bool:
+    return _ACTIVE
+
+
+def world() -> int:
+    if not _ACTIVE:
+        return 1
+    import torch.distributed as dist
+    return dist.get_world_size(_GROUP)
+
+
+def rank() -> int:
+    if not _ACTIVE:
+        return 0
+    import torch.distributed as dist
+    return dist.get_rank(_GROUP)
+
+
+def allsum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (not differentiable; for scalars and vectors of the linear algebra)."""
+    if not _ACTIVE:
+        return t
+    import torch.distributed as dist
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_GROUP)
+    return t
+
+
+def allmax(x: float) -> float:
+    if not _ACTIVE:
+        return x
+    import torch.distributed as dist
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_GROUP)
+    return float(t)
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The inner product of two flat vectors (over all ranks' blocks)."""
+    local = a @ b
+    return float(allsum(local.reshape(1))[0]) if _ACTIVE else float(local)
+
+
+def norm(v: torch.Tensor) -> float:
+    """The Euclidean norm of a flat or blocked vector (over all ranks' blocks)."""
+    if not _ACTIVE:
+        return float(torch.linalg.vector_norm(v))
+    sq = allsum((v.detach().reshape(-1).to(torch.float64) ** 2).sum().reshape(1))
+    return float(sq[0]) ** 0.5
+
+
+def differentiable_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable (penalty aggregates)."""
+    if not _ACTIVE:
+        return t
+    from ._compat import differentiable_all_reduce_sum
+    return differentiable_all_reduce_sum(t, _GROUP)

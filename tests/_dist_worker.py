@@ -1,0 +1,57 @@
+"""Worker of tests/test_distributed.py: one rank of a gloo process group (spawned, not imported by pytest)."""
+import torch
+import torch.distributed as dist
+
+
+def problems():
+    import implicit_nash as inn
+    from implicit_nash.meta import IMAML, MAML
+    from implicit_nash.penalties import CentroidPenalty, RobustPenalty
+    return {
+        "maml_pC_unrolled": MAML(inner_steps=3, inner_lr=0.1, penalty=CentroidPenalty(weight=0.3, num_tasks=10, inner_lr=0.5)),
+        "maml_pR_unrolled": MAML(inner_steps=3, inner_lr=0.1, penalty=RobustPenalty(weight=0.2, robustness=2.0, C=1e-4)),
+        "maml_pC_implicit": IMAML(lam=5.0, penalty=CentroidPenalty(weight=0.3), solver=inn.PRGD(rtol=1e-12)),
+        "maml_pR_implicit": IMAML(lam=5.0, penalty=RobustPenalty(weight=0.02, robustness=1.0, C=1e-2),
+                                  solver=inn.PRGD(rtol=1e-12)),
+    }
+
+
+def batch(B=4, K=5, Q=6):
+    g = torch.Generator().manual_seed(7)
+    x = 10 * torch.rand(B, K + Q, 1, generator=g, dtype=torch.float64) - 5
+    y = (0.5 + torch.rand(B, 1, 1, generator=g, dtype=torch.float64)) * torch.sin(x + 1.0)
+    return {"x_support": x[:, :K], "y_support": y[:, :K], "x_query": x[:, K:], "y_query": y[:, K:]}
+
+
+def meta_gradient(algo, b, sharded_ranks=None):
+    from implicit_nash.tasks import mlp
+    torch.manual_seed(0)
+    model = mlp([1, 6, 1], "tanh").double()
+    theta = algo.init(model)
+    leaves = [v for d in theta.values() for v in d.values()]
+    if sharded_ranks is None:
+        loss = algo.outer_loss(algo.task_losses(model, theta, b), b, {})
+        return [g.detach() for g in torch.autograd.grad(loss, leaves)]
+    from implicit_nash import distributed as D
+    w, r = sharded_ranks
+    mine = D.shard(b, r, w)
+    with D.sharded():
+        loss = algo.outer_loss(algo.task_losses(model, theta, mine), mine, {}) / w
+        grads = list(torch.autograd.grad(loss, leaves))
+    for g in grads:
+        dist.all_reduce(g)
+    return [g.detach() for g in grads]
+
+
+def run(rank, world, init_file, out_dir, config):
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {name: meta_gradient(algo, batch(), (world, rank)) for name, algo in problems().items()}
+        if rank == 0:
+            torch.save(results, f"{out_dir}/grads.pt")
+        from implicit_nash.meta.trainer import train
+        train({**config, "distributed": True}, f"{out_dir}/run", progress=False, log=lambda s: None)
+    finally:
+        dist.destroy_process_group()
