@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sharded", "active", "world", "rank", "norm", "dot", "allsum", "allmax", "differentiable_sum"]
+__all__ = ["sharded", "active", "world", "rank", "norm", "dot", "allsum", "allmax", "differentiable_sum",
+           "differentiable_sum_tree"]
 
 _GROUP: Optional[object] = None
 _ACTIVE = False
@@ -98,3 +99,17 @@ def differentiable_sum(t: torch.Tensor) -> torch.Tensor:
         return t
     from ._compat import differentiable_all_reduce_sum
     return differentiable_all_reduce_sum(t, _GROUP)
+
+
+def differentiable_sum_tree(tree):
+    """:func:`differentiable_sum` of every leaf of a pytree, coalesced into one all-reduce."""
+    if not _ACTIVE:
+        return tree
+    from ._compat import tree_flatten, tree_unflatten
+    leaves, spec = tree_flatten(tree)
+    flat = differentiable_sum(torch.cat([leaf.reshape(-1) for leaf in leaves]))
+    out, i = [], 0
+    for leaf in leaves:
+        out.append(flat[i:i + leaf.numel()].reshape(leaf.shape))
+        i += leaf.numel()
+    return tree_unflatten(out, spec)

@@ -151,7 +151,7 @@ class AggregativeGame(Game):
     def aggregate(self, phi, theta):
         """:math:`s = \\sum_k a(\\phi_k, \\theta)` (over every rank's players when sharded)."""
         parts = vmap(self.contribution, in_dims=(0, None))(phi, theta)
-        return tree_map(lambda p: _collective.differentiable_sum(p.sum(0)), parts)
+        return _collective.differentiable_sum_tree(tree_map(lambda p: p.sum(0), parts))
 
     def _local(self, phi, theta):
         in_dims = (0, None) + (0,) * len(self.data)
@@ -179,7 +179,7 @@ class AggregativeGame(Game):
     def _pseudo_gradient_by_autograd(self, phi, theta):
         if self.coupling is not None:
             own = vmap(self.contribution, in_dims=(0, None))(phi, theta)
-            s = tree_map(lambda o: _collective.differentiable_sum(o.sum(0)), own)
+            s = _collective.differentiable_sum_tree(tree_map(lambda o: o.sum(0), own))
 
         def own_costs(x):
             total = 0.0

@@ -144,8 +144,8 @@ class CentroidPenalty(Penalty):
         # d/dphi_i c|a - s/B|^2 = (2c/B)(mean_k phi_k - a), the same for every player
         c = 2.0 * self.scale(num_players) / num_players
         # the mean over all players (every rank's block when they are sharded)
-        return tree_map(lambda p, a: (c * (_collective.differentiable_sum(p.sum(0)) / num_players - a)).expand_as(p),
-                        phi, anchor)
+        sums = _collective.differentiable_sum_tree(tree_map(lambda p: p.sum(0), phi))  # one all-reduce
+        return tree_map(lambda p, t, a: (c * (t / num_players - a)).expand_as(p), phi, sums, anchor)
 
 
 @dataclass(frozen=True, kw_only=True)
