@@ -43,7 +43,7 @@ def meta_gradient(algo, b, sharded_ranks=None):
     return [g.detach() for g in grads]
 
 
-def run(rank, world, init_file, out_dir, config):
+def run(rank, world, init_file, out_dir, config, config2=None):
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -53,5 +53,7 @@ def run(rank, world, init_file, out_dir, config):
             torch.save(results, f"{out_dir}/grads.pt")
         from implicit_nash.meta.trainer import train
         train({**config, "distributed": True}, f"{out_dir}/run", progress=False, log=lambda s: None)
+        if config2 is not None:
+            train({**config2, "distributed": True}, f"{out_dir}/run2", progress=False, log=lambda s: None)
     finally:
         dist.destroy_process_group()

@@ -21,8 +21,10 @@ CONFIG = {"algorithm": "maml", "penalty": "robust", "weight": 0.01, "robustness"
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     config = resolve(CONFIG)
-    mp.start_processes(W.run, args=(2, str(tmp_path / "init"), str(tmp_path), config), nprocs=2, join=True,
-                       start_method="spawn")
+    # TR-MAML: the task probabilities must stay the same on every rank (updated from the gathered losses)
+    config2 = resolve({**CONFIG, "algorithm": "trmaml", "penalty": "centroid", "weight": 0.1, "task_lr": 0.05})
+    mp.start_processes(W.run, args=(2, str(tmp_path / "init"), str(tmp_path), config, config2), nprocs=2,
+                       join=True, start_method="spawn")
     sharded = torch.load(tmp_path / "grads.pt")
     for name, algo in W.problems().items():
         whole = W.meta_gradient(algo, W.batch())
@@ -34,3 +36,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "final_train_loss"):
         assert both[key] == pytest.approx(single[key], rel=1e-6, abs=1e-12), key
     assert both["config"]["distributed"] is True
+    single2 = train(config2, tmp_path / "single2", progress=False, log=lambda s: None)
+    both2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    for key in ("test_mse_mean", "test_mse_worst", "final_train_loss"):
+        assert both2[key] == pytest.approx(single2[key], rel=1e-6, abs=1e-12), key
+    assert both2["runs"][0]["task_probs"] == pytest.approx(single2["runs"][0]["task_probs"], rel=1e-9)
