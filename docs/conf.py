@@ -14,7 +14,10 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.intersphinx",
     "sphinx.ext.doctest",
+    "matplotlib.sphinxext.plot_directive",
 ]
+plot_html_show_formats = False
+plot_html_show_source_link = False
 autosummary_generate = True
 autodoc_member_order = "bysource"
 napoleon_google_docstring = True
