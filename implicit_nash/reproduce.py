@@ -83,8 +83,12 @@ def _run_row(config: Dict[str, Any], out: str) -> Dict[str, Any]:
     metrics_file = out_p / "metrics.json"
     if metrics_file.is_file():
         done = json.loads(metrics_file.read_text())
-        if done["config"] == config:
-            return done  # cached: the same configuration has finished
+        from .meta.config import upgrade
+        if upgrade(done["config"]) == config:
+            # cached: the same configuration has finished (metrics of earlier versions lack two keys)
+            done.setdefault("metric", "mse")
+            done["test"].setdefault("groups", done["test"].get("intervals"))
+            return done
     resume = (out_p / "checkpoint.pt").is_file()
     return train(config, out, resume=resume, progress=False, log=lambda s: None)
 
@@ -236,6 +240,8 @@ def _verdict(row, plain, higher: bool = False) -> Dict[str, Any]:
     v["vs_paper"] = {m: {"difference": ours[m]["mean"] - paper[m]["mean"],
                          "intervals_overlap": abs(ours[m]["mean"] - paper[m]["mean"]) <= ours[m]["ci"] + paper[m]["ci"]}
                      for m in ("mean", "worst", "std")}
+    # seeds that disagree by orders of magnitude make any interval meaningless: say so, compare nothing
+    v["unstable"] = bool(not ours["mean"]["ci"] < abs(ours["mean"]["mean"]))
     if row is not plain:
         v["vs_plain"] = {}
         for m in ("mean", "worst", "std"):
@@ -285,6 +291,8 @@ def _markdown(rep) -> str:
             verdict = "; ".join(parts)
         else:
             verdict = "(plain)"
+        if r["verdict"]["unstable"]:
+            verdict = "unstable across seeds (see below)"
         if r["diverged_seeds"]:
             verdict += (f"; seed(s) {', '.join(r['diverged_seeds'])} diverged (at iteration "
                         f"{', '.join(map(str, r['diverged_seeds'].values()))}): statistics over the other "
@@ -297,15 +305,27 @@ def _markdown(rep) -> str:
         vs = r["verdict"]["vs_paper"]
         agree = [m for m in ("mean", "worst", "std") if vs[m]["intervals_overlap"]]
         seeds_txt = ", ".join(f"{v:.3g}" for v in r["ours"]["mean"]["values"])
+        if r["verdict"]["unstable"]:
+            lines.append(f"- {r['label']}: **unstable** — our seeds disagree by orders of magnitude (the 95% interval "
+                         f"is wider than the mean), so no comparison is made; per-seed mean MSE: {seeds_txt}"
+                         + (f"; diverged during training: seed(s) {', '.join(r['diverged_seeds'])}" if r["diverged_seeds"] else "")
+                         + ".")
+            continue
         lines.append(f"- {r['label']}: mean {r['ours']['mean']['mean']:.3f} vs paper {r['paper']['mean']['mean']:.3g} "
                      f"({'intervals overlap' if vs['mean']['intervals_overlap'] else 'intervals do not overlap'}); "
                      f"metrics whose intervals overlap the paper's: {', '.join(agree) if agree else 'none'}; "
                      f"per-seed mean MSE: {seeds_txt}"
                      + (f"; diverged during training: seed(s) {', '.join(r['diverged_seeds'])}" if r["diverged_seeds"] else "")
                      + ".")
-    claims_c = [r for r in ok_rows if r["penalty"]["penalty"] == "centroid" and "vs_plain" in r["verdict"]]
-    claims_r = [r for r in ok_rows if r["penalty"]["penalty"] == "robust" and "vs_plain" in r["verdict"]]
+    stable = {r["group"] for r in ok_rows if r["penalty"]["penalty"] == "none" and not r["verdict"]["unstable"]}
+    usable = [r for r in ok_rows if "vs_plain" in r["verdict"] and not r["verdict"]["unstable"] and r["group"] in stable]
+    claims_c = [r for r in usable if r["penalty"]["penalty"] == "centroid"]
+    claims_r = [r for r in usable if r["penalty"]["penalty"] == "robust"]
+    skipped = sorted({r["group"] for r in ok_rows} - {r["group"] for r in usable})
     lines += ["", "## The paper's two claims (Section 3.3)", ""]
+    if skipped:
+        lines.append(f"(Left out: {', '.join(skipped)}, whose plain or Nash rows are unstable across seeds.)")
+        lines.append("")
     if claims_c:
         held = [r["label"] for r in claims_c if r["verdict"]["vs_plain"]["mean"]["better"]]
         sig = [r["label"] for r in claims_c if r["verdict"]["vs_plain"]["mean"]["better"]

@@ -29,7 +29,7 @@ from ..penalties import CentroidPenalty, RobustPenalty
 from ..solvers import PRGD
 from . import ALGORITHMS
 
-__all__ = ["ConfigError", "DEFAULTS", "PRESETS", "resolve", "build_algorithm", "load_config_file"]
+__all__ = ["ConfigError", "DEFAULTS", "PRESETS", "resolve", "build_algorithm", "load_config_file", "upgrade"]
 
 
 class ConfigError(ValueError):
@@ -110,6 +110,12 @@ ALGORITHM_PRESETS = {("miniimagenet", "cavia"): {"inner_lr": 1e-3, "outer_lr": 1
 
 TASKS = tuple(PRESETS)
 PENALTIES = ("none", "centroid", "robust")
+
+
+def upgrade(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A configuration saved by an earlier version, with the options added since at their defaults
+    (so that finished and interrupted runs stay usable when new options appear)."""
+    return {**DEFAULTS, **saved}
 
 
 def load_config_file(path: str) -> Dict[str, Any]:

@@ -31,7 +31,7 @@ from .._compat import tree_leaves, tree_map
 from ..errors import ConvergenceWarning
 from ..tasks import make_family
 from ..tasks.base import group_statistics
-from .config import ConfigError, build_algorithm
+from .config import ConfigError, build_algorithm, upgrade
 from .stats import mean_ci95
 
 __all__ = ["Run", "train", "evaluate_run", "evaluate"]
@@ -359,6 +359,7 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         if not ckpt.is_file():
             raise ConfigError(f"--resume: {ckpt} does not exist")
         saved = torch.load(ckpt, weights_only=False)
+        saved["config"] = upgrade(saved["config"])
         if config and {k: v for k, v in config.items() if k != "iterations"} != \
                 {k: v for k, v in saved["config"].items() if k != "iterations"}:
             raise ConfigError(f"{out} holds a run of another configuration; resume it without options")
@@ -487,6 +488,7 @@ def evaluate_run(out_dir: str, *, split: str = "test") -> Dict[str, Any]:
     if not ckpt.is_file():
         raise ConfigError(f"{ckpt} does not exist: is {out_dir} a run directory?")
     saved = torch.load(ckpt, weights_only=False)
+    saved["config"] = upgrade(saved["config"])
     run = Run(saved["config"])
     run.load_state_dict(saved)
     results = run.evaluate(split)
