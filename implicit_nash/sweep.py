@@ -134,25 +134,29 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
         else:
             m = results[k]
             mt = m["metric"]
+            trivial = "zero" if mt == "mse" else "chance"
             row.update({"metric": mt, "mean": m[f"test_{mt}_mean"], "worst": m[f"test_{mt}_worst"],
                         "std": m[f"test_{mt}_std"], "iterations": m["iterations"],
-                        "sec_per_iteration": m["sec_per_iteration"]})
+                        "sec_per_iteration": m["sec_per_iteration"],
+                        "trivial_baseline": m.get(f"baseline_{trivial}_{mt}_mean"),
+                        "unadapted_baseline": m.get(f"baseline_unadapted_{mt}_mean")})
         table.append(row)
     report = {"spec": spec, "runs": table, "backend": backend, "wall_seconds_this_call": time.time() - t0}
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
     names = list(spec["grid"])
     lines = ["# Sweep", "", f"Specification: `{json.dumps(spec)}`", "",
-             f"{len(table)} runs; {len(failures)} failed. Test metric over evaluation groups "
-             "(mean, worst, standard deviation).", "",
-             "| " + " | ".join(names) + " | iterations | mean | worst | std |",
-             "|" + "---|" * (len(names) + 4)]
+             f"{len(table)} runs; {len(failures)} failed. Test {table[0].get('metric', 'metric')} over evaluation "
+             "groups (mean, worst, standard deviation), beside a trivial predictor (0, or chance) and the "
+             "meta-parameters without adaptation. Command: `implicit-nash sweep SPEC --out DIR`.", "",
+             "| " + " | ".join(names) + " | iterations | mean | worst | std | trivial predictor | unadapted |",
+             "|" + "---|" * (len(names) + 6)]
     for row in table:
         cells = [str(row.get(n, "-")) for n in names]
         if "failed" in row:
-            lines.append("| " + " | ".join(cells) + f" | failed: {row['failed']} | | | |")
+            lines.append("| " + " | ".join(cells) + f" | failed: {row['failed']} | | | | | |")
         else:
             lines.append("| " + " | ".join(cells) + f" | {row['iterations']} | {row['mean']:.4g} | {row['worst']:.4g} | "
-                         f"{row['std']:.4g} |")
+                         f"{row['std']:.4g} | {row['trivial_baseline']:.4g} | {row['unadapted_baseline']:.4g} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     _figure(table, out / "sweep.png")
     log(f"wrote {out / 'sweep.md'}")
