@@ -100,10 +100,12 @@ def _worker(rank, world, init_file, reps, out_file):
             dist.all_reduce(x)
             lat.append(time.perf_counter() - t0)
         grad_lat = []
+        from implicit_nash.distributed import allreduce_gradients
+        for p in theta["params"].values():
+            p.grad = torch.zeros_like(p)
         for _ in range(reps):
             t0 = time.perf_counter()
-            for p in theta["params"].values():
-                dist.all_reduce(torch.zeros_like(p))
+            allreduce_gradients(theta["params"].values())  # one flat buffer
             grad_lat.append(time.perf_counter() - t0)
         results[name] = {"sharded_s": statistics.median(times), "forward_allreduces": forward_calls,
                          "allreduce_latency_s": statistics.median(lat), "aggregate_numel": size,

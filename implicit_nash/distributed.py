@@ -50,11 +50,22 @@ def shard(batch: Dict[str, Any], r: int, w: int) -> Dict[str, Any]:
 
 
 def allreduce_gradients(params: Iterable[torch.Tensor]) -> None:
-    """Sum every parameter's gradient over the ranks (each rank holds a part of the meta-loss)."""
+    """Sum every parameter's gradient over the ranks (each rank holds a part of the meta-loss).
+
+    The gradients travel as one flat buffer (one all-reduce, as DDP's buckets do) rather than one
+    call per tensor.
+    """
     import torch.distributed as dist
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    i = 0
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        n = p.grad.numel()
+        p.grad.copy_(flat[i:i + n].reshape(p.grad.shape))
+        i += n
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
