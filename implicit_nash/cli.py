@@ -113,7 +113,10 @@ def _train(args) -> int:
     try:
         if args.distributed:
             from .distributed import init_from_env
-            init_from_env()
+            try:
+                init_from_env()
+            except RuntimeError as e:
+                return _fail(str(e).splitlines()[0])
         if args.resume:
             given = [k for k in _TRAIN_KEYS if k != "distributed" and getattr(args, k) is not None] + \
                 (["config"] if args.config else [])
@@ -131,6 +134,9 @@ def _train(args) -> int:
     except KeyboardInterrupt:
         return _fail(f"interrupted; continue with: implicit-nash train {args.task} --out {args.out} --resume")
     mt = metrics["metric"]
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # rank 0 reports for a sharded run
     print(json.dumps({k: metrics[k] for k in (f"test_{mt}_mean", f"test_{mt}_worst", f"test_{mt}_std",
                                               "sec_per_iteration", "iterations")}))
     return 0

@@ -8,8 +8,8 @@ inside every matrix-vector product of the implicit backward, and every norm and 
 forward and linear solvers is reduced over the ranks, so that all ranks take the same steps and stop
 together. The meta-gradient is then all-reduced as in DDP (:func:`allreduce_gradients`).
 
-With the trainer: ``torchrun --nproc_per_node 2 -m implicit_nash.cli train sinusoid --distributed ...``
-(or the ``implicit-nash`` script under torchrun). A run sharded over ranks gives the same
+With the trainer: ``torchrun --nproc_per_node 2 -m implicit_nash.cli train sinusoid --distributed ...``.
+A run sharded over ranks gives the same
 meta-gradients and metrics as one process with the whole meta-batch (tests/test_distributed.py).
 """
 from __future__ import annotations

@@ -418,6 +418,8 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
     if bar is not None:
         bar.close()
     metrics = _finish(run, out)
+    if not _is_writer():  # rank 0 reports for a sharded run
+        return metrics
     log(f"{_title(c)}: test {mt} mean {metrics[f'test_{mt}_mean']:.4g}, worst {metrics[f'test_{mt}_worst']:.4g}, "
         f"std {metrics[f'test_{mt}_std']:.4g} over {metrics['test']['groups']} evaluation groups "
         f"({metrics['iterations']} iterations, {metrics['sec_per_iteration'] * 1e3:.2f} ms/iteration"
