@@ -5,13 +5,12 @@ import html
 import json
 import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from ._common import Record, float64, write_record
+from ._common import float64, write_record
 
 
 def run_checks(names: Iterable[str], out: Path, quick: bool, log: Callable[[str], None] = print):

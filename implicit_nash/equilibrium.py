@@ -11,7 +11,7 @@ from ._compat import tree_map, tree_unflatten
 from ._tree import Flattener, check_finite, leaves_of
 from .errors import ConvergenceError, ConvergenceWarning
 from .games import CostGame, Game
-from .implicit import Adjoint, Implicit, ImplicitSolution, ImplicitSpec, Unrolled
+from .implicit import Adjoint, Implicit, ImplicitSolution, ImplicitSpec
 from .sets import Reals, StrategySet
 from .solvers import PRGD, FlatProblem, Solution, Solver, iterate
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -326,18 +326,15 @@ def _markdown(rep) -> str:
     if skipped:
         lines.append(f"(Left out: {', '.join(skipped)}, whose plain or Nash rows are unstable across seeds.)")
         lines.append("")
-    if claims_c:
-        held = [r["label"] for r in claims_c if r["verdict"]["vs_plain"]["mean"]["better"]]
-        sig = [r["label"] for r in claims_c if r["verdict"]["vs_plain"]["mean"]["better"]
-               and r["verdict"]["vs_plain"]["mean"]["outside_intervals"]]
-        lines.append(f"- *p_C improves the mean*: better mean in {len(held)} of {len(claims_c)} rows "
-                     f"({', '.join(held) or 'none'}); beyond the CIs in {len(sig)} ({', '.join(sig) or 'none'}).")
-    if claims_r:
-        held = [r["label"] for r in claims_r if r["verdict"]["vs_plain"]["worst"]["better"]]
-        sig = [r["label"] for r in claims_r if r["verdict"]["vs_plain"]["worst"]["better"]
-               and r["verdict"]["vs_plain"]["worst"]["outside_intervals"]]
-        lines.append(f"- *p_R improves the worst case*: better worst case in {len(held)} of {len(claims_r)} rows "
-                     f"({', '.join(held) or 'none'}); beyond the CIs in {len(sig)} ({', '.join(sig) or 'none'}).")
+    for rows_, stat, claim in ((claims_c, "mean", "*p_C improves the mean*: better mean"),
+                               (claims_r, "worst", "*p_R improves the worst case*: better worst case")):
+        if not rows_:
+            continue
+        held = [r["label"] for r in rows_ if r["verdict"]["vs_plain"][stat]["better"]]
+        sig = [r["label"] for r in rows_ if r["verdict"]["vs_plain"][stat]["better"]
+               and r["verdict"]["vs_plain"][stat]["outside_intervals"]]
+        lines.append(f"- {claim} in {len(held)} of {len(rows_)} rows ({', '.join(held) or 'none'}); "
+                     f"beyond the CIs in {len(sig)} ({', '.join(sig) or 'none'}).")
     lines += ["", "## Cost", "",
               "| row | iterations | ms per iteration (all seeds together) | trivial predictor | unadapted meta-parameters |",
               "|---|---|---|---|---|"]

@@ -20,27 +20,21 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from .meta.config import ConfigError, resolve
+from .meta.config import ConfigError, read_json_object, resolve
 from .reproduce import _run_row
 
 __all__ = ["expand", "sweep", "load_spec"]
 
 
 def load_spec(path: str) -> Dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep specification {path} does not exist")
-    try:
-        spec = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"sweep specification {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not spec["grid"]:
+    """Read and check a sweep specification (see the module docstring)."""
+    spec = read_json_object(path, "sweep specification")
+    if not isinstance(spec.get("grid"), dict) or not spec["grid"]:
         raise ConfigError(f"sweep specification {path} needs a non-empty object 'grid' of lists")
     for k, v in spec["grid"].items():
         if not isinstance(v, list) or not v:

@@ -171,12 +171,12 @@ class Algorithm:
         def coupling(phi_i, th, s, x_i, y_i):
             return penalty.value(phi_i, self.anchor(th), s, B)
 
-        fast = None
-        if penalty.has_pseudo_gradient and self.fast_penalty:
-            def fast(phi, th):
-                return penalty.pseudo_gradient(phi, self.anchor(th), B)
+        def fast(phi, th):
+            return penalty.pseudo_gradient(phi, self.anchor(th), B)
+
+        use_fast = penalty.has_pseudo_gradient and self.fast_penalty
         return AggregativeGame(local=task_loss, contribution=contribution, coupling=coupling, data=(x, y),
-                               coupling_gradient=fast, symmetric=penalty.symmetric)
+                               coupling_gradient=fast if use_fast else None, symmetric=penalty.symmetric)
 
     def _start(self, theta, B):
         return tree_map(lambda a: a.unsqueeze(0).expand(B, *a.shape), self.anchor(theta))

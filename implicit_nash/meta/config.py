@@ -118,17 +118,23 @@ def upgrade(saved: Dict[str, Any]) -> Dict[str, Any]:
     return {**DEFAULTS, **saved}
 
 
-def load_config_file(path: str) -> Dict[str, Any]:
-    """Read a JSON config file (keys as in :data:`DEFAULTS`, dashes allowed)."""
+def read_json_object(path: str, what: str) -> Dict[str, Any]:
+    """A JSON object from a file, or a one-line :class:`ConfigError` naming ``what`` and the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        raise ConfigError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object")
+        raise ConfigError(f"{what} {path} must hold a JSON object")
+    return data
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a JSON config file (keys as in :data:`DEFAULTS`, dashes allowed)."""
+    data = read_json_object(path, "config file")
     data.pop("config", None)
     return {k.replace("-", "_"): v for k, v in data.items()}
 
