@@ -41,3 +41,24 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     for key in ("test_mse_mean", "test_mse_worst", "final_train_loss"):
         assert both2[key] == pytest.approx(single2[key], rel=1e-6, abs=1e-12), key
     assert both2["runs"][0]["task_probs"] == pytest.approx(single2["runs"][0]["task_probs"], rel=1e-9)
+
+
+def test_solvers_that_cannot_shard_say_so(tmp_path):
+    import implicit_nash as inn
+    from implicit_nash.distributed import sharded
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init1'}", rank=0, world_size=1)
+    try:
+        F = lambda z, t: z - t
+        with sharded():
+            with pytest.raises(ValueError, match="GaussSeidel updates players one after another"):
+                inn.solve_vi(F, torch.zeros(2, 1), torch.ones(2, 1), solver=inn.GaussSeidel(step_size=0.5))
+            with pytest.raises(ValueError, match="Dense materialises"):
+                inn.Dense().solve(lambda v: 2 * v, torch.ones(3))
+            # with one rank the sharded reductions are the plain ones
+            z = inn.solve_vi(F, torch.zeros(2, 1), torch.ones(2, 1))
+            assert torch.allclose(z, torch.ones(2, 1))
+    finally:
+        torch.distributed.destroy_process_group()
+    with pytest.raises(RuntimeError, match="needs torch.distributed"):
+        with sharded():
+            pass
