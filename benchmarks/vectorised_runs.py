@@ -79,7 +79,7 @@ def main() -> int:
     out = HERE / "results"
     (out / f"vectorised_runs{suffix}.json").write_text(json.dumps({"rows": rows, "env": env, "reps": reps}, indent=2))
     lines = ["# Five seeds trained together (vmap over runs) vs one after another", "",
-             f"Command: `python benchmarks/vectorised_runs.py {' '.join(sys.argv[1:])}`".replace(" `", "`"), "",
+             "Command: `" + " ".join(["python benchmarks/vectorised_runs.py", *sys.argv[1:]]) + "`", "",
              f"- Date (UTC): {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; torch {torch.__version__}; "
              f"{os.cpu_count()} cores, 1 torch thread",
              f"- Load average at start / end: {load0[0]:.2f} / {os.getloadavg()[0]:.2f} (above 1: the machine was shared)",
