@@ -24,7 +24,6 @@ whether the game it makes is a potential game.  Penalties add with ``+``.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -286,7 +285,3 @@ def proximal_penalty(lam: float) -> ProximalPenalty:
     """Shorthand for :class:`ProximalPenalty` (iMAML's :math:`\\lambda/2\\|\\phi - \\theta\\|^2`)."""
     return ProximalPenalty(lam=lam)
 
-
-def replace(penalty: Penalty, **changes) -> Penalty:
-    """``dataclasses.replace`` for penalties (used to fill in N and alpha from a config)."""
-    return dataclasses.replace(penalty, **changes)

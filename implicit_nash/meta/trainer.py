@@ -118,6 +118,7 @@ class Run:
         self.train_seconds = 0.0
         self.warnings = 0
         self.diverged: Dict[int, int] = {}  # seed -> first iteration with a non-finite meta-loss
+        self._eval_sets: Dict[Any, Dict[str, Any]] = {}
 
     LOG_EVERY = 50  # the history keeps the meta-loss averaged over blocks of this many iterations
 
@@ -244,7 +245,11 @@ class Run:
         """Each run's evaluation on the validation or test tasks (the same tasks for every run)."""
         c = self.config
         n, seed = (c["val_tasks"], c["val_seed"]) if split == "val" else (c["test_tasks"], c["test_seed"])
-        test = self.tasks.eval_set(split, num_tasks=n, seed=seed, dtype=self.dtype)
+        # the evaluation tasks are fixed by their seed: build them once per run, not at every evaluation
+        key = (split, n, seed)
+        if key not in self._eval_sets:
+            self._eval_sets[key] = self.tasks.eval_set(split, num_tasks=n, seed=seed, dtype=self.dtype)
+        test = self._eval_sets[key]
         results = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
