@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from ._common import float64, write_record
+from ._common import Record, float64, write_record
 
 
 def run_checks(names: Iterable[str], out: Path, quick: bool, log: Callable[[str], None] = print):
@@ -30,6 +30,19 @@ def run_checks(names: Iterable[str], out: Path, quick: bool, log: Callable[[str]
 
 def _json(x):
     return json.dumps(x, default=str) if not isinstance(x, str) else x
+
+
+def load_records(out: Path, quick: bool) -> list:
+    """The records on disk in ``out`` (one ``<check>.json`` each) of the given mode, in the order of ``CHECKS``."""
+    from . import CHECKS
+    records = []
+    for name in CHECKS:
+        path = out / f"{name}.json"
+        if path.is_file():
+            record = Record(**json.loads(path.read_text()))
+            if bool(record.settings.get("quick", False)) == quick:
+                records.append(record)
+    return records
 
 
 def write_report(records, out: Path, quick: bool, command: str) -> Path:
@@ -72,9 +85,19 @@ def main(check: str = "all", out: Optional[str] = None, quick: bool = False, com
     out_p = Path(out) if out else Path("results") / ("analysis_quick" if quick else "analysis")
     names = list(CHECKS) if check == "all" else [check]
     records = run_checks(names, out_p, quick)
+    mode = " --quick" if quick else ""
     if check == "all":
-        path = write_report(records, out_p, quick, command or f"implicit-nash verify{' --quick' if quick else ''} --out {out_p}")
+        path = write_report(records, out_p, quick, command or f"implicit-nash verify{mode} --out {out_p}")
         print(f"[analysis] wrote {path}")
+    else:
+        # One check re-run: the report is rebuilt from the records on disk when every check has one of this
+        # mode, and it names both commands, so that nobody mistakes it for one run.
+        on_disk = load_records(out_p, quick)
+        if len(on_disk) == len(CHECKS):
+            again = command or f"implicit-nash verify --check {check}{mode} --out {out_p}"
+            path = write_report(on_disk, out_p, quick,
+                                f"implicit-nash verify{mode} --out {out_p}`, then re-ran {check} with `{again}")
+            print(f"[analysis] rebuilt {path} from the {len(on_disk)} records in {out_p}")
     failed = [r.check for r in records if r.verdict == "violated"]
     if failed:
         print(f"[analysis] violated: {', '.join(failed)}")

@@ -93,13 +93,15 @@ def _run_row(config: Dict[str, Any], out: str) -> Dict[str, Any]:
     return train(config, out, resume=resume, progress=False, log=lambda s: None)
 
 
-def _progress(out: Path, keys: List[str]) -> int:
+def _progress(out: Path, keys: List[str], cap: Optional[int] = None) -> int:
+    """Iterations on disk over the rows ``keys``, each counted up to ``cap`` (the budget asked for)."""
     done = 0
     for k in keys:
         p = out / "runs" / k / "progress.json"
         if p.is_file():
             try:
-                done += json.loads(p.read_text())["iteration"]
+                it = json.loads(p.read_text())["iteration"]
+                done += it if cap is None else min(it, cap)
             except (json.JSONDecodeError, KeyError):  # being replaced right now; next poll reads it
                 pass
     return done
@@ -143,7 +145,9 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=iterations * len(rows), desc=f"reproduce {name}", unit="it", dynamic_ncols=True)
+        # ``initial``: iterations already on disk (resumed rows) do not count towards the displayed rate.
+        bar = tqdm(total=iterations * len(rows), initial=_progress(out, list(configs), iterations),
+                   desc=f"reproduce {name}", unit="it", dynamic_ncols=True)
     failures: Dict[str, str] = {}
     if jobs == 1:
         for r in rows:
@@ -152,7 +156,7 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
             except (FloatingPointError, RuntimeError) as e:  # reported in the table; the others go on
                 failures[r["key"]] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
             if bar is not None:
-                bar.n = _progress(out, list(configs))
+                bar.n = _progress(out, list(configs), iterations)
                 bar.refresh()
     else:
         import multiprocessing as mp
@@ -169,7 +173,7 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
                         failures[futures[f]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                     pending.discard(f)
                 if bar is not None:
-                    bar.n = _progress(out, list(configs))
+                    bar.n = _progress(out, list(configs), iterations)
                     bar.refresh()
                 if pending:
                     time.sleep(2.0)
