@@ -26,6 +26,12 @@ def test_verify_quick(tmp_path, capsys):
     assumptions = json.loads((tmp_path / "assumptions.json").read_text())["measured"]
     assert assumptions["p_C_symmetric"] and assumptions["p_R_asymmetric"]
     assert -1.1 < assumptions["robust_gradient_slope"] < -0.9
+    # Re-running one check rebuilds the report from every record on disk and says so.
+    before = json.loads((tmp_path / "lemma_b4.json").read_text())
+    assert main(["verify", "--check", "lemma_b4", "--quick", "--out", str(tmp_path)]) == 0
+    rebuilt = (tmp_path / "report.md").read_text()
+    assert "re-ran lemma_b4" in rebuilt and all(f"(#{check})" in rebuilt for check in EXPECTED)
+    assert json.loads((tmp_path / "lemma_b4.json").read_text())["measured"] == before["measured"]
 
 
 def test_verify_rejects_unknown_check(capsys):
