@@ -42,6 +42,20 @@ def _sq_distance(a: Any, b: Any) -> torch.Tensor:
     return sum(((x - y) ** 2).sum() for x, y in zip(tree_leaves(a), tree_leaves(b)))
 
 
+def _pow(q: torch.Tensor, e: float) -> torch.Tensor:
+    """``q ** e`` for ``q >= 0`` and ``e > 0`` whose derivatives are finite at ``q = 0``.
+
+    An integer exponent uses an integer power. For a fractional one, autograd's ``e q^(e-1)`` is
+    infinite at 0 when ``e < 1`` and multiplies ``dq = 2 (phi - theta) = 0`` into nan, although the
+    penalties' derivatives there are 0 (``|phi - theta|^(2r)`` with ``r > 1`` is flat at ``phi = theta``,
+    where Algorithm 2 starts). The two ``where`` keep the infinite branch out of the graph.
+    """
+    if float(e).is_integer():
+        return q ** int(e)
+    positive = q > 0
+    return torch.where(positive, torch.where(positive, q, torch.ones_like(q)) ** e, torch.zeros_like(q))
+
+
 def _check_positive(name: str, value: Optional[float], allow_zero: bool = False) -> None:
     if value is None:
         return
@@ -57,10 +71,18 @@ class Penalty:
     Attributes:
         symmetric: ``True`` when the penalty's contribution to the game Jacobian is symmetric (the
             game stays a potential game if the task losses are), ``False`` otherwise.
+        coupled: ``False`` when a player's penalty does not depend on the other players.
+        vanishes_at_anchor: ``True`` when every player's penalty gradient is zero whenever all
+            players sit at the anchor, for every anchor. The penalty then contributes nothing, in value
+            or in any derivative along that set, to the first inner step of Algorithm 2 (which starts
+            every player at the anchor), and the unrolled algorithms skip it there. It holds for
+            penalties of ``phi_i - anchor`` that are flat at 0; leave it ``False`` (the default) when
+            unsure.
     """
 
     symmetric: bool = False
     coupled: bool = True
+    vanishes_at_anchor: bool = False
 
     def contribution(self, phi_i: Any, anchor: Any) -> Any:  # pragma: no cover
         """Player ``i``'s share of the aggregate (only called when ``coupled``)."""
@@ -120,6 +142,7 @@ class CentroidPenalty(Penalty):
     num_tasks: Optional[int] = None
     inner_lr: Optional[float] = None
     symmetric = True
+    vanishes_at_anchor = True
 
     def __post_init__(self):
         _check_positive("CentroidPenalty.weight", self.weight, allow_zero=True)
@@ -177,6 +200,7 @@ class RobustPenalty(Penalty):
     C: float = 1e-8
     scale: float = 1.0
     symmetric = False
+    vanishes_at_anchor = True  # for r >= 1 its gradient is 2 c (phi_i - a) q_i^(r-1) / (C + S) ... = 0
 
     def __post_init__(self):
         _check_positive("RobustPenalty.weight", self.weight, allow_zero=True)
@@ -187,28 +211,43 @@ class RobustPenalty(Penalty):
                              f"is undefined at phi = theta for r < 1), got {self.robustness!r}")
 
     def contribution(self, phi_i, anchor):
-        return _sq_distance(phi_i, anchor) ** self.robustness
+        return _pow(_sq_distance(phi_i, anchor), self.robustness)
 
     def value(self, phi_i, anchor, s, num_players):
-        mine = _sq_distance(phi_i, anchor) ** self.robustness
+        mine = _pow(_sq_distance(phi_i, anchor), self.robustness)
         return self.scale * self.weight * num_players * mine / (self.C + s)
 
     def pseudo_gradient(self, phi, anchor, num_players):
         # a_i = q_i^r with q_i = |phi_i - a|^2; d/dphi_i [a_i / (C + sum_k a_k)]
         #   = (C + S - a_i) / (C + S)^2 * r q_i^(r-1) * 2 (phi_i - a)
+        # Written with few operations (one concatenation for all the distances, Python-float
+        # constants folded): the unrolled meta-gradient differentiates it twice per inner step, and
+        # for small networks its cost is the number of operations, not their size.
         diffs = tree_map(lambda p, a: p - a, phi, anchor)
-        q = sum(d.reshape(d.shape[0], -1).pow(2).sum(1) for d in tree_leaves(diffs))
+        leaves = tree_leaves(diffs)
+        B = leaves[0].shape[0]
+        flat = leaves[0].reshape(B, -1) if len(leaves) == 1 else torch.cat([d.reshape(B, -1) for d in leaves], 1)
+        q = (flat * flat).sum(1)
         r = self.robustness
+        k = 2.0 * self.scale * self.weight * num_players
         # q ** 0 would put 0 * q ** -1 = nan into the second derivative at q = 0 (phi_i = theta,
-        # where Algorithm 2 starts): r = 1 is special-cased, integer r uses an integer power
+        # where Algorithm 2 starts): r = 1 and r = 2 are special-cased, other r go through _pow
         if r == 1:
-            a, dq = q, torch.ones_like(q)
+            a, dq = q, None
+        elif r == 2:
+            a, dq, k = q * q, q, 2.0 * k
         else:
-            a = q ** (int(r) if float(r).is_integer() else r)
-            dq = r * q ** (int(r) - 1 if float(r).is_integer() else r - 1)
+            a, dq, k = _pow(q, r), _pow(q, r - 1), r * k
         total = self.C + _collective.differentiable_sum(a.sum())
-        coef = self.scale * self.weight * num_players * (total - a) / total ** 2 * dq * 2.0
-        return tree_map(lambda d: coef.reshape(-1, *([1] * (d.dim() - 1))) * d, diffs)
+        coef = (total - a) * (k / total ** 2)
+        if dq is not None:
+            coef = coef * dq
+        shaped = {}
+        def times(d):
+            if d.dim() not in shaped:
+                shaped[d.dim()] = coef.reshape(-1, *([1] * (d.dim() - 1)))
+            return shaped[d.dim()] * d
+        return tree_map(times, diffs)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,6 +261,7 @@ class ProximalPenalty(Penalty):
     lam: float
     symmetric = True
     coupled = False
+    vanishes_at_anchor = True
 
     def __post_init__(self):
         _check_positive("ProximalPenalty.lam", self.lam)
@@ -250,6 +290,10 @@ class SumPenalty(Penalty):
     @property
     def coupled(self) -> bool:  # type: ignore[override]
         return any(t.coupled for t in self.terms)
+
+    @property
+    def vanishes_at_anchor(self) -> bool:  # type: ignore[override]
+        return all(t.vanishes_at_anchor for t in self.terms)
 
     def contribution(self, phi_i, anchor):
         # an uncoupled term contributes a dummy zero so that the aggregate stays a tuple of tensors

@@ -320,8 +320,9 @@ def test_penalty_pseudo_gradient_equals_per_player_autograd(pen_name, batch, gen
 
 @pytest.mark.parametrize("pen", [PENALTIES["centroid"], PENALTIES["robust1"], PENALTIES["robust2"],
                                  RobustPenalty(weight=0.3, robustness=3.0, C=1e-3),
+                                 RobustPenalty(weight=0.3, robustness=1.5, C=1e-3),
                                  PENALTIES["centroid"] + ProximalPenalty(lam=2.0) + PENALTIES["robust2"]],
-                         ids=["centroid", "robust1", "robust2", "robust3", "sum"])
+                         ids=["centroid", "robust1", "robust2", "robust3", "robust1.5", "sum"])
 @pytest.mark.parametrize("at_theta", [False, True])
 def test_penalty_fast_path_equals_autograd_path_to_second_order(pen, at_theta, batch, gen):
     """The closed-form pseudo-gradients equal autograd through contribution/value, and so do their
@@ -442,3 +443,26 @@ def test_sinusoid_intervals_and_sampling():
     per_task = torch.arange(980, dtype=torch.float64)
     stats = interval_statistics(per_task, test["interval_ids"], 490)
     assert math.isclose(stats["mean"], float(per_task.mean())) and math.isclose(stats["worst"], (489 + 979) / 2)
+
+
+@pytest.mark.parametrize("pen_name", ["centroid", "robust1", "robust2"])
+@pytest.mark.parametrize("algo_cls", [MAML, MetaSGD, CAVIA])
+def test_skipping_the_penalty_at_the_anchor_changes_nothing(pen_name, algo_cls, batch):
+    """A penalty that ``vanishes_at_anchor`` is skipped at the first inner step (every player starts at
+    the anchor); the losses and second-order meta-gradients equal those with the penalty evaluated."""
+    pen = PENALTIES[pen_name]
+    assert pen.vanishes_at_anchor
+
+    class Evaluated(type(pen)):  # the same penalty, not declared to vanish: evaluated at every step
+        vanishes_at_anchor = False
+
+    kwargs = {"context_dim": 2} if algo_cls is CAVIA else {}
+    skip = algo_cls(inner_steps=3, inner_lr=0.1, penalty=pen, **kwargs)
+    full = algo_cls(inner_steps=3, inner_lr=0.1, penalty=Evaluated(**vars(pen)), **kwargs)
+    model, theta = setup(skip)
+    l1, l2 = skip.task_losses(model, theta, batch), full.task_losses(model, theta, batch)
+    assert torch.allclose(l1, l2, rtol=1e-12, atol=1e-14)
+    g1 = torch.autograd.grad(l1.mean(), leaves(theta))
+    g2 = torch.autograd.grad(l2.mean(), leaves(theta))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)

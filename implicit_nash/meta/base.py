@@ -151,8 +151,10 @@ class Algorithm:
         When the meta-batch is sharded over ranks (:mod:`implicit_nash.distributed`), ``x`` and ``y``
         hold this rank's tasks and B counts the tasks of every rank.
         """
+        return self._game(model, x, y, self.inner_penalty(nash))
+
+    def _game(self, model, x, y, penalty: Optional[Penalty]) -> AggregativeGame:
         B = x.shape[0] * _collective.world()
-        penalty = self.inner_penalty(nash)
         kind = self.loss
 
         def task_loss(phi_i, th, x_i, y_i):
@@ -195,16 +197,20 @@ class Algorithm:
             return solve_vi(game.pseudo_gradient, self._start(theta, B), theta, solver=solver,
                             adjoint=Implicit(linear_solver=self.linear_solver),
                             symmetric=game.symmetric, throw=self.throw)
+        # Every player starts at the anchor, where a penalty that vanishes there contributes nothing
+        # (in value or derivative along the start): the first step uses the task losses alone.
+        penalty = self.inner_penalty(nash)
+        first = self._game(model, x, y, None) if penalty is not None and penalty.vanishes_at_anchor else game
         if mode == "first_order":
             detached = tree_map(torch.Tensor.detach, theta)
             with torch.no_grad():
-                phi = self._algorithm_2(game, detached, B)
+                phi = self._algorithm_2(game, detached, B, first)
             # straight-through: the value of phi, the gradient of the starting point (d phi / d phi_0 = I)
             start = self._start(theta, B)
             return tree_map(lambda p, s: p.detach() + (s - s.detach()), phi, start)
-        return self._algorithm_2(game, theta, B)
+        return self._algorithm_2(game, theta, B, first)
 
-    def _algorithm_2(self, game, theta, B):
+    def _algorithm_2(self, game, theta, B, first=None):
         """``inner_steps`` simultaneous gradient steps from phi_i = phi_0 (the paper's Algorithm 2).
 
         Written as a plain loop rather than through ``solve_vi``: a fixed number of steps has no
@@ -212,8 +218,8 @@ class Algorithm:
         """
         phi = self._start(theta, B)
         step = self.step_size(theta)
-        for _ in range(self.inner_steps):
-            F = game.pseudo_gradient(phi, theta)
+        for k in range(self.inner_steps):
+            F = (first if k == 0 and first is not None else game).pseudo_gradient(phi, theta)
             if isinstance(step, (int, float)):
                 phi = tree_map(lambda p, f: p - step * f, phi, F)
             else:
