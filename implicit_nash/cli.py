@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--context-dim", type=int, help="CAVIA context parameters")
     train.add_argument("--task-lr", type=float, help="TR-MAML task-probability learning rate")
     train.add_argument("--lam", type=float, help="iMAML proximal weight")
+    train.add_argument("--lr-init", type=float, nargs=2, metavar=("LO", "HI"),
+                       help="Meta-SGD: draw the initial step sizes uniformly from [LO, HI) (default: --inner-lr)")
     train.add_argument("--activation", choices=["relu", "tanh"])
     train.add_argument("--eval-every", type=int)
     train.add_argument("--checkpoint-every", type=int)
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
-               "context_dim", "task_lr", "lam", "activation", "eval_every", "checkpoint_every", "val_tasks",
+               "context_dim", "task_lr", "lam", "lr_init", "activation", "eval_every", "checkpoint_every", "val_tasks",
                "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
                "distributed")
 

@@ -8,6 +8,7 @@ import torch
 from implicit_nash.cli import main
 from implicit_nash.meta.config import ConfigError, build_algorithm, resolve
 from implicit_nash.meta.trainer import evaluate_run, train
+from implicit_nash.tasks import mlp
 
 TINY = {"iterations": 6, "meta_batch": 3, "hidden": [8], "eval_every": 3, "checkpoint_every": 2,
         "val_tasks": 490, "test_tasks": 490, "inner_lr": 0.01, "outer_lr": 0.01, "dtype": "float64"}
@@ -98,6 +99,22 @@ def test_penalty_scale_decisions():
     assert build_algorithm(tiny(algorithm="imaml"), 100).throw is False
 
 
+def test_metasgd_step_sizes_drawn_per_seed_within_lr_init():
+    """``lr_init: [lo, hi]`` draws every step size uniformly in [lo, hi), reproducibly per seed;
+    without it every step size is the inner learning rate."""
+    algo = build_algorithm(tiny(algorithm="metasgd", lr_init=[0.005, 0.1]), 100)
+    draws = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        theta = algo.init(mlp([1, 8, 1]))
+        draws.append(torch.cat([v.detach().reshape(-1) for v in theta["lr"].values()]))
+    assert all(float(d.min()) >= 0.005 and float(d.max()) < 0.1 for d in draws)
+    assert float(draws[0].std()) > 0.01  # spread over the interval, not a constant
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    plain = build_algorithm(tiny(algorithm="metasgd"), 100).init(mlp([1, 8, 1]))
+    assert all(torch.all(v == 0.01) for v in plain["lr"].values())
+
+
 @pytest.mark.parametrize("options, message", [
     ({"penalty": "centroid"}, "needs --weight"),
     ({"weight": 0.1}, "--penalty is none"),
@@ -107,6 +124,9 @@ def test_penalty_scale_decisions():
     ({"algorithm": "fomaml", "meta_gradient": "unrolled"}, "fomaml is MAML"),
     ({"bogus": 1}, "unknown option key"),
     ({"test_tasks": 100}, "at least 490"),
+    ({"lr_init": [0.005, 0.1]}, "maml has none"),
+    ({"algorithm": "metasgd", "lr_init": [0.1, 0.005]}, "lr_init must be"),
+    ({"algorithm": "metasgd", "lr_init": [0.1]}, "lr_init must be"),
 ])
 def test_bad_configurations_are_rejected(options, message):
     with pytest.raises(ConfigError, match=message):

@@ -17,6 +17,9 @@ Decisions where the paper is ambiguous (each is a key, so a flag):
 * Evaluation adapts each test task with the plain inner problem (no Nash penalty, which couples the
   tasks of a training batch): ``eval_penalty = false``.
 * ``query_shots``: 5 query points per meta-training task (K, as in MAML's sinusoid code).
+* ``lr_init``: Meta-SGD's initial step sizes. ``null``: ``inner_lr`` everywhere (the paper gives
+  α = 0.001 for every algorithm); ``[lo, hi]``: uniform draws, as Li et al. (2017) do with
+  [0.005, 0.1] for sinusoids.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ DEFAULTS: Dict[str, Any] = {
     "context_dim": 4,
     "task_lr": 1e-5,
     "lam": 10.0,
+    "lr_init": None,            # Meta-SGD: None (inner_lr everywhere) or [lo, hi] (uniform draws)
     "inner_max_steps": 200,
     "throw": None,              # None: False for iMAML (see IMAML's docstring), True otherwise
     "hidden": [40, 40],
@@ -224,6 +228,15 @@ def _validate(c: Dict[str, Any]) -> None:
             raise ConfigError(f"{key} must be true or false, got {c[key]!r}")
     if c["throw"] is not None and not isinstance(c["throw"], bool):
         raise ConfigError(f"throw must be true or false, got {c['throw']!r}")
+    if c["lr_init"] is not None:
+        lr = c["lr_init"]
+        if c["algorithm"] != "metasgd":
+            raise ConfigError(f"lr_init sets Meta-SGD's initial step sizes; {c['algorithm']} has none")
+        if (not isinstance(lr, (list, tuple)) or len(lr) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lr)
+                or not 0 <= lr[0] < lr[1]):
+            raise ConfigError(f"lr_init must be [lo, hi] with 0 <= lo < hi, got {lr!r}")
+        c["lr_init"] = [float(x) for x in lr]
     if c["task"] == "sinusoid":
         for key in ("test_tasks", "val_tasks"):
             if c[key] < 490:
@@ -252,6 +265,8 @@ def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
         kwargs["task_lr"] = float(c["task_lr"])
     if name == "imaml":
         kwargs["lam"] = float(c["lam"])
+    if name == "metasgd" and c["lr_init"] is not None:
+        kwargs["lr_init"] = tuple(c["lr_init"])
     kwargs["throw"] = (name != "imaml") if c["throw"] is None else c["throw"]
     kwargs["solver"] = PRGD(max_steps=c["inner_max_steps"])
     try:

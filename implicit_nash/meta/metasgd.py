@@ -2,12 +2,15 @@
 
 The inner step is :math:`\\phi_i \\leftarrow \\phi_i - \\alpha \\odot \\nabla f_i`, with a learned step
 size :math:`\\alpha` of the same shape as every parameter, meta-learned together with the
-initialisation. ``theta["lr"]`` holds it, initialised to ``inner_lr``. The paper's penalty scale
-uses :math:`\\alpha = 0.05` for Meta-SGD (Appendix E), which the configuration layer fills in.
+initialisation. ``theta["lr"]`` holds it, initialised to ``inner_lr`` everywhere, or, with
+``lr_init=(lo, hi)``, to independent uniform draws from ``[lo, hi)`` (Li et al. draw their sinusoid
+step sizes at random from [0.005, 0.1]; the Nash-GBML paper gives only α = 0.001, so this is a
+flag). The paper's penalty scale uses :math:`\\alpha = 0.05` for Meta-SGD (Appendix E), which the configuration layer fills in.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -21,11 +24,25 @@ class MetaSGD(Algorithm):
     """Meta-SGD: MAML with learned per-parameter inner learning rates."""
 
     name = "metasgd"
+    lr_init: Optional[Tuple[float, float]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lr_init is not None:
+            lo_hi = tuple(self.lr_init)
+            if len(lo_hi) != 2 or not all(isinstance(x, (int, float)) for x in lo_hi) or not lo_hi[0] < lo_hi[1]:
+                raise ValueError(f"lr_init must be a pair (lo, hi) with lo < hi, got {self.lr_init!r}")
 
     def init(self, model):
+        """The model's parameters and the step sizes (random draws use torch's global generator, which
+        the trainer seeds per run before calling this)."""
         theta = super().init(model)
-        theta["lr"] = {k: torch.full_like(v, self.inner_lr).requires_grad_(True)
-                       for k, v in theta["params"].items()}
+        if self.lr_init is None:
+            lrs = {k: torch.full_like(v, self.inner_lr) for k, v in theta["params"].items()}
+        else:
+            lo, hi = (float(x) for x in self.lr_init)
+            lrs = {k: lo + (hi - lo) * torch.rand_like(v) for k, v in theta["params"].items()}
+        theta["lr"] = {k: v.requires_grad_(True) for k, v in lrs.items()}
         return theta
 
     def step_size(self, theta):
