@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -46,6 +47,8 @@ def _key(run: Dict[str, Any]) -> str:
     parts = []
     for k in sorted(run):
         v = run[k]
+        if isinstance(v, (list, tuple)):  # e.g. lr_init [0.005, 0.1] -> lr_init=0.005-0.1
+            v = "-".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
         parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
     return "_".join(parts).replace("/", "-")
 
@@ -129,7 +132,10 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
             m = results[k]
             mt = m["metric"]
             trivial = "zero" if mt == "mse" else "chance"
-            row.update({"metric": mt, "mean": m[f"test_{mt}_mean"], "worst": m[f"test_{mt}_worst"],
+            row.update({"metric": mt, "val_mean": _final_validation(m, mt),
+                        "diverged_seeds": sorted(int(x) for x in (m.get("diverged_seeds") or {})),
+                        "seeds": len(m.get("runs") or [None]),
+                        "mean": m[f"test_{mt}_mean"], "worst": m[f"test_{mt}_worst"],
                         "std": m[f"test_{mt}_std"], "iterations": m["iterations"],
                         "sec_per_iteration": m["sec_per_iteration"],
                         "trivial_baseline": m.get(f"baseline_{trivial}_{mt}_mean"),
@@ -139,22 +145,43 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
     names = list(spec["grid"])
     lines = ["# Sweep", "", f"Specification: `{json.dumps(spec)}`", "",
-             f"{len(table)} runs; {len(failures)} failed. Test {table[0].get('metric', 'metric')} over evaluation "
-             "groups (mean, worst, standard deviation), beside a trivial predictor (0, or chance) and the "
-             "meta-parameters without adaptation. Command: `implicit-nash sweep SPEC --out DIR`.", "",
-             "| " + " | ".join(names) + " | iterations | mean | worst | std | trivial predictor | unadapted |",
-             "|" + "---|" * (len(names) + 6)]
+             f"{len(table)} runs; {len(failures)} failed. *val* is the validation {table[0].get('metric', 'metric')} "
+             "at the end of training (mean over groups, averaged over the seeds that did not diverge): compare "
+             "settings on it, not on the test columns. Test: mean, worst and standard deviation over evaluation "
+             "groups, beside a trivial predictor (0, or chance) and the meta-parameters without adaptation. "
+             "Command: `implicit-nash sweep SPEC --out DIR`.", "",
+             "| " + " | ".join(names) + " | iterations | diverged seeds | val | test mean | worst | std | trivial "
+             "predictor | unadapted |",
+             "|" + "---|" * (len(names) + 9)]
     for row in table:
         cells = [str(row.get(n, "-")) for n in names]
         if "failed" in row:
-            lines.append("| " + " | ".join(cells) + f" | failed: {row['failed']} | | | | | |")
+            lines.append("| " + " | ".join(cells) + f" | failed: {row['failed']} | | | | | | | | |")
         else:
-            lines.append("| " + " | ".join(cells) + f" | {row['iterations']} | {row['mean']:.4g} | {row['worst']:.4g} | "
-                         f"{row['std']:.4g} | {row['trivial_baseline']:.4g} | {row['unadapted_baseline']:.4g} |")
+            div = f"{len(row['diverged_seeds'])} of {row['seeds']}" + (
+                f" ({', '.join(map(str, row['diverged_seeds']))})" if row["diverged_seeds"] else "")
+            lines.append("| " + " | ".join(cells) + f" | {row['iterations']} | {div} | {_g(row['val_mean'])} | "
+                         f"{row['mean']:.4g} | {row['worst']:.4g} | {row['std']:.4g} | {row['trivial_baseline']:.4g} | "
+                         f"{row['unadapted_baseline']:.4g} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     _figure(table, out / "sweep.png")
     log(f"wrote {out / 'sweep.md'}")
     return report
+
+
+def _final_validation(metrics: Dict[str, Any], metric: str) -> Optional[float]:
+    """The last validation's ``metric`` mean, averaged over the seeds whose value is finite."""
+    history = metrics.get("val_history") or []
+    if not history:
+        return None
+    last = history[-1]
+    values = [r[f"{metric}_mean"] for r in last.get("runs", [last])
+              if isinstance(r.get(f"{metric}_mean"), (int, float)) and math.isfinite(r[f"{metric}_mean"])]
+    return sum(values) / len(values) if values else None
+
+
+def _g(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 def _figure(table, path: Path) -> None:

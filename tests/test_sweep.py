@@ -51,6 +51,23 @@ def test_local_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
         load_spec(str(bad))
 
 
+def test_sweep_reports_validation_and_divergence_and_takes_list_values(tmp_path):
+    """List-valued options (Meta-SGD's lr_init) make readable keys; the table reports the final
+    validation value (to compare settings on) and how many seeds diverged."""
+    s = {"task": "sinusoid", "fixed": {**FIXED, "algorithm": "metasgd", "seeds": [0, 1]},
+         "grid": {"lr_init": [None, [0.005, 0.1]]}}
+    assert [_key(r) for r in expand(s)] == ["lr_init=None", "lr_init=0.005-0.1"]
+    report = sweep(s, tmp_path / "sw", log=lambda m: None)
+    for row in report["runs"]:
+        run = json.loads((tmp_path / "sw" / "runs" / row["key"] / "metrics.json").read_text())
+        last = run["val_history"][-1]["runs"]
+        assert row["val_mean"] == pytest.approx(sum(r["mse_mean"] for r in last) / 2)
+        assert row["diverged_seeds"] == [] and row["seeds"] == 2
+    assert report["runs"][0]["val_mean"] != report["runs"][1]["val_mean"]  # the initialisation matters
+    table = (tmp_path / "sw" / "sweep.md").read_text()
+    assert "| diverged seeds | val |" in table and "0 of 2" in table
+
+
 def test_ray_backend(tmp_path):
     pytest.importorskip("ray")
     report = sweep(spec(seed=[0]), tmp_path / "ray", backend="ray", log=lambda m: None)
