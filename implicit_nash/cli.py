@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--backend", choices=["local", "ray"], default="local")
     sw.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     sw.add_argument("--out", default="sweeps", help="output directory (default: sweeps)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ver = sub.add_parser("verify", help="run the numerical checks of the paper's theory (the analysis package)")
     ver.add_argument("--quick", action="store_true", help="smaller grids, under 3 minutes")
@@ -190,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .sweep import load_spec, sweep
         from .tasks import DataError
         try:
-            sweep(load_spec(args.spec), args.out, jobs=args.jobs, backend=args.backend, address=args.address)
+            sweep(load_spec(args.spec), args.out, jobs=args.jobs, backend=args.backend, address=args.address,
+                  progress=not args.no_progress)
         except (ConfigError, DataError) as e:
             return _fail(str(e))
         return 0

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .meta.config import ConfigError, resolve
 from .meta.stats import mean_ci95
@@ -93,18 +93,73 @@ def _run_row(config: Dict[str, Any], out: str) -> Dict[str, Any]:
     return train(config, out, resume=resume, progress=False, log=lambda s: None)
 
 
-def _progress(out: Path, keys: List[str], cap: Optional[int] = None) -> int:
-    """Iterations on disk over the rows ``keys``, each counted up to ``cap`` (the budget asked for)."""
-    done = 0
-    for k in keys:
-        p = out / "runs" / k / "progress.json"
-        if p.is_file():
+def _progress(runs_dir: Path, key: str, cap: int) -> int:
+    """Iterations on disk of the run ``runs_dir/key``, up to ``cap`` (the budget asked for)."""
+    p = runs_dir / key / "progress.json"
+    if p.is_file():
+        try:
+            return min(json.loads(p.read_text())["iteration"], cap)
+        except (json.JSONDecodeError, KeyError):  # being replaced right now; the next poll reads it
+            pass
+    return 0
+
+
+def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 1, progress: bool = True,
+             desc: str = "runs") -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """Train every configuration (``runs_dir/<key>``; cached, resumed or extended) on ``jobs`` processes.
+
+    Returns the metrics of the runs that finished and a one-line message for each that failed (the
+    others go on). The progress bar counts the iterations on disk (each run's ``progress.json``), so it
+    moves while the runs train in other processes; iterations already done before the call are its
+    starting point, not part of its rate.
+    """
+    runs_dir = Path(runs_dir)
+    keys = list(configs)
+    total = sum(c["iterations"] for c in configs.values())
+
+    def on_disk() -> int:
+        return sum(_progress(runs_dir, k, configs[k]["iterations"]) for k in keys)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=on_disk(), desc=desc, unit="it", dynamic_ncols=True)
+    results: Dict[str, Dict[str, Any]] = {}
+    failures: Dict[str, str] = {}
+
+    def failed(key, e):  # reported in the table; the other runs go on
+        failures[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    if jobs == 1:
+        for k in keys:
             try:
-                it = json.loads(p.read_text())["iteration"]
-                done += it if cap is None else min(it, cap)
-            except (json.JSONDecodeError, KeyError):  # being replaced right now; next poll reads it
-                pass
-    return done
+                results[k] = _run_row(configs[k], str(runs_dir / k))
+            except (FloatingPointError, RuntimeError, ValueError) as e:
+                failed(k, e)
+            if bar is not None:
+                bar.n = on_disk()
+                bar.refresh()
+    else:
+        import multiprocessing as mp
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_row, configs[k], str(runs_dir / k)): k for k in keys}
+            pending = set(futures)
+            while pending:
+                for f in [f for f in pending if f.done()]:
+                    try:
+                        results[futures[f]] = f.result()
+                    except Exception as e:
+                        failed(futures[f], e)
+                    pending.discard(f)
+                if bar is not None:
+                    bar.n = on_disk()
+                    bar.refresh()
+                if pending:
+                    time.sleep(2.0)
+    if bar is not None:
+        bar.n = total
+        bar.close()
+    return {k: results[k] for k in keys if k in results}, failures
 
 
 def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: int = 5, jobs: int = 1,
@@ -141,45 +196,7 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
     budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
     log(f"reproduce {name}: {budget}; runs in {out / 'runs'}")
     t0 = time.time()
-    results: Dict[str, Dict[str, Any]] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        # ``initial``: iterations already on disk (resumed rows) do not count towards the displayed rate.
-        bar = tqdm(total=iterations * len(rows), initial=_progress(out, list(configs), iterations),
-                   desc=f"reproduce {name}", unit="it", dynamic_ncols=True)
-    failures: Dict[str, str] = {}
-    if jobs == 1:
-        for r in rows:
-            try:
-                results[r["key"]] = _run_row(configs[r["key"]], str(out / "runs" / r["key"]))
-            except (FloatingPointError, RuntimeError) as e:  # reported in the table; the others go on
-                failures[r["key"]] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
-            if bar is not None:
-                bar.n = _progress(out, list(configs), iterations)
-                bar.refresh()
-    else:
-        import multiprocessing as mp
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_row, configs[r["key"]], str(out / "runs" / r["key"])): r["key"]
-                       for r in rows}
-            pending = set(futures)
-            while pending:
-                finished = [f for f in pending if f.done()]
-                for f in finished:
-                    try:
-                        results[futures[f]] = f.result()
-                    except Exception as e:  # a failed row is reported in the table; the others go on
-                        failures[futures[f]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                    pending.discard(f)
-                if bar is not None:
-                    bar.n = _progress(out, list(configs), iterations)
-                    bar.refresh()
-                if pending:
-                    time.sleep(2.0)
-    if bar is not None:
-        bar.n = iterations * len(rows)
-        bar.close()
+    results, failures = run_rows(configs, out / "runs", jobs=jobs, progress=progress, desc=f"reproduce {name}")
     for key, msg in failures.items():
         log(f"row {key} failed: {msg}")
     if not results:

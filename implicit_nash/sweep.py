@@ -22,12 +22,11 @@ import itertools
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from .meta.config import ConfigError, read_json_object, resolve
-from .reproduce import _run_row
+from .reproduce import _run_row, run_rows
 
 __all__ = ["expand", "sweep", "load_spec"]
 
@@ -81,7 +80,8 @@ def _submit_ray(address: Optional[str]):
 
 
 def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "local",
-          address: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+          address: Optional[str] = None, progress: bool = False,
+          log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run a sweep (skipping finished runs) and write its table, JSON and figure."""
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
@@ -107,21 +107,8 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
                 results[k] = ray.get(ref)
             except Exception as e:  # reported in the table; the other runs go on
                 failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    elif jobs == 1:
-        for k in keys:
-            try:
-                results[k] = _run_row(configs[k], str(out / "runs" / k))
-            except (FloatingPointError, RuntimeError, ValueError) as e:
-                failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     else:
-        import multiprocessing as mp
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {k: pool.submit(_run_row, configs[k], str(out / "runs" / k)) for k in keys}
-            for k, f in futures.items():
-                try:
-                    results[k] = f.result()
-                except Exception as e:  # reported in the table; the other runs go on
-                    failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        results, failures = run_rows(configs, out / "runs", jobs=jobs, progress=progress, desc="sweep")
     table = []
     for run in runs:
         k = _key(run)
