@@ -76,8 +76,8 @@ class Penalty:
             players sit at the anchor, for every anchor. The penalty then contributes nothing, in value
             or in any derivative along that set, to the first inner step of Algorithm 2 (which starts
             every player at the anchor), and the unrolled algorithms skip it there. It holds for
-            penalties of ``phi_i - anchor`` that are flat at 0; leave it ``False`` (the default) when
-            unsure.
+            penalties of the differences ``phi_k - anchor`` whose gradient is zero when they all are;
+            leave it ``False`` (the default) when unsure.
     """
 
     symmetric: bool = False
