@@ -139,7 +139,7 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
              "Command: `implicit-nash sweep SPEC --out DIR`.", "",
              "| " + " | ".join(names) + " | iterations | diverged seeds | val | test mean | worst | std | trivial "
              "predictor | unadapted |",
-             "|" + "---|" * (len(names) + 9)]
+             "|" + "---|" * (len(names) + 8)]
     for row in table:
         cells = [str(row.get(n, "-")) for n in names]
         if "failed" in row:

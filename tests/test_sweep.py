@@ -66,6 +66,8 @@ def test_sweep_reports_validation_and_divergence_and_takes_list_values(tmp_path)
     assert report["runs"][0]["val_mean"] != report["runs"][1]["val_mean"]  # the initialisation matters
     table = (tmp_path / "sw" / "sweep.md").read_text()
     assert "| diverged seeds | val |" in table and "0 of 2" in table
+    header, rule = table.splitlines()[6:8]
+    assert header.count("|") == rule.count("|")  # a well-formed Markdown table
 
 
 def test_ray_backend(tmp_path):
