@@ -151,7 +151,7 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
                          f"{row['mean']:.4g} | {row['worst']:.4g} | {row['std']:.4g} | {row['trivial_baseline']:.4g} | "
                          f"{row['unadapted_baseline']:.4g} |")
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    _figure(table, out / "sweep.png")
+    _figure(table, out / "sweep.png", names)
     log(f"wrote {out / 'sweep.md'}")
     return report
 
@@ -171,32 +171,47 @@ def _g(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def _figure(table, path: Path) -> None:
+def _figure(table, path: Path, names: Optional[List[str]] = None) -> None:
+    """Test mean against the penalty weight when the grid has weights; otherwise one column per run
+    (labelled by its grid values) with its final validation and test means."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = [r for r in table if "failed" not in r]
+    metric = done[0]["metric"] if done else ""
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    groups: Dict[str, List[Dict[str, Any]]] = {}
-    for r in done:
-        label = f"{r.get('algorithm', '')} {r.get('penalty', '')}".strip() or "runs"
-        groups.setdefault(label, []).append(r)
-    weighted = False
-    for label, rs in groups.items():
-        with_w = [r for r in rs if r.get("weight")]
-        if with_w:
-            weighted = True
-            ax.scatter([r["weight"] for r in with_w], [r["mean"] for r in with_w], label=label, s=14)
-        else:  # plain algorithms: a horizontal line at their mean over seeds
-            ax.axhline(sum(r["mean"] for r in rs) / len(rs), ls="--", lw=1, label=f"{label} (mean of {len(rs)})",
-                       color=next(ax._get_lines.prop_cycler)["color"] if hasattr(ax._get_lines, "prop_cycler") else None)
-    if weighted:
+    if any(r.get("weight") for r in done):
+        groups: Dict[str, List[Dict[str, Any]]] = {}
+        for r in done:
+            label = f"{r.get('algorithm', '')} {r.get('penalty', '')}".strip() or "runs"
+            groups.setdefault(label, []).append(r)
+        for i, (label, rs) in enumerate(groups.items()):
+            color = f"C{i % 10}"
+            with_w = [r for r in rs if r.get("weight")]
+            if with_w:
+                ax.scatter([r["weight"] for r in with_w], [r["mean"] for r in with_w], label=label, s=14, color=color)
+            else:  # plain algorithms: a horizontal line at their mean over seeds
+                ax.axhline(sum(r["mean"] for r in rs) / len(rs), ls="--", lw=1, color=color,
+                           label=f"{label} (mean of {len(rs)})")
         ax.set_xscale("log")
         ax.set_xlabel("penalty weight")
+        ax.set_ylabel(f"test {metric} (mean over groups)")
     else:
-        ax.set_xlabel("(no penalty weights in this sweep)")
-    ax.set_ylabel(f"test {done[0]['metric'] if done else ''} (mean over groups)")
+        keys = [n for n in (names or []) if len({str(r.get(n)) for r in done}) > 1] or list(names or [])
+        labels = [", ".join(f"{k}={r.get(k)}" for k in keys) + (f"\n{len(r['diverged_seeds'])} of {r['seeds']} diverged"
+                                                              if r.get("diverged_seeds") else "") for r in done]
+        x = list(range(len(done)))
+        val = [(i, r["val_mean"]) for i, r in zip(x, done) if r.get("val_mean") is not None]
+        ax.scatter([i for i, _ in val], [v for _, v in val], marker="o", label="validation (end of training)")
+        ax.scatter(x, [r["mean"] for r in done], marker="x", label="test")
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=7)
+        values = [v for _, v in val] + [r["mean"] for r in done]
+        positive = [v for v in values if v > 0 and math.isfinite(v)]
+        if positive and max(positive) / min(positive) > 100:
+            ax.set_yscale("log")
+        ax.set_ylabel(f"{metric} (mean over groups and seeds)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
