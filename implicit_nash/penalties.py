@@ -226,7 +226,7 @@ class RobustPenalty(Penalty):
         diffs = tree_map(lambda p, a: p - a, phi, anchor)
         leaves = tree_leaves(diffs)
         B = leaves[0].shape[0]
-        flat = leaves[0].reshape(B, -1) if len(leaves) == 1 else torch.cat([d.reshape(B, -1) for d in leaves], 1)
+        flat = torch.cat([d.reshape(B, -1) for d in leaves], 1)
         q = (flat * flat).sum(1)
         r = self.robustness
         k = 2.0 * self.scale * self.weight * num_players
@@ -242,12 +242,7 @@ class RobustPenalty(Penalty):
         coef = (total - a) * (k / total ** 2)
         if dq is not None:
             coef = coef * dq
-        shaped = {}
-        def times(d):
-            if d.dim() not in shaped:
-                shaped[d.dim()] = coef.reshape(-1, *([1] * (d.dim() - 1)))
-            return shaped[d.dim()] * d
-        return tree_map(times, diffs)
+        return tree_map(lambda d: coef.reshape(-1, *([1] * (d.dim() - 1))) * d, diffs)
 
 
 @dataclass(frozen=True, kw_only=True)

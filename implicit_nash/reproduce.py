@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -104,6 +104,11 @@ def _progress(runs_dir: Path, key: str, cap: int) -> int:
     return 0
 
 
+def failure_message(e: BaseException) -> str:
+    """One line naming a failed run's exception, for the tables."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 1, progress: bool = True,
              desc: str = "runs") -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
     """Train every configuration (``runs_dir/<key>``; cached, resumed or extended) on ``jobs`` processes.
@@ -127,35 +132,32 @@ def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 
     results: Dict[str, Dict[str, Any]] = {}
     failures: Dict[str, str] = {}
 
-    def failed(key, e):  # reported in the table; the other runs go on
-        failures[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    def show() -> None:
+        if bar is not None:
+            bar.n = on_disk()
+            bar.refresh()
 
     if jobs == 1:
         for k in keys:
             try:
                 results[k] = _run_row(configs[k], str(runs_dir / k))
-            except (FloatingPointError, RuntimeError, ValueError) as e:
-                failed(k, e)
-            if bar is not None:
-                bar.n = on_disk()
-                bar.refresh()
+            except (FloatingPointError, RuntimeError, ValueError) as e:  # reported; the other runs go on
+                failures[k] = failure_message(e)
+            show()
     else:
         import multiprocessing as mp
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futures = {pool.submit(_run_row, configs[k], str(runs_dir / k)): k for k in keys}
             pending = set(futures)
             while pending:
-                for f in [f for f in pending if f.done()]:
+                # wakes on every finished run, and every 2 s to move the progress bar
+                finished, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+                for f in finished:
                     try:
                         results[futures[f]] = f.result()
-                    except Exception as e:
-                        failed(futures[f], e)
-                    pending.discard(f)
-                if bar is not None:
-                    bar.n = on_disk()
-                    bar.refresh()
-                if pending:
-                    time.sleep(2.0)
+                    except Exception as e:  # reported; the other runs go on
+                        failures[futures[f]] = failure_message(e)
+                show()
     if bar is not None:
         bar.n = total
         bar.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from .meta.config import ConfigError, read_json_object, resolve
-from .reproduce import _run_row, run_rows
+from .reproduce import _run_row, failure_message, run_rows
 
 __all__ = ["expand", "sweep", "load_spec"]
 
@@ -106,7 +106,7 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
             try:
                 results[k] = ray.get(ref)
             except Exception as e:  # reported in the table; the other runs go on
-                failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                failures[k] = failure_message(e)
     else:
         results, failures = run_rows(configs, out / "runs", jobs=jobs, progress=progress, desc="sweep")
     table = []
@@ -171,7 +171,7 @@ def _g(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def _figure(table, path: Path, names: Optional[List[str]] = None) -> None:
+def _figure(table, path: Path, names: List[str]) -> None:
     """Test mean against the penalty weight when the grid has weights; otherwise one column per run
     (labelled by its grid values) with its final validation and test means."""
     import matplotlib
@@ -198,7 +198,7 @@ def _figure(table, path: Path, names: Optional[List[str]] = None) -> None:
         ax.set_xlabel("penalty weight")
         ax.set_ylabel(f"test {metric} (mean over groups)")
     else:
-        keys = [n for n in (names or []) if len({str(r.get(n)) for r in done}) > 1] or list(names or [])
+        keys = [n for n in names if len({str(r.get(n)) for r in done}) > 1] or names
         labels = [", ".join(f"{k}={r.get(k)}" for k in keys) + (f"\n{len(r['diverged_seeds'])} of {r['seeds']} diverged"
                                                               if r.get("diverged_seeds") else "") for r in done]
         x = list(range(len(done)))

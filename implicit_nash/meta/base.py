@@ -190,7 +190,8 @@ class Algorithm:
         one by one as in the plain algorithm); ``mode`` overrides ``meta_gradient``.
         """
         mode = self.meta_gradient if mode is None else mode
-        game = self.game(model, theta, x, y, nash)
+        penalty = self.inner_penalty(nash)
+        game = self._game(model, x, y, penalty)
         B = x.shape[0]
         if mode == "implicit":
             solver = PRGD(max_steps=1000) if self.solver is None else self.solver
@@ -199,7 +200,6 @@ class Algorithm:
                             symmetric=game.symmetric, throw=self.throw)
         # Every player starts at the anchor, where a penalty that vanishes there contributes nothing
         # (in value or derivative along the start): the first step uses the task losses alone.
-        penalty = self.inner_penalty(nash)
         first = self._game(model, x, y, None) if penalty is not None and penalty.vanishes_at_anchor else game
         if mode == "first_order":
             detached = tree_map(torch.Tensor.detach, theta)
@@ -210,16 +210,18 @@ class Algorithm:
             return tree_map(lambda p, s: p.detach() + (s - s.detach()), phi, start)
         return self._algorithm_2(game, theta, B, first)
 
-    def _algorithm_2(self, game, theta, B, first=None):
+    def _algorithm_2(self, game, theta, B, first):
         """``inner_steps`` simultaneous gradient steps from phi_i = phi_0 (the paper's Algorithm 2).
 
         Written as a plain loop rather than through ``solve_vi``: a fixed number of steps has no
         tolerance to check, and the loop's graph is what the unrolled meta-gradient differentiates.
+        ``first`` is the game of the first step (``game`` itself, or ``game`` without a penalty that
+        vanishes at the start).
         """
         phi = self._start(theta, B)
         step = self.step_size(theta)
         for k in range(self.inner_steps):
-            F = (first if k == 0 and first is not None else game).pseudo_gradient(phi, theta)
+            F = (first if k == 0 else game).pseudo_gradient(phi, theta)
             if isinstance(step, (int, float)):
                 phi = tree_map(lambda p, f: p - step * f, phi, F)
             else:

@@ -5,7 +5,8 @@ size :math:`\\alpha` of the same shape as every parameter, meta-learned together
 initialisation. ``theta["lr"]`` holds it, initialised to ``inner_lr`` everywhere, or, with
 ``lr_init=(lo, hi)``, to independent uniform draws from ``[lo, hi)`` (Li et al. draw their sinusoid
 step sizes at random from [0.005, 0.1]; the Nash-GBML paper gives only α = 0.001, so this is a
-flag). The paper's penalty scale uses :math:`\\alpha = 0.05` for Meta-SGD (Appendix E), which the configuration layer fills in.
+flag). The paper's penalty scale uses :math:`\\alpha = 0.05` for Meta-SGD (Appendix E), which the
+configuration layer fills in.
 """
 from __future__ import annotations
 
