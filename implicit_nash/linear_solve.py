@@ -2,17 +2,34 @@ r"""Matrix-free linear solvers for the implicit backward pass.
 
 Every solver is a frozen dataclass with one method, ``solve(A, b) -> (x, info)``, where ``A`` is a
 :class:`LinearOperator`, a callable ``v -> A v`` or a dense matrix, and ``b`` a 1-D tensor.  ``info``
-(:class:`LinearSolveInfo`) reports convergence, iterations, matrix-vector products and the final
+(:class:`LinearSolveInfo`) reports the status, iterations, matrix-vector products and the final
 residual :math:`\|Ax - b\|`, which is always measured, never estimated.
 
-Stopping rule (all solvers): :math:`\|Ax - b\| \le \max(\text{atol}, \text{rtol}\,\|b\|)`.
-With ``rtol=None`` the tolerance follows the dtype: :math:`10\,\varepsilon^{3/4}`
-(about ``2e-11`` in float64, ``6e-5`` in float32).
+Stopping rule (all solvers), backward-stable and independent of the scale of ``A`` and ``b``:
+
+.. math:: \|b - Ax\| \le \text{atol} + \text{rtol}\,(\hat A\,\|x\| + \|b\|),
+
+where :math:`\hat A` is a lower estimate of :math:`\|A\|` (the largest :math:`\|Av\|/\|v\|` over
+the products the solver made).  A solution that meets it is the exact solution of a system whose
+matrix and right-hand side differ from ``A`` and ``b`` by relative amounts of order ``rtol``; an
+exact (LU) solve meets it at any condition number.  ``rtol=None`` follows the dtype:
+:math:`10\,\varepsilon^{3/4}` (about ``2e-11`` in float64, ``6e-5`` in float32); ``rtol=0`` and
+``atol=0`` are accepted (as in SciPy) and ask for an exact solve.
+
+Every solver keeps the best iterate it has seen (smallest measured residual) and reports one status
+(:data:`STATUSES`): ``"converged"``, ``"max_steps"``, ``"breakdown"`` (a Krylov recurrence divided by
+zero), ``"singular"`` (the matrix is singular to working precision: an LU failure, or a solution
+whose norm shows a condition number :math:`\hat A\|x\|/\|b\|` of at least ``0.05 / eps``, where no
+digit of it can be trusted), ``"non_finite"`` (a product returned NaN or inf) or ``"diverged"``.
 
 Which solver for a game: the Jacobian :math:`P = \partial_\phi F` of a game is symmetric only for
 potential games.  :class:`CG` is valid only for symmetric positive definite operators and refuses
 anything else; :class:`GMRES` (the default) and :class:`BiCGSTAB` handle non-symmetric operators;
 :class:`NormalCG` works on :math:`A^\top A` and squares the condition number.
+
+``groups``: ``solve(A, b, groups=g)`` treats ``b`` as ``g`` independent blocks of equal size (a batch
+of systems stacked into one block-diagonal system, as the ``vmap`` rule of the implicit backward
+does) and requires the stopping rule of every block, with its own :math:`\|b_g\|` and :math:`\|x_g\|`.
 """
 from __future__ import annotations
 
@@ -26,8 +43,16 @@ from . import _collective
 
 __all__ = [
     "LinearOperator", "LinearSolveInfo", "LinearSolver", "CG", "GMRES", "BiCGSTAB", "NormalCG",
-    "Neumann", "Dense", "default_rtol",
+    "Neumann", "Dense", "default_rtol", "STATUSES",
 ]
+
+#: The statuses a linear solve can end with.
+STATUSES = ("converged", "max_steps", "breakdown", "singular", "non_finite", "diverged")
+
+#: A solution whose norm shows a condition number of at least ``SINGULAR / eps`` is reported singular.
+SINGULAR = 0.05
+
+DEFAULT_MAX_STEPS = 1000
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -41,13 +66,15 @@ class LinearOperator:
     Args:
         matvec: ``v -> A v`` on 1-D tensors.
         rmatvec: optional ``v -> A^T v`` (needed by :class:`NormalCG`).
-        symmetric: ``True`` if ``A`` is known to be symmetric, ``False`` if known not to be,
-            ``None`` if unknown (then :class:`CG` tests it).
+        symmetric: the operator's symmetry tag: ``True`` if ``A`` is known to be symmetric, ``False``
+            if known not to be, ``None`` if unknown (then :class:`CG` tests it).
     """
 
     def __init__(self, matvec: Callable[[torch.Tensor], torch.Tensor],
                  rmatvec: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  symmetric: Optional[bool] = None):
+        if symmetric not in (None, True, False):
+            raise ValueError(f"symmetric must be True, False or None, got {symmetric!r}")
         self.matvec = matvec
         self.rmatvec = rmatvec
         self.symmetric = symmetric
@@ -79,13 +106,17 @@ class LinearSolveInfo:
     """What a linear solve did.
 
     Attributes:
-        converged: whether the stopping rule was met.
+        converged: whether the stopping rule was met (``status == "converged"``).
         steps: iterations of the method (Krylov dimension for GMRES).
         matvecs: operator applications (transposed ones included).
-        residual: final :math:`\\|Ax - b\\|`, measured.
+        residual: final :math:`\\|Ax - b\\|`, measured (with ``groups``: of the block that is
+            furthest from its tolerance).
         tolerance: the threshold the residual was compared with.
         history: residual norms observed along the way.
-        message: why it stopped.
+        message: why it stopped, in words.
+        status: one of :data:`STATUSES`.
+        norm_estimate: the estimate :math:`\\hat A` of :math:`\\|A\\|` used by the stopping rule.
+        group_residuals, group_tolerances: per block, with ``groups > 1``.
     """
 
     converged: bool
@@ -95,6 +126,10 @@ class LinearSolveInfo:
     tolerance: float
     history: List[float] = field(default_factory=list)
     message: str = ""
+    status: str = "converged"
+    norm_estimate: float = float("nan")
+    group_residuals: List[float] = field(default_factory=list)
+    group_tolerances: List[float] = field(default_factory=list)
 
 
 def _check_b(b: torch.Tensor) -> None:
@@ -113,30 +148,24 @@ def _check_positive(name: str, value, *, integer: bool = False, allow_none: bool
         raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
-def _check_nonneg(name: str, value) -> None:
+def _check_nonneg(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
 
 
-@dataclass(frozen=True, kw_only=True)
-class LinearSolver:
-    """Common fields: ``rtol`` (``None``: dtype default), ``atol``, ``max_steps``."""
+def _group_sq(v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-block sums of squares, in float64, on v's device (not reduced over ranks)."""
+    return (v.detach().to(torch.float64) ** 2).reshape(groups, -1).sum(1)
 
-    rtol: Optional[float] = None
-    atol: float = 0.0
-    max_steps: int = 1000
 
-    def __post_init__(self):
-        _check_positive("rtol", self.rtol, allow_none=True)
-        _check_nonneg("atol", self.atol)
-        _check_positive("max_steps", self.max_steps, integer=True)
-
-    def _tolerance(self, b: torch.Tensor) -> float:
-        rtol = default_rtol(b.dtype) if self.rtol is None else self.rtol
-        return max(self.atol, rtol * _norm(b))
-
-    def solve(self, A, b: torch.Tensor) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover
-        raise NotImplementedError
+def _gnorm(v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-block norms over every rank's part, as a float64 CPU tensor of shape ``(groups,)``."""
+    sq = _group_sq(v, groups)
+    if _collective.active():
+        sq = _collective.allsum(sq)
+    return sq.cpu().sqrt()
 
 
 def _norm(v: torch.Tensor) -> float:
@@ -147,72 +176,214 @@ def _norm(v: torch.Tensor) -> float:
 _dot = _collective.dot
 
 
-def _zero_rhs(b: torch.Tensor, tol: float) -> Tuple[torch.Tensor, LinearSolveInfo]:
-    return torch.zeros_like(b), LinearSolveInfo(True, 0, 0, 0.0, tol, [0.0], "b = 0")
+class _Monitor:
+    """The shared machinery of every solver: counts products, estimates ``||A||`` from them, applies
+    the stopping rule per block, keeps the best iterate and builds the :class:`LinearSolveInfo`."""
+
+    def __init__(self, solver: "LinearSolver", A, b: torch.Tensor, groups: int):
+        _check_b(b)
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or b.numel() % groups:
+            raise ValueError(f"groups must be a positive integer dividing len(b) = {b.numel()}, got {groups!r}")
+        if groups > 1 and _collective.active():
+            raise ValueError("a batch of systems (groups > 1) cannot also be sharded over ranks")
+        self.op = as_operator(A)
+        self.b = b
+        self.groups = groups
+        self.rtol = default_rtol(b.dtype) if solver.rtol is None else solver.rtol
+        self.atol = solver.atol
+        self.eps = torch.finfo(b.dtype).eps
+        self.matvecs = 0
+        self._pairs: List[torch.Tensor] = []
+        self.estimate = torch.zeros(groups, dtype=torch.float64)
+        self.bnorm = _gnorm(b, groups)
+        self.best_x = torch.zeros_like(b)
+        self.best_res = self.bnorm.clone()
+        self.history: List[float] = [float(self.bnorm.norm())]
+        self.res = self.bnorm.clone()
+        self.tol = self.tolerance_for(self.best_x)
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        w = self.op(v)
+        self.matvecs += 1
+        self._pairs.append(torch.stack([_group_sq(v, self.groups), _group_sq(w, self.groups)]))
+        return w
+
+    def _update_estimate(self) -> None:
+        if not self._pairs:
+            return
+        pairs = torch.stack(self._pairs)  # (k, 2, groups)
+        self._pairs = []
+        if _collective.active():
+            pairs = _collective.allsum(pairs)
+        pairs = pairs.cpu()
+        ratio = torch.where(pairs[:, 0] > 0, pairs[:, 1] / pairs[:, 0].clamp_min(1e-300), torch.zeros(()))
+        ratio = torch.nan_to_num(ratio, nan=0.0, posinf=0.0)  # a non-finite product is reported elsewhere
+        self.estimate = torch.maximum(self.estimate, ratio.max(0).values.sqrt())
+
+    def tolerance_for(self, x: torch.Tensor) -> torch.Tensor:
+        self._update_estimate()
+        return self.atol + self.rtol * (self.estimate * _gnorm(x, self.groups) + self.bnorm)
+
+    @property
+    def zero_rhs(self) -> bool:
+        return bool((self.bnorm == 0).all())
+
+    def threshold(self, x: torch.Tensor) -> float:
+        """One number for a recurrence's estimate of the global residual: the strictest block's."""
+        return float(self.tolerance_for(x).min())
+
+    def accept(self, x: torch.Tensor, r: torch.Tensor) -> bool:
+        """Record ``x`` with its residual ``r = b - A x`` (true or recurrence); True if every block
+        meets its tolerance.  The best iterate is kept per block."""
+        res = _gnorm(r, self.groups)
+        self.history.append(float(res.norm()))
+        tol = self.tolerance_for(x)
+        finite = torch.isfinite(res)
+        better = finite & (res < self.best_res)
+        if bool(better.any()):
+            if self.groups == 1:
+                self.best_x = x.detach().clone()
+            else:
+                mask = better.to(x.device).unsqueeze(1)
+                self.best_x = torch.where(mask, x.detach().reshape(self.groups, -1),
+                                          self.best_x.reshape(self.groups, -1)).reshape(-1)
+            self.best_res = torch.where(better, res, self.best_res)
+        self.res, self.tol = res, tol
+        return bool(finite.all()) and bool((res <= tol).all())
+
+    def finish(self, steps: int, status: Optional[str] = None, message: str = "",
+               verify: bool = True) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        """The best iterate and its info.  ``verify`` re-measures its true residual (one product)."""
+        x = self.best_x
+        if verify and self.matvecs:
+            r = self.b - self(x)
+            res = _gnorm(r, self.groups)
+        else:
+            res = self.best_res
+        tol = self.tolerance_for(x)
+        ok = bool(torch.isfinite(res).all()) and bool((res <= tol).all())
+        if ok:
+            xn = _gnorm(x, self.groups)
+            cond = torch.where(self.bnorm > 0, self.estimate * xn / self.bnorm.clamp_min(1e-300), torch.zeros(()))
+            worst = float(cond.max())
+            if worst * self.eps >= SINGULAR:
+                status = "singular"
+                message = (f"the solution's norm shows a condition number of at least {worst:.3g}, "
+                           f"beyond {SINGULAR:g}/eps = {SINGULAR / self.eps:.3g} for {self.b.dtype}: the matrix "
+                           f"is singular to working precision and no digit of the solution can be trusted")
+            else:
+                status, message = "converged", "converged"
+        elif status is None or status == "converged":
+            status, message = "max_steps", message or "max_steps reached"
+        ratio = torch.where(tol > 0, res / tol.clamp_min(1e-300), torch.where(res > 0, torch.inf, 0.0))
+        ratio = torch.nan_to_num(ratio, nan=math.inf)
+        k = int(ratio.argmax())
+        self.history.append(float(res.norm()))
+        info = LinearSolveInfo(status == "converged", steps, self.matvecs, float(res[k]), float(tol[k]),
+                               self.history, message, status, float(self.estimate.max()),
+                               res.tolist() if self.groups > 1 else [], tol.tolist() if self.groups > 1 else [])
+        return x, info
+
+    def zero(self) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        zeros = [0.0] * self.groups if self.groups > 1 else []
+        tol = self.tolerance_for(self.best_x)
+        return torch.zeros_like(self.b), LinearSolveInfo(True, 0, 0, 0.0, float(tol.min()), [0.0], "b = 0",
+                                                         "converged", 0.0, zeros, tol.tolist() if zeros else [])
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearSolver:
+    """Common fields: ``rtol`` (``None``: dtype default; ``0`` allowed), ``atol`` (``0`` allowed),
+    ``max_steps`` (``None``: 1000 products for the iterative solvers)."""
+
+    rtol: Optional[float] = None
+    atol: float = 0.0
+    max_steps: Optional[int] = None
+
+    def __post_init__(self):
+        _check_nonneg("rtol", self.rtol, allow_none=True)
+        _check_nonneg("atol", self.atol)
+        _check_positive("max_steps", self.max_steps, integer=True, allow_none=True)
+
+    @property
+    def steps_limit(self) -> int:
+        return DEFAULT_MAX_STEPS if self.max_steps is None else self.max_steps
+
+    def solve(self, A, b: torch.Tensor, *, groups: int = 1) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        mon = _Monitor(self, A, b, groups)
+        if mon.zero_rhs:
+            return mon.zero()
+        return self._solve(mon)
+
+    def _solve(self, mon: _Monitor) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
 
 
 @dataclass(frozen=True, kw_only=True)
 class CG(LinearSolver):
     """Conjugate gradients, for symmetric positive definite operators only (potential games).
 
-    Before iterating it makes sure the operator is symmetric: an operator declared symmetric is
-    trusted, one declared non-symmetric is refused, and for an unknown one ``check_symmetry``
-    compares :math:`u^\\top A v` with :math:`v^\\top A u` for random ``u, v`` (two extra
-    products) and raises ``ValueError`` if they differ.  A non-positive curvature
-    :math:`p^\\top A p \\le 0` also stops it with an error.
+    Symmetry: an operator tagged non-symmetric is refused (``ValueError``).  ``check_symmetry``:
+    ``None`` (default) tests an operator whose symmetry is unknown by comparing
+    :math:`u^\\top A v` with :math:`v^\\top A u` for random ``u, v`` (two extra products) and raises
+    ``ValueError`` if they differ, and trusts one tagged symmetric; ``True`` tests even a tagged one;
+    ``False`` never tests.  Non-positive curvature :math:`p^\\top A p \\le 0` stops it with status
+    ``"breakdown"`` (the operator is not positive definite).
     """
 
-    check_symmetry: bool = True
+    check_symmetry: Optional[bool] = None
 
-    def solve(self, A, b):
-        _check_b(b)
-        op = as_operator(A)
-        tol = self._tolerance(b)
-        matvecs = 0
+    def __post_init__(self):
+        super().__post_init__()
+        if self.check_symmetry not in (None, True, False):
+            raise ValueError(f"check_symmetry must be True, False or None, got {self.check_symmetry!r}")
+
+    def _solve(self, mon):
+        op, b = mon.op, mon.b
         if op.symmetric is False:
             raise ValueError("CG needs a symmetric operator and this one is declared non-symmetric "
                              "(a game that is not a potential game); use GMRES or BiCGSTAB")
-        if op.symmetric is None and self.check_symmetry:
+        test = self.check_symmetry if self.check_symmetry is not None else op.symmetric is None
+        if test:
             gen = torch.Generator(device=b.device).manual_seed(0)
             u = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
             v = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
-            Av, Au = op(v), op(u)
-            matvecs += 2
+            Av, Au = mon(v), mon(u)
             gap = abs(_dot(u, Av) - _dot(v, Au))
             scale = _norm(u) * _norm(Av) + _norm(v) * _norm(Au)
-            limit = max(1e-6, 1e3 * torch.finfo(b.dtype).eps)
+            limit = max(1e-6, 1e3 * mon.eps)
             if gap > limit * scale:
                 raise ValueError(
                     f"CG needs a symmetric operator, but u'Av - v'Au = {gap:.3g} (relative "
-                    f"{gap / scale:.3g}) for random u, v: the game's Jacobian is not symmetric (not a "
-                    f"potential game, or constraints are active); use GMRES or BiCGSTAB")
-        if _norm(b) == 0:
-            return _zero_rhs(b, tol)
+                    f"{gap / scale:.3g}) for random u, v: the system is not symmetric (not a potential "
+                    f"game, or constraints are active); use GMRES or BiCGSTAB")
         x = torch.zeros_like(b)
         r = b.clone()
         p = r.clone()
         rs = _dot(r, r)
-        history = [math.sqrt(rs)]
         steps = 0
-        while steps < self.max_steps and history[-1] > tol:
-            Ap = op(p)
-            matvecs += 1
+        while steps < self.steps_limit:
+            Ap = mon(p)
             curv = _dot(p, Ap)
-            if not curv > 0:
-                raise ValueError(f"CG met non-positive curvature p'Ap = {curv:.3g}: the operator is not "
-                                 "positive definite; use GMRES")
+            if not _finite(curv):
+                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            if curv <= 0:
+                return mon.finish(steps, "breakdown", f"non-positive curvature p'Ap = {curv:.3g}: the operator "
+                                  "is not positive definite; use GMRES")
             alpha = rs / curv
             x = x + alpha * p
             r = r - alpha * Ap
+            steps += 1
+            if mon.accept(x, r):
+                break
             rs_new = _dot(r, r)
             p = r + (rs_new / rs) * p
             rs = rs_new
-            steps += 1
-            history.append(math.sqrt(rs))
-        res = _norm(b - op(x))
-        matvecs += 1
-        return x, LinearSolveInfo(res <= tol, steps, matvecs, res, tol, history,
-                                  "converged" if res <= tol else "max_steps reached")
+        return mon.finish(steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,7 +392,8 @@ class GMRES(LinearSolver):
 
     The Arnoldi basis is orthogonalised twice (classical Gram--Schmidt with reorthogonalisation);
     the small least-squares problem is updated with Givens rotations.  ``restart`` is the Krylov
-    dimension before a restart; ``max_steps`` bounds the total number of products.
+    dimension before a restart; ``max_steps`` bounds the total number of products.  The true
+    residual is measured at every restart and the best iterate is kept.
     """
 
     restart: int = 50
@@ -230,28 +402,24 @@ class GMRES(LinearSolver):
         super().__post_init__()
         _check_positive("restart", self.restart, integer=True)
 
-    def solve(self, A, b):
-        _check_b(b)
-        op = as_operator(A)
-        tol = self._tolerance(b)
-        if _norm(b) == 0:
-            return _zero_rhs(b, tol)
+    def _solve(self, mon):
+        b = mon.b
         x = torch.zeros_like(b)
         r = b
         beta = _norm(r)
-        history = [beta]
-        steps = matvecs = 0
-        while beta > tol and steps < self.max_steps:
-            m = min(self.restart, self.max_steps - steps)
+        steps = 0
+        while steps < self.steps_limit:
+            m = min(self.restart, self.steps_limit - steps)
+            threshold = mon.threshold(x)
             V = torch.empty((m + 1, b.numel()), dtype=b.dtype, device=b.device)
             V[0] = r / beta
             H = [[0.0] * m for _ in range(m + 1)]
             cs, sn = [0.0] * m, [0.0] * m
             g = [beta] + [0.0] * m
             k = 0
+            status = None
             for j in range(m):
-                w = op(V[j])
-                matvecs += 1
+                w = mon(V[j])
                 steps += 1
                 basis = V[: j + 1]
                 h = _collective.allsum(basis @ w)
@@ -260,97 +428,111 @@ class GMRES(LinearSolver):
                 w = w - h2 @ basis
                 col = (h + h2).tolist()
                 hn = _norm(w)
+                if not (_finite(hn) and all(map(_finite, col))):
+                    status = "non_finite"
+                    break
                 for i in range(j):  # apply the earlier rotations to the new column
                     a, c = col[i], col[i + 1]
                     col[i], col[i + 1] = cs[i] * a + sn[i] * c, -sn[i] * a + cs[i] * c
                 denom = math.hypot(col[j], hn)
-                cs[j], sn[j] = (1.0, 0.0) if denom == 0 else (col[j] / denom, hn / denom)
+                if denom == 0:  # A v_j lies in the span of v_0..v_{j-1} with a zero pivot: singular
+                    status = "breakdown"
+                    break
+                cs[j], sn[j] = col[j] / denom, hn / denom
                 col[j] = denom
                 g[j + 1] = -sn[j] * g[j]
                 g[j] = cs[j] * g[j]
                 for i in range(j + 1):
                     H[i][j] = col[i]
                 k = j + 1
-                history.append(abs(g[j + 1]))
-                if hn == 0 or abs(g[j + 1]) <= tol:
+                mon.history.append(abs(g[j + 1]))
+                if hn == 0 or abs(g[j + 1]) <= threshold:
                     break
                 V[j + 1] = w / hn
-            Hk = torch.tensor([row[:k] for row in H[:k]], dtype=torch.float64)
-            gk = torch.tensor(g[:k], dtype=torch.float64).unsqueeze(1)
-            y = torch.linalg.solve_triangular(Hk, gk, upper=True).squeeze(1).to(b.dtype).to(b.device)
-            x = x + y @ V[:k]
-            r = b - op(x)  # the true residual, not the recurrence's estimate
-            matvecs += 1
-            beta = _norm(r)
-            history.append(beta)
-            if not math.isfinite(beta):
-                break
-        ok = beta <= tol
-        return x, LinearSolveInfo(ok, steps, matvecs, beta, tol, history,
-                                  "converged" if ok else "max_steps reached")
+            if k:
+                Hk = torch.tensor([row[:k] for row in H[:k]], dtype=torch.float64)
+                gk = torch.tensor(g[:k], dtype=torch.float64).unsqueeze(1)
+                y = torch.linalg.solve_triangular(Hk, gk, upper=True).squeeze(1).to(b.dtype).to(b.device)
+                x = x + y @ V[:k]
+                r = b - mon(x)  # the true residual, not the recurrence's estimate
+                if mon.accept(x, r):
+                    break
+                beta = _norm(r)
+                if not _finite(beta):
+                    status = "non_finite"
+            if status is not None or k == 0:
+                message = {"non_finite": "a product returned NaN or inf",
+                           "breakdown": "GMRES broke down (a zero pivot in the Arnoldi process): the operator "
+                                        "is singular on the Krylov space"}.get(status, "no progress")
+                return mon.finish(steps, status or "breakdown", message)
+        return mon.finish(steps, verify=False)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BiCGSTAB(LinearSolver):
     """Stabilised bi-conjugate gradients (van der Vorst 1992) for non-symmetric operators.
 
-    Two products per iteration, short recurrences (constant memory).  A breakdown
-    (:math:`\\hat r^\\top r = 0`) restarts from the current iterate.
+    Two products per iteration, short recurrences (constant memory).  A breakdown (a zero
+    :math:`\\hat r^\\top r`, :math:`\\hat r^\\top A p` or stabilisation step) restarts once from the
+    current iterate with a fresh shadow residual; a second breakdown without progress ends the solve
+    with status ``"breakdown"`` (skew-symmetric operators, such as a purely bilinear game, break it:
+    use GMRES there).
     """
 
-    def solve(self, A, b):
-        _check_b(b)
-        op = as_operator(A)
-        tol = self._tolerance(b)
-        if _norm(b) == 0:
-            return _zero_rhs(b, tol)
+    def _solve(self, mon):
+        b = mon.b
         x = torch.zeros_like(b)
         r = b.clone()
-        r_hat = r.clone()
-        rho = alpha = omega = 1.0
-        v = torch.zeros_like(b)
-        p = torch.zeros_like(b)
-        res = _norm(r)
-        history = [res]
-        steps = matvecs = 0
+        steps = 0
+        restarts_without_progress = 0
+
+        def fresh():
+            return r.clone(), 1.0, 1.0, 1.0, torch.zeros_like(b), torch.zeros_like(b)
+
+        r_hat, rho, alpha, omega, v, p = fresh()
         tiny = torch.finfo(b.dtype).tiny
-        while res > tol and steps < self.max_steps:
+        while steps < self.steps_limit:
             rho_new = _dot(r_hat, r)
-            if abs(rho_new) <= tiny:  # breakdown: restart the shadow residual
-                r_hat = r.clone()
-                rho, alpha, omega = 1.0, 1.0, 1.0
-                v.zero_()
-                p.zero_()
-                rho_new = _dot(r_hat, r)
+            if not _finite(rho_new):
+                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            if abs(rho_new) <= tiny or omega == 0:
+                restarts_without_progress += 1
+                if restarts_without_progress > 1:
+                    return mon.finish(steps, "breakdown", "BiCGSTAB broke down (r_hat'r = 0 or a zero "
+                                      "stabilisation step) twice without progress; use GMRES")
+                r_hat, rho, alpha, omega, v, p = fresh()
+                continue
             beta = (rho_new / rho) * (alpha / omega)
             p = r + beta * (p - omega * v)
-            v = op(p)
-            matvecs += 1
-            alpha = rho_new / _dot(r_hat, v)
+            v = mon(p)
+            denom = _dot(r_hat, v)
+            if not _finite(denom):
+                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            if abs(denom) <= tiny:
+                restarts_without_progress += 1
+                if restarts_without_progress > 1:
+                    return mon.finish(steps, "breakdown", "BiCGSTAB broke down (r_hat'Ap = 0) twice without "
+                                      "progress: the operator may be skew-symmetric or indefinite; use GMRES")
+                r_hat, rho, alpha, omega, v, p = fresh()
+                continue
+            alpha = rho_new / denom
             s = r - alpha * v
             steps += 1
-            if _norm(s) <= tol:
+            if mon.accept(x + alpha * p, s):
                 x = x + alpha * p
-                r = s
-                res = _norm(r)
-                history.append(res)
                 break
-            t = op(s)
-            matvecs += 1
+            t = mon(s)
             tt = _dot(t, t)
             omega = _dot(t, s) / tt if tt > 0 else 0.0
             x = x + alpha * p + omega * s
             r = s - omega * t
             rho = rho_new
-            res = _norm(r)
-            history.append(res)
-            if not math.isfinite(res):
+            if mon.accept(x, r):
                 break
-        res = _norm(b - op(x))
-        matvecs += 1
-        ok = res <= tol
-        return x, LinearSolveInfo(ok, steps, matvecs, res, tol, history,
-                                  "converged" if ok else "max_steps reached")
+            restarts_without_progress = 0 if omega != 0 else restarts_without_progress
+            if not torch.isfinite(mon.res).all():
+                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+        return mon.finish(steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,41 +543,40 @@ class NormalCG(LinearSolver):
     linear solver has this weakness); needs the transpose product (``rmatvec``).
     """
 
-    def solve(self, A, b):
-        _check_b(b)
-        op = as_operator(A)
-        opT = op.T
-        tol = self._tolerance(b)
-        if _norm(b) == 0:
-            return _zero_rhs(b, tol)
+    def _solve(self, mon):
+        b = mon.b
+        opT = mon.op.T
         x = torch.zeros_like(b)
         r = b.clone()
-        z = opT(r)
+
+        def transposed(u):
+            mon.matvecs += 1
+            return opT(u)
+
+        z = transposed(r)
         p = z.clone()
         zz = _dot(z, z)
-        matvecs = 1
-        res = _norm(r)
-        history = [res]
         steps = 0
-        while res > tol and steps < self.max_steps and zz > 0:
-            w = op(p)
-            matvecs += 1
-            alpha = zz / _dot(w, w)
+        while steps < self.steps_limit:
+            if zz == 0:
+                return mon.finish(steps, "singular", "A^T r = 0 with r != 0: b is not in the range of A")
+            w = mon(p)
+            ww = _dot(w, w)
+            if not (_finite(ww) and _finite(zz)):
+                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            if ww == 0:
+                return mon.finish(steps, "singular", "A p = 0 for a non-zero p: the operator is singular")
+            alpha = zz / ww
             x = x + alpha * p
             r = r - alpha * w
-            z = opT(r)
-            matvecs += 1
+            steps += 1
+            if mon.accept(x, r):
+                break
+            z = transposed(r)
             zz_new = _dot(z, z)
             p = z + (zz_new / zz) * p
             zz = zz_new
-            steps += 1
-            res = _norm(r)
-            history.append(res)
-        res = _norm(b - op(x))
-        matvecs += 1
-        ok = res <= tol
-        return x, LinearSolveInfo(ok, steps, matvecs, res, tol, history,
-                                  "converged" if ok else "max_steps reached")
+        return mon.finish(steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -403,8 +584,8 @@ class Neumann(LinearSolver):
     """Truncated Neumann series / Richardson iteration :math:`x_{k+1} = x_k + \\eta (b - A x_k)`.
 
     Converges when the spectral radius of :math:`I - \\eta A` is below one (for a μ-strongly
-    monotone, L-Lipschitz operator: :math:`\\eta < 2\\mu/L^2`).  Stops early, unconverged, when the
-    residual grows a million-fold.
+    monotone, L-Lipschitz operator: :math:`\\eta < 2\\mu/L^2`).  Stops early with status
+    ``"diverged"`` when the residual grows a million-fold.
     """
 
     step_size: float = 1.0
@@ -413,31 +594,23 @@ class Neumann(LinearSolver):
         super().__post_init__()
         _check_positive("step_size", self.step_size)
 
-    def solve(self, A, b):
-        _check_b(b)
-        op = as_operator(A)
-        tol = self._tolerance(b)
-        bnorm = _norm(b)
-        if bnorm == 0:
-            return _zero_rhs(b, tol)
+    def _solve(self, mon):
+        b = mon.b
         x = torch.zeros_like(b)
         r = b.clone()
-        res = bnorm
-        history = [res]
-        steps = matvecs = 0
-        message = "max_steps reached"
-        while res > tol and steps < self.max_steps:
+        bnorm = float(mon.bnorm.norm())
+        steps = 0
+        while steps < self.steps_limit:
             x = x + self.step_size * r
-            r = b - op(x)
-            matvecs += 1
+            r = b - mon(x)
             steps += 1
-            res = _norm(r)
-            history.append(res)
-            if not math.isfinite(res) or res > 1e6 * bnorm:
-                message = "diverged: spectral radius of I - step_size * A is at least one"
+            if mon.accept(x, r):
                 break
-        ok = res <= tol
-        return x, LinearSolveInfo(ok, steps, matvecs, res, tol, history, "converged" if ok else message)
+            res = mon.history[-1]
+            if not _finite(res) or res > 1e6 * bnorm:
+                return mon.finish(steps, "diverged", "diverged: the spectral radius of I - step_size * A is at "
+                                  "least one")
+        return mon.finish(steps, verify=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -445,23 +618,41 @@ class Dense(LinearSolver):
     """Materialise the matrix (one product per column, batched with ``vmap``) and solve with LU.
 
     Exact up to rounding; for tests and small problems (memory :math:`n^2`).  ``rtol``/``atol``
-    only decide whether the measured residual counts as converged.
+    only decide whether the measured residual counts as converged; a direct solve has no
+    ``max_steps`` (setting it is an error).  A singular matrix gives status ``"singular"``.
     """
 
-    def solve(self, A, b):
-        _check_b(b)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.max_steps is not None:
+            raise ValueError("Dense is a direct solve and takes no max_steps")
+
+    def _solve(self, mon):
         if _collective.active():
             raise ValueError("Dense materialises the operator on one process and cannot be used with players "
                              "sharded over ranks; use GMRES or BiCGSTAB")
-        op = as_operator(A)
-        tol = self._tolerance(b)
-        eye = torch.eye(b.numel(), dtype=b.dtype, device=b.device)
+        b = mon.b
+        n = b.numel() // mon.groups
+        eye = torch.eye(n, dtype=b.dtype, device=b.device)
+        # column j of block g: A applied to e_j placed in every block at once (the blocks are independent)
+        basis = eye.repeat(1, mon.groups)
         try:
-            rows = torch.func.vmap(op)(eye)  # row j is A e_j, i.e. column j of A
+            rows = torch.func.vmap(mon.op)(basis)
         except (RuntimeError, ValueError, NotImplementedError):
-            rows = torch.stack([op(e) for e in eye])
-        x = torch.linalg.solve(rows.T, b)
-        res = _norm(b - op(x))
-        ok = res <= tol
-        return x, LinearSolveInfo(ok, 1, b.numel() + 1, res, tol, [res],
-                                  "converged" if ok else "residual above tolerance (ill-conditioned)")
+            rows = torch.stack([mon.op(e) for e in basis])
+        mon.matvecs += n
+        blocks = rows.reshape(n, mon.groups, n).permute(1, 2, 0)  # (groups, n, n): A_g
+        if not bool(torch.isfinite(blocks).all()):
+            return mon.finish(1, "non_finite", "the materialised matrix contains NaN or inf", verify=False)
+        try:
+            x = torch.linalg.solve(blocks, b.reshape(mon.groups, n)).reshape(-1)
+        except torch.linalg.LinAlgError as err:
+            return mon.finish(1, "singular", f"LU failed: {str(err).splitlines()[0]}", verify=False)
+        for k in range(n):  # the norm estimate: the columns' norms (exact lower bounds of ||A||)
+            mon._pairs.append(torch.stack([torch.ones(mon.groups, dtype=torch.float64, device=b.device),
+                                           _group_sq(rows[k], mon.groups)]))
+        r = b - mon(x)
+        if mon.accept(x, r):
+            return mon.finish(1, verify=False)
+        status = "non_finite" if not bool(torch.isfinite(x).all()) else "max_steps"
+        return mon.finish(1, status, "residual above tolerance (ill-conditioned)", verify=False)
