@@ -1,5 +1,6 @@
 """implicit_nash: differentiable Nash equilibria and Nash gradient-based meta-learning in PyTorch."""
-from .equilibrium import NashLayer, nash_equilibrium, solve_vi
+from .equilibrium import (NashLayer, custom_fixed_point, custom_root, nash_equilibrium, nash_solution, solve_vi,
+                          vi_solution)
 from .errors import ConvergenceError, ConvergenceWarning
 from .games import AggregativeGame, CostGame, Game, residual
 from .implicit import Adjoint, Implicit, Unrolled
@@ -13,7 +14,8 @@ from .solvers import PRGD, Extragradient, GaussSeidel, SimultaneousGradient, Sol
 __version__ = "0.1.0"
 
 __all__ = [
-    "solve_vi", "nash_equilibrium", "NashLayer",
+    "solve_vi", "nash_equilibrium", "NashLayer", "vi_solution", "nash_solution", "custom_root",
+    "custom_fixed_point",
     "Game", "CostGame", "AggregativeGame", "residual",
     "Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
     "Adjoint", "Implicit", "Unrolled",

@@ -7,7 +7,7 @@ def tree_leaves(tree):
     return tree_flatten(tree)[0]
 
 
-__all__ = ["tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "differentiable_all_reduce_sum"]
+__all__ = ["tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "differentiable_all_reduce_sum", "is_batched"]
 
 
 def differentiable_all_reduce_sum(t, group):
@@ -19,3 +19,12 @@ def differentiable_all_reduce_sum(t, group):
     import torch.distributed as dist
     import torch.distributed._functional_collectives as funcol
     return funcol.all_reduce(t, "sum", group if group is not None else dist.group.WORLD)
+
+
+def is_batched(t) -> bool:
+    """Whether ``t`` is being transformed by ``torch.func.vmap`` (a functorch BatchedTensor)."""
+    import torch
+    try:
+        return bool(torch._C._functorch.is_batchedtensor(t))
+    except AttributeError:  # pragma: no cover
+        return False

@@ -1,26 +1,41 @@
-"""The public layer: :func:`solve_vi`, :func:`nash_equilibrium` and :class:`NashLayer`."""
+"""The public layer: :func:`solve_vi`, :func:`nash_equilibrium`, :class:`NashLayer`, the
+:class:`~implicit_nash.Solution`-returning :func:`vi_solution` and :func:`nash_solution`, and
+:func:`custom_root` / :func:`custom_fixed_point` for a forward solver of the user's own."""
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from ._compat import tree_map, tree_unflatten
+from ._compat import is_batched, tree_map, tree_unflatten
 from ._tree import Flattener, check_finite, leaves_of
 from .errors import ConvergenceError, ConvergenceWarning
 from .games import CostGame, Game
-from .implicit import Adjoint, Implicit, ImplicitSolution, ImplicitSpec
+from .implicit import Adjoint, EquilibriumFn, Implicit, Problem, Unrolled
+from .linear_solve import GMRES, LinearSolver
 from .sets import Reals, StrategySet
-from .solvers import PRGD, FlatProblem, Solution, Solver, iterate
+from .solvers import PRGD, FlatProblem, Solution, Solver, _lipschitz_estimate, iterate
 
-__all__ = ["solve_vi", "nash_equilibrium", "NashLayer"]
+__all__ = ["solve_vi", "nash_equilibrium", "NashLayer", "vi_solution", "nash_solution", "custom_root",
+           "custom_fixed_point"]
+
+
+def _symmetry(declared: Optional[bool], adjoint: Adjoint) -> Optional[bool]:
+    """The one symmetry declaration of the operator: the game's (or solve_vi's); Implicit's
+    deprecated flag only where that is silent, and an error where the two disagree."""
+    legacy = getattr(adjoint, "symmetric", None)
+    if legacy is not None and declared is not None and legacy != declared:
+        raise ValueError(f"Implicit(symmetric={legacy}) contradicts the operator's declaration "
+                         f"symmetric={declared}; declare symmetry once, on the game or in solve_vi")
+    return declared if declared is not None else legacy
 
 
 def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], symmetric: Optional[bool],
            solver: Optional[Solver], adjoint: Optional[Adjoint], constraint: Optional[StrategySet],
-           throw: bool, return_info: bool, z_name: str):
+           throw: bool, z_name: str, forward: Optional[Callable] = None, root_tol=None) -> Solution:
     solver = PRGD() if solver is None else solver
     adjoint = Implicit() if adjoint is None else adjoint
     constraint = Reals() if constraint is None else constraint
@@ -30,85 +45,143 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         raise TypeError(f"adjoint must be Implicit(...) or Unrolled(), got {type(adjoint).__name__}")
     if not isinstance(constraint, StrategySet):
         raise TypeError(f"constraint must be a StrategySet (Box, Ball, ...), got {type(constraint).__name__}")
+    if not isinstance(throw, bool):
+        raise TypeError(f"throw must be True or False, got {throw!r}")
+    symmetric = _symmetry(symmetric, adjoint)
 
     flat = Flattener(z0, players, z_name)
     z_leaves, _ = leaves_of(z0, z_name)
-    check_finite(z_leaves, z_name)
     theta_leaves, theta_def = leaves_of(theta, "theta")
-    check_finite(theta_leaves, "theta")
+    set_names = list(constraint.parameters())
+    set_leaves = [constraint.parameters()[k] for k in set_names]
     batch_dims = 0 if players is None else 1
+    name = type(solver).__name__ if forward is None else "the custom forward solver"
 
-    def project(v: torch.Tensor) -> torch.Tensor:
+    def project(v: torch.Tensor, sp) -> torch.Tensor:
         if constraint.unconstrained:
             return v
-        return flat.flatten(tree_map(lambda x: constraint.project(x, batch_dims), flat.unflatten(v)))
+        c = constraint.with_parameters(dict(zip(set_names, sp))) if set_names else constraint
+        return flat.flatten(tree_map(lambda x: c.project(x, batch_dims), flat.unflatten(v)))
 
     def F(v: torch.Tensor, th) -> torch.Tensor:
         out = operator(flat.unflatten(v), tree_unflatten(list(th), theta_def))
         try:
             return flat.flatten(out)
-        except (ValueError, AttributeError) as err:
+        except (ValueError, AttributeError, TypeError) as err:
             raise ValueError(f"the operator must return a pytree shaped like {z_name}: {err}") from None
 
-    def G(v: torch.Tensor, th) -> torch.Tensor:
-        Fv = F(v, th)
-        return Fv if constraint.unconstrained else v - project(v - Fv)
-
-    implicit = isinstance(adjoint, Implicit)
-    # The implicit gradient does not depend on the initial point; the unrolled one does (MAML
-    # starts at phi_i = theta, and that path is part of its gradient), so only Implicit detaches.
-    start = project(flat.flatten(z0).detach() if implicit else flat.flatten(z0))
-    detached = [t.detach() for t in theta_leaves]
-    with torch.enable_grad():
-        F0 = F(start.detach(), detached)
-    if not bool(torch.isfinite(F0).all()):
-        raise ValueError(f"the operator is NaN or inf at the initial point {z_name}")
-    if implicit and F0.requires_grad:
-        raise ValueError("the operator depends on tensors that require grad but are not in theta "
-                         "(a closure over parameters?); the implicit adjoint would silently drop their "
-                         "gradient: pass them inside theta, use NashLayer with an nn.Module, or use "
-                         "adjoint=Unrolled()")
-
-    if implicit:
-        with torch.no_grad():
-            problem = FlatProblem(lambda v: F(v, detached), project, flat.players, flat.block,
-                                  constraint.unconstrained)
-            sol = iterate(solver, problem, start)
-    else:
-        problem = FlatProblem(lambda v: F(v, theta_leaves), project, flat.players, flat.block,
-                              constraint.unconstrained)
+    record = Solution(None, "", 0, math.nan, [], {"adjoint": type(adjoint).__name__})
+    params = theta_leaves + set_leaves
+    if isinstance(adjoint, Unrolled):
+        if any(is_batched(t) for t in params + z_leaves):
+            raise ValueError("adjoint=Unrolled() does not compose with torch.func.vmap (its loop stops on "
+                             "data-dependent residuals); use the default Implicit() adjoint")
+        if forward is not None:
+            raise ValueError("custom_root differentiates implicitly; it takes no Unrolled adjoint")
+        check_finite(z_leaves, z_name)
+        check_finite(theta_leaves, "theta")
+        # The unrolled gradient depends on the initial point (MAML starts at phi_i = theta, and that
+        # path is part of its gradient), so the start is not detached.
+        start = project(flat.flatten(z0), set_leaves)
+        problem = FlatProblem(lambda v: F(v, theta_leaves), lambda v: project(v, set_leaves), flat.players,
+                              flat.block, constraint.unconstrained)
+        problem.name = z_name
         sol = iterate(solver, problem, start)
+        holder = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
+                         players=flat.players, block=flat.block, linear_solver=GMRES(), symmetric=symmetric,
+                         throw=throw, record=record, name=name)
+        holder._report_forward(sol)
+        z = sol.value
+    else:
+        problem = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
+                          players=flat.players, block=flat.block, linear_solver=adjoint.linear_solver,
+                          symmetric=symmetric, throw=throw, record=record, solver=solver, name=name, z_name=z_name,
+                          forward=None if forward is None else _flat_forward(forward, flat, theta_def),
+                          check_root=None if forward is None else _root_check(root_tol, z_name))
+        # The implicit gradient does not depend on the initial point: the start is detached.
+        start = flat.flatten(tree_map(torch.Tensor.detach, z0))
+        z = EquilibriumFn.apply(problem, start, *params)
+    record.value = flat.unflatten(z)
+    return record
 
-    if not sol.converged:
-        msg = (f"{type(solver).__name__} stopped with status '{sol.status}' after {sol.steps} steps: "
-               f"residual {sol.residual:.3g}, tolerance {sol.stats['tolerance']:.3g}")
-        if sol.status == "diverged":
-            msg += " (the game may not be monotone, or the step size is too large)"
-        if throw:
-            raise ConvergenceError(msg, status=sol.status, steps=sol.steps, residual=sol.residual,
-                                   history=sol.history)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-    elif implicit and sol.status == "completed" and sol.residual > sol.stats["tolerance"]:
-        # A fixed step count (num_steps) is a valid forward pass, but the implicit function
-        # theorem holds at an equilibrium only: say so rather than differentiate silently.
-        warnings.warn(f"{type(solver).__name__} ran its num_steps={sol.steps} steps and stopped at natural "
-                      f"residual {sol.residual:.3g} (tolerance {sol.stats['tolerance']:.3g}): the implicit "
-                      f"gradient assumes an equilibrium and is only approximate here; use more steps, a "
-                      f"tolerance-based stop (num_steps=None) or adjoint=Unrolled()", ConvergenceWarning,
-                      stacklevel=3)
 
-    z = sol.value
-    spec = None
-    if implicit and torch.is_grad_enabled() and any(t.requires_grad for t in theta_leaves):
-        spec = ImplicitSpec(G, adjoint.linear_solver,
-                            adjoint.symmetric if adjoint.symmetric is not None else
-                            (symmetric if constraint.unconstrained else None), throw)
-        z = ImplicitSolution.apply(spec, z, *theta_leaves)
-    value = flat.unflatten(z)
+def _flat_forward(forward: Callable, flat: Flattener, theta_def) -> Callable:
+    def run(start: torch.Tensor, th) -> torch.Tensor:
+        out = forward(flat.unflatten(start), tree_unflatten(list(th), theta_def))
+        try:
+            return flat.flatten(out)
+        except (ValueError, AttributeError, TypeError) as err:
+            raise ValueError(f"the forward solver must return a pytree shaped like the initial point: {err}") from None
+    return run
+
+
+def _root_check(tol, z_name: str) -> Callable:
+    rtol, atol = tol
+
+    def check(problem: FlatProblem, start: torch.Tensor, z: torch.Tensor) -> Solution:
+        problem.name = z_name
+        with torch.no_grad():
+            if not bool(torch.isfinite(z).all()):
+                return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
+            F0 = problem.F(start)
+            Fz = problem.F(z)
+            r0 = problem.residual_norm(start, F0)
+            r = problem.residual_norm(z, Fz)
+            L = _lipschitz_estimate(problem, z, Fz)
+            eps = torch.finfo(z.dtype).eps
+            rt = math.sqrt(eps) if rtol is None else rtol
+            tol = atol + rt * torch.maximum(L * problem.norms(z), r0)
+        ok = (r <= tol).tolist()
+        statuses = ["converged" if o else "not_a_root" for o in ok]
+        status = "converged" if all(ok) else "not_a_root"
+        sol = Solution(z, status, 0, float(r.max()), [float(r.max())],
+                       {"tolerance": float(tol.min()), "lipschitz": float(L.max()), "evaluations": problem.evaluations})
+        if problem.groups > 1:
+            sol.statuses, sol.residuals = statuses, r.tolist()
+        return sol
+    return check
+
+
+_COMMON_ARGS = """
+        solver: forward solver, default :class:`~implicit_nash.PRGD` with adaptive step.
+        adjoint: :class:`~implicit_nash.Implicit` (default; derivatives of any order, ``torch.func``
+            transforms and ``vmap``) or :class:`~implicit_nash.Unrolled`.
+        constraint: the set Ω, default the whole space.  Its tensors (bounds, centre, radius...)
+            may require grad: they get their gradients like ``theta``.
+        throw: raise :class:`~implicit_nash.ConvergenceError` when a forward or backward solve
+            fails; with ``False``, warn (:class:`~implicit_nash.ConvergenceWarning`), return the
+            last iterate, and set to zero any derivative whose linear solve failed."""
+
+
+def _legacy(sol: Solution, return_info: bool):
     if return_info:
-        stats = dict(sol.stats, adjoint=type(adjoint).__name__, implicit_spec=spec)
-        return Solution(value, sol.status, sol.steps, sol.residual, sol.history, stats)
-    return value
+        warnings.warn("return_info=True is deprecated: vi_solution(...) and nash_solution(...) always return "
+                      "a Solution, and solve_vi/nash_equilibrium always return the value", DeprecationWarning,
+                      stacklevel=3)
+        return sol
+    return sol.value
+
+
+def vi_solution(operator: Callable[[Any, Any], Any], z0: Any, theta: Any, *, solver: Optional[Solver] = None,
+                adjoint: Optional[Adjoint] = None, constraint: Optional[StrategySet] = None,
+                throw: bool = True, symmetric: Optional[bool] = None) -> Solution:
+    r"""As :func:`solve_vi`, but returns the :class:`~implicit_nash.Solution`: the value (differentiable
+    like :func:`solve_vi`'s), status, steps, residual history and, once a backward pass has run
+    through it, that pass's linear-solve diagnostics in ``Solution.backward``.
+
+    Example:
+        >>> import torch
+        >>> from implicit_nash import vi_solution
+        >>> theta = torch.tensor([1.0, -1.0], dtype=torch.float64, requires_grad=True)
+        >>> sol = vi_solution(lambda z, th: 2 * z - th, torch.zeros(2, dtype=torch.float64), theta)
+        >>> sol.status, sol.backward
+        ('converged', [])
+        >>> sol.value.sum().backward()
+        >>> sol.backward[0].status, theta.grad.tolist()
+        ('converged', [0.5, 0.5])
+    """
+    return _solve(operator, z0, theta, players=None, symmetric=symmetric, solver=solver, adjoint=adjoint,
+                  constraint=constraint, throw=throw, z_name="z0")
 
 
 def solve_vi(operator: Callable[[Any, Any], Any], z0: Any, theta: Any, *, solver: Optional[Solver] = None,
@@ -122,16 +195,13 @@ def solve_vi(operator: Callable[[Any, Any], Any], z0: Any, theta: Any, *, solver
             should differentiate with respect to must be inside ``theta``.
         z0: initial point (tensor or pytree of tensors); projected onto the set first.
         theta: parameters (tensor or pytree of tensors).
-        solver: forward solver, default :class:`~implicit_nash.PRGD` with adaptive step.
-        adjoint: :class:`~implicit_nash.Implicit` (default) or :class:`~implicit_nash.Unrolled`.
-        constraint: the set Ω, default the whole space.
-        throw: raise :class:`~implicit_nash.ConvergenceError` when the solver fails; with
-            ``False``, warn (:class:`~implicit_nash.ConvergenceWarning`) and return the last iterate.
-        return_info: return a :class:`~implicit_nash.Solution` instead of the bare value.
-        symmetric: whether :math:`\partial_z F` is symmetric, if known (lets CG run unchecked).
+        symmetric: the operator's symmetry tag: whether :math:`\partial_z F` is symmetric (lets
+            :class:`~implicit_nash.CG` run unchecked), if known.  Declared here once.
+        return_info: deprecated; use :func:`vi_solution`.
+    """ + _COMMON_ARGS + """
 
     Returns:
-        :math:`z^*`, differentiable with respect to ``theta`` (or a :class:`Solution`).
+        :math:`z^*`, differentiable with respect to ``theta`` (and the set's tensors).
 
     Example:
         >>> import torch
@@ -145,9 +215,8 @@ def solve_vi(operator: Callable[[Any, Any], Any], z0: Any, theta: Any, *, solver
         >>> torch.allclose(theta.grad, torch.linalg.solve(A.T, torch.ones(2, dtype=torch.float64)))
         True
     """
-    return _solve(operator, z0, theta, players=None, symmetric=symmetric, solver=solver,
-                  adjoint=adjoint, constraint=constraint, throw=throw, return_info=return_info,
-                  z_name="z0")
+    return _legacy(vi_solution(operator, z0, theta, solver=solver, adjoint=adjoint, constraint=constraint,
+                               throw=throw, symmetric=symmetric), return_info)
 
 
 def _as_game(costs: Union[Game, Callable]) -> Game:
@@ -163,6 +232,19 @@ def _players(phi0: Any) -> int:
     return leaves[0].shape[0]
 
 
+def nash_solution(costs: Union[Game, Callable[[Any, Any], torch.Tensor]], phi0: Any, theta: Any, *,
+                  solver: Optional[Solver] = None, adjoint: Optional[Adjoint] = None,
+                  constraint: Optional[StrategySet] = None, throw: bool = True) -> Solution:
+    """As :func:`nash_equilibrium`, but returns the :class:`~implicit_nash.Solution` (see
+    :func:`vi_solution`)."""
+    game = _as_game(costs)
+    B = _players(phi0)
+    if isinstance(game, CostGame):
+        game = game.expecting(B)
+    return _solve(game.pseudo_gradient, phi0, theta, players=B, symmetric=game.symmetric, solver=solver,
+                  adjoint=adjoint, constraint=constraint, throw=throw, z_name="phi0")
+
+
 def nash_equilibrium(costs: Union[Game, Callable[[Any, Any], torch.Tensor]], phi0: Any, theta: Any, *,
                      solver: Optional[Solver] = None, adjoint: Optional[Adjoint] = None,
                      constraint: Optional[StrategySet] = None, throw: bool = True,
@@ -176,14 +258,16 @@ def nash_equilibrium(costs: Union[Game, Callable[[Any, Any], torch.Tensor]], phi
     Args:
         costs: ``costs(phi, theta)`` returning a tensor of shape ``(B,)`` (player ``i``'s cost in
             entry ``i``; pseudo-gradient in :math:`O(B^2)`), or a :class:`~implicit_nash.Game` such
-            as :class:`~implicit_nash.AggregativeGame` (:math:`O(B)`).
+            as :class:`~implicit_nash.AggregativeGame` (:math:`O(B)`).  The game declares its
+            symmetry (``Game.symmetric``).
         phi0: initial strategies, leading dimension ``B`` on every leaf.
         theta: the leader's parameter (tensor or pytree).
-        solver, adjoint, constraint, throw, return_info: as in :func:`solve_vi`; ``constraint``
-            applies to every player.
+        constraint: applies to every player.
+        return_info: deprecated; use :func:`nash_solution`.
+    """ + _COMMON_ARGS + """
 
     Returns:
-        :math:`\phi^*` shaped like ``phi0`` (or a :class:`~implicit_nash.Solution`).
+        :math:`\phi^*` shaped like ``phi0``.
 
     Example:
         >>> import torch
@@ -196,27 +280,90 @@ def nash_equilibrium(costs: Union[Game, Callable[[Any, Any], torch.Tensor]], phi
         >>> [round(v, 6) for v in phi.flatten().tolist()]  # p1 = th/2, p2 = th/2
         [0.5, 0.5]
     """
-    game = _as_game(costs)
-    B = _players(phi0)
-    theta_leaves, _ = leaves_of(theta, "theta")
-    check_finite(theta_leaves, "theta")
-    with torch.no_grad():
-        phi_leaves, _ = leaves_of(phi0, "phi0")
-        check_finite(phi_leaves, "phi0")
-        try:
-            values = game.costs(phi0, theta)
-        except NotImplementedError:
-            values = None
-    if values is not None:
-        if not isinstance(values, torch.Tensor) or values.shape != (B,):
-            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-            raise ValueError(f"costs(phi, theta) must return a tensor of shape (B,) = ({B},), one cost per "
-                             f"player; got {shape}")
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError("costs(phi0, theta) contains NaN or inf")
-    return _solve(game.pseudo_gradient, phi0, theta, players=B, symmetric=game.symmetric, solver=solver,
-                  adjoint=adjoint, constraint=constraint, throw=throw, return_info=return_info,
-                  z_name="phi0")
+    return _legacy(nash_solution(costs, phi0, theta, solver=solver, adjoint=adjoint, constraint=constraint,
+                                 throw=throw), return_info)
+
+
+def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[LinearSolver] = None,
+                symmetric: Optional[bool] = None, throw: bool = True, rtol: Optional[float] = None,
+                atol: float = 0.0) -> Callable[[Callable], Callable]:
+    r"""Give any forward solver an implicit backward: a decorator.
+
+    ``custom_root(residual)(forward)`` returns ``solve(z0, theta) -> z*`` that runs
+    ``forward(z0, theta)`` (any code: SciPy, a closed form, a loop of your own; it need not be
+    differentiable and runs without a graph) and differentiates its output implicitly through
+    :math:`\text{residual}(z^*, \theta) = 0`, with the same machinery as the layer: derivatives of
+    any order, ``torch.func`` transforms, ``vmap`` (the forward then runs once per problem), the same
+    :class:`~implicit_nash.LinearSolver` choices and failure contract.
+
+    The output is checked to be a root first: :math:`\|r(z^*)\| \le \text{atol} + \text{rtol}
+    \max(\hat L\|z^*\|, \|r(z_0)\|)` with :math:`\hat L` a finite-difference estimate of the
+    residual's Lipschitz constant at :math:`z^*` and ``rtol`` defaulting to :math:`\sqrt{\varepsilon}`;
+    a point that fails is a :class:`~implicit_nash.ConvergenceError` with status ``"not_a_root"``
+    (a warning with ``throw=False``), since its implicit gradient would be wrong.
+
+    Args:
+        residual: ``residual(z, theta)``, a pytree shaped like ``z``, zero at the solution; written
+            with torch operations.  Its Jacobian in ``z`` must be invertible there.
+        linear_solver: for the implicit systems, default :class:`~implicit_nash.GMRES`.
+        symmetric: the symmetry tag of :math:`\partial_z r`, if known.
+        throw, rtol, atol: as above.
+
+    Example:
+        >>> import torch
+        >>> import implicit_nash as inn
+        >>> @inn.custom_root(lambda z, th: z ** 3 - th)          # z* = th^(1/3)
+        ... def cube_root(z0, th):
+        ...     return th.sign() * th.abs() ** (1 / 3)              # a closed form, no graph needed
+        >>> th = torch.tensor(8.0, dtype=torch.float64, requires_grad=True)
+        >>> z = cube_root(torch.ones((), dtype=torch.float64), th)
+        >>> (g,) = torch.autograd.grad(z, th)
+        >>> round(z.item(), 12), round(g.item(), 12)                # dz/dth = 1 / (3 z^2) = 1/12
+        (2.0, 0.083333333333)
+    """
+    if not callable(residual):
+        raise TypeError(f"residual must be callable, got {type(residual).__name__}")
+    linear_solver = GMRES() if linear_solver is None else linear_solver
+    from .linear_solve import _check_nonneg
+    _check_nonneg("rtol", rtol, allow_none=True)
+    _check_nonneg("atol", atol)
+    adjoint = Implicit(linear_solver=linear_solver)
+
+    def decorate(forward: Callable) -> Callable:
+        if not callable(forward):
+            raise TypeError(f"custom_root decorates a forward solver forward(z0, theta); got {type(forward).__name__}")
+
+        def solve(z0: Any, theta: Any) -> Any:
+            return _solve(residual, z0, theta, players=None, symmetric=symmetric, solver=None, adjoint=adjoint,
+                          constraint=None, throw=throw, z_name="z0", forward=forward, root_tol=(rtol, atol)).value
+
+        solve.__name__ = getattr(forward, "__name__", "solve")
+        solve.__doc__ = getattr(forward, "__doc__", None)
+        return solve
+
+    return decorate
+
+
+def custom_fixed_point(T: Callable[[Any, Any], Any], **kwargs) -> Callable[[Callable], Callable]:
+    r""":func:`custom_root` for a fixed point :math:`z^* = T(z^*, \theta)` (residual :math:`z - T(z, \theta)`).
+
+    Example:
+        >>> import torch
+        >>> import implicit_nash as inn
+        >>> T = lambda z, th: 0.5 * torch.cos(z) + th               # a contraction
+        >>> @inn.custom_fixed_point(T)
+        ... def fixed_point(z0, th):
+        ...     z = z0
+        ...     for _ in range(200):
+        ...         z = T(z, th)
+        ...     return z
+        >>> th = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        >>> z = fixed_point(torch.zeros((), dtype=torch.float64), th)
+        >>> (g,) = torch.autograd.grad(z, th)
+        >>> bool(torch.isclose(g, 1 / (1 + 0.5 * torch.sin(z.detach()))))
+        True
+    """
+    return custom_root(lambda z, th: tree_map(lambda a, b: a - b, z, T(z, th)), **kwargs)
 
 
 class NashLayer(nn.Module):
@@ -231,7 +378,8 @@ class NashLayer(nn.Module):
         solver, adjoint, constraint, throw: as in :func:`nash_equilibrium`.
 
     Attributes:
-        last_solution: the :class:`Solution` of the latest forward call (status, steps, history).
+        last_solution: the :class:`Solution` of the latest forward call (status, steps, history,
+            and the backward diagnostics once a backward pass has run).
     """
 
     def __init__(self, costs, *, solver: Optional[Solver] = None, adjoint: Optional[Adjoint] = None,
@@ -245,8 +393,7 @@ class NashLayer(nn.Module):
         self.last_solution: Optional[Solution] = None
 
     def forward(self, phi0: Any, theta: Any) -> Any:
-        kwargs = dict(solver=self.solver, adjoint=self.adjoint, constraint=self.constraint,
-                      throw=self.throw, return_info=True)
+        kwargs = dict(solver=self.solver, adjoint=self.adjoint, constraint=self.constraint, throw=self.throw)
         if isinstance(self.costs, nn.Module):
             module = self.costs
             params = dict(module.named_parameters())
@@ -255,8 +402,8 @@ class NashLayer(nn.Module):
                 th, p = packed
                 return torch.func.functional_call(module, p, (phi, th))
 
-            sol = nash_equilibrium(costs, phi0, (theta, params), **kwargs)
+            sol = nash_solution(costs, phi0, (theta, params), **kwargs)
         else:
-            sol = nash_equilibrium(self.costs, phi0, theta, **kwargs)
+            sol = nash_solution(self.costs, phi0, theta, **kwargs)
         self.last_solution = sol
         return sol.value

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch.func import grad, jacrev, vmap
+from torch.func import grad, vjp, vmap
 
 from . import _collective
 from ._compat import tree_map
@@ -85,11 +85,28 @@ class CostGame(Game):
         self._costs = costs
         self.symmetric = symmetric
 
+        self.players: Optional[int] = None
+
+    def expecting(self, players: int) -> "CostGame":
+        """This game, checking that ``costs`` returns ``players`` costs (at no extra cost: the
+        check reads the shape of the costs that the pseudo-gradient computes anyway)."""
+        game = CostGame(self._costs, self.symmetric)
+        game.players = players
+        return game
+
     def costs(self, phi, theta):
         return self._costs(phi, theta)
 
     def pseudo_gradient(self, phi, theta):
-        jac = jacrev(self._costs, argnums=0)(phi, theta)
+        values, pullback = vjp(lambda p: self._costs(p, theta), phi)
+        B = self.players
+        if not isinstance(values, torch.Tensor) or values.dim() != 1 or (B is not None and values.shape[0] != B):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"costs(phi, theta) must return a tensor of shape (B,) = ({B},), one cost per "
+                             f"player; got {shape}")
+        n = values.shape[0]
+        eye = torch.eye(n, dtype=values.dtype, device=values.device)
+        (jac,) = vmap(pullback)(eye)  # row i: the gradient of player i's cost
 
         def diagonal(leaf):
             idx = torch.arange(leaf.shape[0], device=leaf.device)

@@ -1,19 +1,32 @@
 r"""How gradients flow through a solve: the implicit adjoint and the unrolled adjoint.
 
-Implicit (Lemma B.4, generalised).  At a solution the residual
-:math:`G(z^*, \theta) = 0`, with :math:`G = F` without constraints and
-:math:`G(z,\theta) = z - \Pi_\Omega(z - F(z;\theta))` (the fixed-point form, unit step) with them.
-The implicit function theorem gives :math:`dz^*/d\theta = -(\partial_z G)^{-1}\partial_\theta G`,
-which for :math:`G = F` is the paper's :math:`-P^{-1}Q`.  In reverse mode, for a cotangent
-:math:`v = \partial \ell/\partial z^*`:
+Implicit (Lemma B.4, generalised).  At a solution the residual :math:`G(z^*, p) = 0`, with
+:math:`G = F` without constraints and :math:`G(z, p) = z - \Pi_\Omega(z - F(z;\theta))` (the
+fixed-point form, unit step) with them; :math:`p` collects ``theta`` and the tensors that define the
+set :math:`\Omega`.  The implicit function theorem gives :math:`dz^*/dp = -A^{-1}\partial_p G` with
+:math:`A = \partial_z G`, which for :math:`G = F` is the paper's :math:`-P^{-1}Q`.
 
-.. math:: (\partial_z G)^\top u = v, \qquad \partial\ell/\partial\theta = -(\partial_\theta G)^\top u.
+Two autograd Functions carry it, each differentiable again, so derivatives of any order are
+implicit too (nothing is unrolled):
 
-Both products are vector-Jacobian products of ``G`` (``torch.func.vjp``); no Jacobian is
-materialised and none of the forward iterations is stored, so memory does not grow with the number
-of forward steps.  With constraints, the Jacobian of the projection is that of the torch operations
-that compute it, which is exact wherever the active set is locally constant (strict
-complementarity); at a degenerate point it is one element of the generalised Jacobian.
+* :class:`EquilibriumFn` maps :math:`p \mapsto z^*`.  Reverse mode: solve :math:`A^\top u = v`
+  (with :class:`LinearSolveFn`), return :math:`-(\partial_p G)^\top u`.  Forward mode: solve
+  :math:`A\,\dot z = -\partial_p G\,\dot p`.
+* :class:`LinearSolveFn` maps :math:`(b, z, p) \mapsto A(z,p)^{-1} b` or :math:`A^{-\top} b`.  Its own
+  derivative is another linear solve with the transposed system plus a second-order product of
+  :math:`G`: for :math:`x = A^{-\top}b` and a cotangent :math:`w`, with :math:`y = A^{-1}w`,
+  :math:`\bar b = y` and :math:`\overline{(z,p)} = -\partial_{(z,p)}\langle x, A(z,p)\,y\rangle`.
+
+Every product is a ``torch.func`` transform of ``G`` (``vjp``; :math:`Av` as the VJP of the linear
+map :math:`w \mapsto A^\top w`; ``jvp`` only for forward-over-forward derivatives), so the layer
+composes with ``torch.func.grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian`` and ``vmap``.  Under
+``vmap`` both Functions solve the batch together: the problems are stacked into one block-diagonal
+problem whose blocks each stop on their own tolerance (``groups``).  No Jacobian is materialised and
+no forward iterate is stored, so memory does not grow with the number of forward steps.
+
+With constraints, the Jacobian of the projection is that of the torch operations that compute it,
+which is exact wherever the active set is locally constant (strict complementarity); at a degenerate
+point it is one element of the generalised Jacobian.
 
 Unrolled.  Back-propagation through every forward iteration (what the paper's experiments do);
 memory grows linearly with the number of steps, and the gradient is that of the truncated
@@ -21,15 +34,17 @@ iteration, not of the exact equilibrium.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch.func import vjp, vmap
 
 from .errors import ConvergenceError, ConvergenceWarning
-from .linear_solve import GMRES, LinearOperator, LinearSolver
+from .linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver
+from .solvers import FlatProblem, Solution, Solver, iterate
 
 __all__ = ["Adjoint", "Implicit", "Unrolled"]
 
@@ -40,19 +55,21 @@ class Adjoint:
 
 @dataclass(frozen=True)
 class Unrolled(Adjoint):
-    """Differentiate by back-propagating through the forward iterations."""
+    """Differentiate by back-propagating through the forward iterations (first and higher order,
+    through autograd; does not compose with ``torch.func.vmap``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Implicit(Adjoint):
-    """Differentiate the equilibrium conditions (implicit function theorem).
+    """Differentiate the equilibrium conditions (implicit function theorem), to any order.
 
     Args:
-        linear_solver: solves :math:`(\\partial_z G)^\\top u = v`; default :class:`GMRES`, valid for
-            the non-symmetric Jacobians of general games.
-        symmetric: declare :math:`\\partial_z G` symmetric (``True``) or not (``False``); ``None``
-            takes the game's own declaration.  :class:`~implicit_nash.CG` needs ``True`` or a
-            passing symmetry test.
+        linear_solver: solves :math:`(\\partial_z G)^\\top u = v` (and the transposed systems of
+            higher-order and forward-mode derivatives); default :class:`GMRES`, valid for the
+            non-symmetric Jacobians of general games.
+        symmetric: deprecated; declare symmetry once, on the game (``Game.symmetric``) or with
+            ``solve_vi(..., symmetric=...)``.  Still honoured when the game does not declare it,
+            and an error when it contradicts the game's declaration.
     """
 
     linear_solver: LinearSolver = field(default_factory=GMRES)
@@ -62,79 +79,298 @@ class Implicit(Adjoint):
         if not isinstance(self.linear_solver, LinearSolver):
             raise TypeError(f"linear_solver must be a LinearSolver (CG, GMRES, ...), got "
                             f"{type(self.linear_solver).__name__}")
+        if self.symmetric is not None:
+            warnings.warn("Implicit(symmetric=...) is deprecated: declare symmetry once, on the game "
+                          "(Game.symmetric) or with solve_vi(..., symmetric=...)", DeprecationWarning, stacklevel=3)
 
 
-class ImplicitSpec:
-    """Everything the backward pass needs besides tensors (held by the autograd context)."""
+def _fmt_reason(status: str) -> str:
+    return {"max_steps": "the iteration budget ran out",
+            "diverged": "the iterates diverged (the game may not be monotone, or the step size is too large)",
+            "breakdown": "the Krylov recurrence broke down",
+            "singular": "the Jacobian is singular to working precision (the equilibrium may be degenerate, "
+                        "or the game not strongly monotone)",
+            "non_finite": "a product returned NaN or inf",
+            "not_a_root": "the forward solver's output does not satisfy the optimality condition"}.get(status, status)
 
-    def __init__(self, residual: Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor],
-                 linear_solver: LinearSolver, symmetric: Optional[bool], throw: bool):
-        self.residual = residual
+
+class Problem:
+    """What both Functions need besides tensors: the residual ``G``, the forward solve, the linear
+    solver, the failure policy, and the :class:`Solution` that collects the diagnostics.
+
+    ``params`` (a list of tensors) is ``theta``'s leaves followed by the set's tensors; ``n_theta``
+    says where the split is.  ``F(z, theta_leaves)`` and ``project(v, set_leaves)`` act on flat
+    vectors of one problem (``groups`` problems when batched).
+    """
+
+    def __init__(self, *, F: Callable, project: Callable, unconstrained: bool, n_theta: int, players: int,
+                 block: int, linear_solver: LinearSolver, symmetric: Optional[bool], throw: bool,
+                 record: Solution, solver: Optional[Solver] = None, forward: Optional[Callable] = None,
+                 check_root: Optional[Callable] = None, name: str = "", z_name: str = "", groups: int = 1):
+        self.F = F
+        self.project = project
+        self.unconstrained = unconstrained
+        self.n_theta = n_theta
+        self.players = players
+        self.block = block
         self.linear_solver = linear_solver
-        self.symmetric = symmetric
+        self.symmetric = symmetric if unconstrained else None
         self.throw = throw
-        self.last_info = None
+        self.record = record
+        self.solver = solver
+        self.user_forward = forward
+        self.check_root = check_root
+        self.name = name
+        self.z_name = z_name
+        self.groups = groups
 
-    def backward(self, z: torch.Tensor, theta: List[torch.Tensor], v: torch.Tensor,
-                 needs: Sequence[bool]) -> List[Optional[torch.Tensor]]:
-        wanted = [i for i, n in enumerate(needs) if n]
-        # One graph of G at (z*, theta), reused by every product of the Krylov solve
-        # (retain_graph) and by the final theta-VJP; cheaper than a torch.func.vjp per product.
-        with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
-            theta = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(theta)]
-            G = self.residual(z, theta)
-        double = []
+    # ------------------------------------------------------------------ functions of (z, params)
+    def G(self, z: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        th, sp = list(params[: self.n_theta]), list(params[self.n_theta:])
+        Fz = self.F(z, th)
+        return Fz if self.unconstrained else z - self.project(z - Fz, sp)
 
-        def vjp(u):  # (dG/dz)^T u
-            (g,) = torch.autograd.grad(G, z, u, retain_graph=True)
-            return g
+    def batched(self, nb: int, param_dims: Sequence[Optional[int]]) -> "Problem":
+        """The problem of a batch of ``nb`` problems stacked along a leading dimension (``vmap``)."""
+        F1, P1, k = self.F, self.project, self.n_theta
+        th_dims, sp_dims = list(param_dims[:k]), list(param_dims[k:])
 
-        def jvp(u):  # (dG/dz) u: the VJP of the linear map w -> (dG/dz)^T w (reverse mode only)
-            if not double:
-                with torch.enable_grad():
-                    w = torch.zeros_like(G, requires_grad=True)
-                    (gw,) = torch.autograd.grad(G, z, w, retain_graph=True, create_graph=True)
-                double.append((w, gw))
-            w, gw = double[0]
-            (g,) = torch.autograd.grad(gw, w, u, retain_graph=True)
-            return g
+        def F(z, th):
+            return vmap(F1, in_dims=(0, th_dims))(z.reshape(nb, -1), list(th)).reshape(-1)
 
-        u, info = self.linear_solver.solve(LinearOperator(vjp, jvp, self.symmetric), v.reshape(-1))
-        self.last_info = info
-        if not info.converged:
-            msg = (f"the implicit backward's linear solve ({type(self.linear_solver).__name__}) did not "
-                   f"converge: residual {info.residual:.3g} > tolerance {info.tolerance:.3g} after "
-                   f"{info.steps} steps ({info.message}); the equilibrium may be degenerate or the "
-                   f"game not strongly monotone, or raise max_steps")
+        def project(v, sp):
+            return vmap(P1, in_dims=(0, sp_dims))(v.reshape(nb, -1), list(sp)).reshape(-1)
+
+        forward = None
+        if self.user_forward is not None:
+            one = self.user_forward
+
+            def forward(start, th):  # a black-box forward solver runs once per problem
+                starts = start.reshape(nb, -1)
+                outs = [one(starts[i], [t[i] if d is not None else t for t, d in zip(th, th_dims)])
+                        for i in range(nb)]
+                return torch.stack(outs).reshape(-1)
+        return Problem(F=F, project=project, unconstrained=self.unconstrained, n_theta=k, players=self.players,
+                       block=self.block, linear_solver=self.linear_solver, symmetric=self.symmetric,
+                       throw=self.throw, record=self.record, solver=self.solver, forward=forward,
+                       check_root=self.check_root, name=self.name, z_name=self.z_name,
+                       groups=self.groups * nb)
+
+    # ------------------------------------------------------------------ the forward solve
+    def solve(self, start: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+        params = [p.detach() for p in params]
+        start = start.detach()
+        th, sp = params[: self.n_theta], params[self.n_theta:]
+        for i, t in enumerate(params):
+            if not bool(torch.isfinite(t).all()):
+                name = "theta" if i < self.n_theta else "a parameter of the strategy set"
+                raise ValueError(f"{name} contains NaN or inf")
+        problem = FlatProblem(lambda v: self.F(v, th), lambda v: self.project(v, sp), self.players * self.groups,
+                              self.block, self.unconstrained, groups=self.groups)
+        problem.name = self.z_name
+        problem.check_closure = True
+        if not bool(torch.isfinite(start).all()):
+            raise ValueError(f"{self.z_name or 'the initial point'} contains NaN or inf")
+        with torch.no_grad():
+            if self.user_forward is not None:
+                z = self.user_forward(start, th).detach()
+                sol = self.check_root(problem, start, z)
+            else:
+                sol = iterate(self.solver, problem, problem.project(start))
+        self._report_forward(sol)
+        return sol.value
+
+    def _report_forward(self, sol: Solution) -> None:
+        rec = self.record
+        rec.status, rec.steps, rec.residual, rec.history = sol.status, sol.steps, sol.residual, sol.history
+        rec.stats.update(sol.stats)
+        rec.statuses, rec.residuals = sol.statuses, sol.residuals
+        if not sol.converged:
+            where = ""
+            if sol.statuses:
+                bad = [i for i, s in enumerate(sol.statuses) if s not in ("converged", "completed")]
+                where = f" (problems {bad[:10]}{'...' if len(bad) > 10 else ''} of the vmapped batch)"
+            msg = (f"{self.name} stopped with status '{sol.status}' after {sol.steps} steps{where}: "
+                   f"residual {sol.residual:.3g}, tolerance {sol.stats.get('tolerance', float('nan')):.3g}; "
+                   f"{_fmt_reason(sol.status)}")
             if self.throw:
-                raise ConvergenceError(msg, status="linear_solve", steps=info.steps,
-                                       residual=info.residual, history=info.history)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=3)
-        grads: List[Optional[torch.Tensor]] = [None] * len(theta)
-        if wanted:
-            found = torch.autograd.grad(G, [theta[i] for i in wanted], -u, allow_unused=True)
-            for i, g in zip(wanted, found):
-                grads[i] = torch.zeros_like(theta[i]) if g is None else g
-        return grads
+                raise ConvergenceError(msg, status=sol.status, steps=sol.steps, residual=sol.residual,
+                                       history=sol.history, stage="forward")
+            warnings.warn(msg + "; the gradient through it will be zero where the value is not finite",
+                          ConvergenceWarning, stacklevel=5)
+        elif sol.status == "completed" and sol.residual > sol.stats["tolerance"]:
+            # A fixed step count (num_steps) is a valid forward pass, but the implicit function
+            # theorem holds at an equilibrium only: say so rather than differentiate silently.
+            warnings.warn(f"{self.name} ran its num_steps={sol.steps} steps and stopped at natural residual "
+                          f"{sol.residual:.3g} (tolerance {sol.stats['tolerance']:.3g}): the implicit gradient "
+                          f"assumes an equilibrium and is only approximate here; use more steps, a "
+                          f"tolerance-based stop (num_steps=None) or adjoint=Unrolled()", ConvergenceWarning,
+                          stacklevel=5)
+
+    # ------------------------------------------------------------------ products and linear solves
+    def operator(self, z: torch.Tensor, params: Sequence[torch.Tensor], transpose: bool) -> LinearOperator:
+        """:math:`A^\\top` (``transpose``) or :math:`A` as a matrix-free operator at ``(z, params)``."""
+        params = list(params)
+        _, vjp_fn = vjp(lambda zz: self.G(zz, params), z)
+
+        def AT(u):
+            return vjp_fn(u)[0]
+
+        lazy = []
+
+        def A(u):  # the VJP of the linear map w -> A^T w (reverse mode only, built once)
+            if not lazy:
+                lazy.append(vjp(AT, torch.zeros_like(z))[1])
+            return lazy[0](u)[0]
+
+        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric)
+
+    def linear_solve(self, b: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor],
+                     transpose: bool) -> torch.Tensor:
+        with torch.no_grad():
+            bad = not bool(torch.isfinite(b).all()) or not bool(torch.isfinite(z).all())
+        if bad:
+            info = LinearSolveInfo(False, 0, 0, math.nan, math.nan, [], "the right-hand side or the solution "
+                                   "is not finite", "non_finite")
+            x = torch.zeros_like(b)
+        else:
+            x, info = self.linear_solver.solve(self.operator(z, params, transpose), b, groups=self.groups)
+        self.record.backward.append(info)
+        if not info.converged:
+            msg = (f"the implicit {'backward' if transpose else 'forward-mode'} linear solve "
+                   f"({type(self.linear_solver).__name__}) failed with status '{info.status}': residual "
+                   f"{info.residual:.3g} > tolerance {info.tolerance:.3g} after {info.steps} steps "
+                   f"({info.message}); {_fmt_reason(info.status)}")
+            if info.status == "max_steps":
+                msg += "; raise max_steps or use another linear solver"
+            if self.throw:
+                raise ConvergenceError(msg, status=info.status, steps=info.steps, residual=info.residual,
+                                       history=info.history, stage="backward")
+            warnings.warn(msg + ". throw=False: this derivative is set to zero (nothing unverified is "
+                          "returned)", ConvergenceWarning, stacklevel=5)
+            return torch.zeros_like(b)
+        return x
+
+    def pairing_grad(self, a: torch.Tensor, c: torch.Tensor, z: torch.Tensor,
+                     params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """:math:`-\\partial_{(z,p)} \\langle a, A(z,p)\\,c \\rangle`, a second-order product of ``G``."""
+        def pairing(zz, *pp):
+            _, f = vjp(lambda z_: self.G(z_, pp), zz)
+            return (f(a)[0] * c).sum()
+
+        _, f = vjp(pairing, z, *params)
+        return f(torch.ones((), dtype=z.dtype, device=z.device).neg())
+
+    def theta_vjp(self, u: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        """:math:`-(\\partial_p G)^\\top u`."""
+        _, f = vjp(lambda *pp: self.G(z, pp), *params)
+        return f(-u)
+
+    def theta_jvp(self, tangents: Sequence[torch.Tensor], z: torch.Tensor,
+                  params: Sequence[torch.Tensor]) -> torch.Tensor:
+        """:math:`\\partial_p G\\,\\dot p` as the VJP of the linear map :math:`w \\mapsto (\\partial_p G)^\\top w`."""
+        _, f = vjp(lambda *pp: self.G(z, pp), *params)
+        _, g = vjp(lambda w: f(w), torch.zeros_like(z))
+        return g(tuple(tangents))[0]
 
 
-class ImplicitSolution(torch.autograd.Function):
-    """Identity on the (detached) solution in the forward pass; the implicit backward in reverse."""
+def _move(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:
+    return t.movedim(dim, 0) if dim is not None else t
+
+
+def _flatten_batch(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:
+    """A flat per-problem vector, batched or not, as the flat vector of the batched problem."""
+    t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(nb, *t.shape)
+    return t.reshape(-1)
+
+
+class EquilibriumFn(torch.autograd.Function):
+    """``params -> z*``: the forward solve, with the implicit derivative in both modes."""
 
     @staticmethod
-    def forward(spec, z_star, *theta):
-        return z_star.clone()
+    def forward(problem: Problem, start: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return problem.solve(start, params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        spec, z_star, *theta = inputs
-        ctx.spec = spec
-        ctx.save_for_backward(z_star, *theta)
+        problem, _, *params = inputs
+        ctx.problem = problem
+        ctx.save_for_backward(output, *params)
+        ctx.save_for_forward(output, *params)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_z):
-        z_star, *theta = ctx.saved_tensors
-        grads = ctx.spec.backward(z_star, theta, grad_z, ctx.needs_input_grad[2:])
-        return (None, None, *grads)
+    def backward(ctx, v):
+        z, *params = ctx.saved_tensors
+        problem: Problem = ctx.problem
+        if not any(ctx.needs_input_grad[2:]):
+            return (None, None) + (None,) * len(params)
+        u = LinearSolveFn.apply(problem, True, v, z, *params)
+        grads = problem.theta_vjp(u, z, params)
+        return (None, None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])])
+
+    @staticmethod
+    def jvp(ctx, _problem_t, _start_t, *tangents):
+        z, *params = ctx.saved_tensors
+        problem: Problem = ctx.problem
+        tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(params, tangents)]
+        q = problem.theta_jvp(tangents, z, params)
+        return LinearSolveFn.apply(problem, False, q, z, *params).neg()
+
+    @staticmethod
+    def vmap(info, in_dims, problem: Problem, start, *params):
+        nb = info.batch_size
+        start_dim, pdims = in_dims[1], in_dims[2:]
+        batched = problem.batched(nb, pdims)
+        moved = [_move(p, d, nb) for p, d in zip(params, pdims)]
+        out = EquilibriumFn.apply(batched, _flatten_batch(start, start_dim, nb), *moved)
+        return out.reshape(nb, -1), 0
+
+
+class LinearSolveFn(torch.autograd.Function):
+    """``(b, z, params) -> A^{-T} b`` (``transpose``) or ``A^{-1} b``, with ``A = dG/dz`` at ``(z, params)``."""
+
+    @staticmethod
+    def forward(problem: Problem, transpose: bool, b, z, *params):
+        return problem.linear_solve(b, z, params, transpose)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        problem, transpose, b, z, *params = inputs
+        ctx.problem, ctx.transpose = problem, transpose
+        ctx.save_for_backward(output, z, *params)
+        ctx.save_for_forward(output, z, *params)
+
+    @staticmethod
+    def backward(ctx, w):
+        x, z, *params = ctx.saved_tensors
+        problem: Problem = ctx.problem
+        y = LinearSolveFn.apply(problem, not ctx.transpose, w, z, *params)
+        a, c = (x, y) if ctx.transpose else (y, x)
+        rest = problem.pairing_grad(a, c, z, params) if any(ctx.needs_input_grad[3:]) else (None,) * (1 + len(params))
+        return (None, None, y, *rest)
+
+    @staticmethod
+    def jvp(ctx, _p, _t, b_t, z_t, *p_t):
+        x, z, *params = ctx.saved_tensors
+        problem: Problem = ctx.problem
+        b_t = torch.zeros_like(x) if b_t is None else b_t
+        z_t = torch.zeros_like(z) if z_t is None else z_t
+        p_t = [torch.zeros_like(p) if t is None else t for p, t in zip(params, p_t)]
+
+        def product(zz, *pp):  # A(z, p) x or A(z, p)^T x
+            if ctx.transpose:
+                return vjp(lambda z_: problem.G(z_, pp), zz)[1](x)[0]
+            return torch.func.jvp(lambda z_: problem.G(z_, pp), (zz,), (x,))[1]
+
+        _, dAx = torch.func.jvp(product, (z, *params), (z_t, *p_t))
+        return LinearSolveFn.apply(problem, ctx.transpose, b_t - dAx, z, *params)
+
+    @staticmethod
+    def vmap(info, in_dims, problem: Problem, transpose: bool, b, z, *params):
+        nb = info.batch_size
+        _, _, b_dim, z_dim, *pdims = in_dims
+        batched = problem.batched(nb, pdims)
+        moved = [_move(p, d, nb) for p, d in zip(params, pdims)]
+        out = LinearSolveFn.apply(batched, transpose, _flatten_batch(b, b_dim, nb), _flatten_batch(z, z_dim, nb),
+                                  *moved)
+        return out.reshape(nb, -1), 0

@@ -8,12 +8,18 @@ The projections are written with differentiable torch operations, so the derivat
 fixed-point map :math:`z \mapsto \Pi_\Omega(z - F(z;\theta))` used by the implicit backward
 (:mod:`implicit_nash.implicit`) is the Jacobian of the projection wherever it is differentiable,
 which covers active constraints with strict complementarity.
+
+Set parameters (a Box's bounds, a Ball's centre and radius, a Simplex's total) may be tensors that
+require grad: :meth:`StrategySet.parameters` lists them, the layer passes them to the implicit
+backward beside ``theta``, and they receive their gradients (the solution moves with them).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -30,6 +36,28 @@ class StrategySet:
 
     def project(self, x: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def parameters(self) -> Dict[str, torch.Tensor]:
+        """The floating-point tensors that define the set (its fields or attributes), by name.
+
+        The layer differentiates the solution with respect to each of them.  A user-defined set
+        that keeps tensors elsewhere (inside a list, say) must override this and
+        :meth:`with_parameters`.
+        """
+        names = [f.name for f in dataclasses.fields(self)] if dataclasses.is_dataclass(self) else list(vars(self))
+        found = {}
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                found[name] = value
+        return found
+
+    def with_parameters(self, values: Dict[str, torch.Tensor]) -> "StrategySet":
+        """A copy of the set with the named tensors replaced (no validation: they may be traced)."""
+        new = copy.copy(self)
+        for name, value in values.items():
+            object.__setattr__(new, name, value)
+        return new
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,8 @@ class Box(StrategySet):
     upper: Bound
 
     def __post_init__(self):
-        lo, up = torch.as_tensor(self.lower, dtype=torch.float64), torch.as_tensor(self.upper, dtype=torch.float64)
+        lo, up = (torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float64)
+                  for v in (self.lower, self.upper))
         if torch.isnan(lo).any() or torch.isnan(up).any():
             raise ValueError("Box bounds contain NaN")
         if (lo > up).any():
@@ -86,21 +115,28 @@ class Ball(StrategySet):
         center: optional center ``c`` broadcastable to a leaf (default 0).
     """
 
-    radius: float
+    radius: Bound
     center: Optional[Bound] = None
 
     def __post_init__(self):
-        if not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius > 0):
+        r = torch.as_tensor(self.radius.detach() if isinstance(self.radius, torch.Tensor) else self.radius,
+                            dtype=torch.float64)
+        if isinstance(self.radius, bool) or r.numel() != 1 or not bool(torch.isfinite(r).all()) or not bool((r > 0).all()):
             raise ValueError(f"Ball radius must be a positive finite number, got {self.radius!r}")
+        if self.center is not None:
+            c = self.center.detach() if isinstance(self.center, torch.Tensor) else torch.as_tensor(self.center)
+            if not bool(torch.isfinite(torch.as_tensor(c, dtype=torch.float64)).all()):
+                raise ValueError("Ball center contains NaN or inf")
 
     def project(self, x: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
         c = torch.zeros((), dtype=x.dtype, device=x.device) if self.center is None else _as_bound(self.center, x)
+        radius = _as_bound(self.radius, x)
         d = x - c
         dims = tuple(range(batch_dims, x.dim()))
         norm = torch.linalg.vector_norm(d, dim=dims, keepdim=True) if dims else d.abs()
         # clamp_min keeps the untaken branch finite at x = c, so autograd never sees 0/0.
-        scaled = d * (self.radius / norm.clamp_min(torch.finfo(x.dtype).tiny))
-        return c + torch.where(norm > self.radius, scaled, d)
+        scaled = d * (radius / norm.clamp_min(torch.finfo(x.dtype).tiny))
+        return c + torch.where(norm > radius, scaled, d)
 
 
 @dataclass(frozen=True)
@@ -114,10 +150,12 @@ class Simplex(StrategySet):
         total: the sum ``s`` (default 1).
     """
 
-    total: float = 1.0
+    total: Bound = 1.0
 
     def __post_init__(self):
-        if not (math.isfinite(self.total) and self.total > 0):
+        t = torch.as_tensor(self.total.detach() if isinstance(self.total, torch.Tensor) else self.total,
+                            dtype=torch.float64)
+        if t.numel() != 1 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
             raise ValueError(f"Simplex total must be a positive finite number, got {self.total!r}")
 
     def project(self, x: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
@@ -126,10 +164,11 @@ class Simplex(StrategySet):
                              "the player dimension")
         n = x.shape[-1]
         u, _ = torch.sort(x, dim=-1, descending=True)
-        css = u.cumsum(dim=-1) - self.total
+        css = u.cumsum(dim=-1) - _as_bound(self.total, x)
         k = torch.arange(1, n + 1, dtype=x.dtype, device=x.device)
         # The condition u_k - css_k / k > 0 holds for a prefix of the sorted entries; its length is
-        # the support size rho of the projection.
-        rho = (u - css / k > 0).sum(dim=-1, keepdim=True)
+        # the support size rho of the projection (at least 1 for finite input; the clamp keeps a
+        # NaN input a NaN output instead of an index error).
+        rho = (u - css / k > 0).sum(dim=-1, keepdim=True).clamp_min(1)
         tau = css.gather(-1, rho - 1) / rho.to(x.dtype)
         return torch.clamp(x - tau, min=0)

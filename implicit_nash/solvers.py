@@ -9,12 +9,20 @@ All solvers are frozen dataclasses holding hyperparameters only, and all run in 
 
 * each ``step`` evaluates ``F`` and reports the natural residual
   :math:`\|y - \Pi_\Omega(y - F(y))\|` at the point ``y`` where it evaluated ``F``;
-* the loop stops when that residual is at most ``atol + rtol * max(r0, ||z_k||)`` (``r0``: the
-  residual at the initial point; with the unit step of the natural map the residual is measured in
-  the units of ``z``, and the ``||z_k||`` term keeps a warm start at a solution from asking for an
-  unreachable ``rtol * r0``) *and* the residual re-measured at the returned iterate passes too; or after
-  exactly ``num_steps`` steps when that is set (the paper's Algorithm 2 runs a fixed number of
-  steps); or when the residual exceeds ``1e6 * r0`` or is not finite (``"diverged"``).
+* the loop stops when that residual is at most ``atol + rtol * max(L * ||z_k||, r0)``, *and* the
+  residual re-measured at the returned iterate passes too.  ``r0`` is the residual at the initial
+  point and ``L`` a finite-difference estimate of the Lipschitz constant of ``F`` at the initial
+  point, so that ``L * ||z_k||`` is in the units of ``F``: the rule is the VI analogue of a
+  backward-stable linear-system test (:math:`\|Az - b\| \le \text{rtol}(\|A\|\|z\| + \|b\|)`) and
+  gives the same accuracy in ``z`` whatever the scale of ``F`` or of ``z``.  ``rtol`` is relative and
+  unit-free; ``atol`` is absolute, in the units of the residual.  ``rtol=0`` and ``atol=0`` are
+  accepted.  Or the loop stops after exactly ``num_steps`` steps when that is set (the paper's
+  Algorithm 2 runs a fixed number of steps); or when the residual exceeds ``1e6 * r0`` or is not
+  finite (``"diverged"``).
+
+A batch of independent problems (the ``vmap`` rule of the layer) runs as one flat vector of
+``groups`` equal blocks: the solver steps them together, and every norm above is taken per block,
+so that each problem stops on its own tolerance and gets its own status.
 
 Shared fields: ``rtol`` (``None``: ``10 * eps**0.75`` of the dtype), ``atol``, ``max_steps``,
 ``num_steps``.
@@ -29,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from . import _collective
-from .linear_solve import _check_nonneg, _check_positive, default_rtol
+from .linear_solve import LinearSolveInfo, _check_nonneg, _check_positive, default_rtol
 
 __all__ = ["Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
            "iterate", "DIVERGENCE_FACTOR"]
@@ -40,17 +48,23 @@ DIVERGENCE_FACTOR = 1e6
 
 @dataclass
 class Solution:
-    """The result of a solve.
+    """The result of a solve, and of the backward passes through it.
 
     Attributes:
         value: the solution (a pytree like the initial point; differentiable w.r.t. ``theta``).
         status: ``"converged"``, ``"completed"`` (a fixed ``num_steps`` run), ``"max_steps"`` or
-            ``"diverged"``.
+            ``"diverged"``.  Under ``torch.func.vmap``: the worst status of the batch (see
+            ``statuses``).
         steps: iterations taken.
-        residual: natural residual :math:`\\|z - \\Pi(z - F(z))\\|` measured at the returned point.
-        history: residual reported by each step.
-        stats: solver-specific numbers (``evaluations`` of ``F``, ``tolerance``, final
-            ``step_size``...).
+        residual: natural residual :math:`\\|z - \\Pi(z - F(z))\\|` measured at the returned point
+            (under ``vmap``: the largest of the batch).
+        history: residual reported by each step (under ``vmap``: the norm over the batch).
+        stats: solver-specific numbers (``evaluations`` of ``F``, ``tolerance``, ``lipschitz`` (the
+            estimate the stopping rule uses), final ``step_size``...).
+        backward: the :class:`~implicit_nash.LinearSolveInfo` of every implicit linear solve made
+            through this solution so far, in order (one per backward pass, and one per higher-order
+            or forward-mode product); empty until a backward pass runs.
+        statuses, residuals: per problem, when the solve ran batched under ``torch.func.vmap``.
     """
 
     value: Any
@@ -59,6 +73,9 @@ class Solution:
     residual: float
     history: List[float] = field(default_factory=list)
     stats: Dict[str, Any] = field(default_factory=dict)
+    backward: List[LinearSolveInfo] = field(default_factory=list)
+    statuses: List[str] = field(default_factory=list)
+    residuals: List[float] = field(default_factory=list)
 
     @property
     def converged(self) -> bool:
@@ -66,17 +83,25 @@ class Solution:
 
 
 class FlatProblem:
-    """What a solver sees: ``F`` and the projection on flat player-major vectors."""
+    """What a solver sees: ``F`` and the projection on flat player-major vectors.
+
+    ``groups`` independent problems of equal size may be stacked into one vector (batched solves);
+    norms are then taken per group.
+    """
 
     def __init__(self, operator: Callable[[torch.Tensor], torch.Tensor],
                  project: Callable[[torch.Tensor], torch.Tensor], players: int, block: int,
-                 unconstrained: bool):
+                 unconstrained: bool, groups: int = 1):
         self.operator = operator
         self.project = project
         self.players = players
         self.block = block
         self.unconstrained = unconstrained
+        self.groups = groups
         self.evaluations = 0
+        self.lipschitz: Optional[torch.Tensor] = None  # per group, set by iterate()
+        self.check_closure = False  # iterate() evaluates F(z0) with grad on and refuses a closure
+        self.name = ""  # the initial point's name, for messages
 
     def F(self, z: torch.Tensor) -> torch.Tensor:
         self.evaluations += 1
@@ -85,13 +110,52 @@ class FlatProblem:
     def residual_vector(self, z: torch.Tensor, Fz: torch.Tensor) -> torch.Tensor:
         return Fz if self.unconstrained else z - self.project(z - Fz)
 
-    def residual_norm(self, z: torch.Tensor, Fz: torch.Tensor) -> float:
+    def norms(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-group norms (over every rank's players when sharded), float64 on the CPU."""
         with torch.no_grad():
-            return _collective.norm(self.residual_vector(z.detach(), Fz.detach()))
+            if self.groups == 1:
+                return torch.tensor([_collective.norm(v)], dtype=torch.float64)
+            return torch.linalg.vector_norm(v.detach().reshape(self.groups, -1).to(torch.float64), dim=1).cpu()
+
+    def residual_norm(self, z: torch.Tensor, Fz: torch.Tensor) -> torch.Tensor:
+        """The natural residual of each group, a float64 CPU tensor of shape ``(groups,)``."""
+        with torch.no_grad():
+            return self.norms(self.residual_vector(z.detach(), Fz.detach()))
+
+
+def _lipschitz_estimate(problem: FlatProblem, z0: torch.Tensor, F0: torch.Tensor) -> torch.Tensor:
+    """A finite-difference estimate of the Lipschitz constant of F at z0, per group (a lower bound)."""
+    g = problem.groups
+    with torch.no_grad():
+        D = F0.detach().reshape(g, -1)
+        Z = z0.detach().reshape(g, -1)
+        if g == 1:
+            dmax = torch.tensor([_collective.allmax(float(D.abs().max()) if D.numel() else 0.0)],
+                                dtype=D.dtype, device=D.device)
+            zmax = torch.tensor([_collective.allmax(float(Z.abs().max()) if Z.numel() else 0.0)],
+                                dtype=D.dtype, device=D.device)
+        else:
+            dmax, zmax = D.abs().amax(1), Z.abs().amax(1)
+        direction = torch.where((dmax > 0).unsqueeze(1), D / dmax.clamp_min(torch.finfo(D.dtype).tiny).unsqueeze(1),
+                                torch.ones_like(D))
+        step = 1e-4 * torch.clamp(zmax, min=1.0)
+        dz = (-step.unsqueeze(1) * direction).reshape(-1)
+        dF = problem.F(z0 + dz) - F0
+        L = problem.norms(dF) / problem.norms(dz)
+    return torch.nan_to_num(L, nan=0.0, posinf=0.0)
 
 
 def _validate_step_size(value, *, allow_none: bool) -> None:
     _check_positive("step_size", value, allow_none=allow_none)
+
+
+def _require_step_size(solver: "Solver", rule: str) -> None:
+    if solver.step_size is None:
+        raise ValueError(
+            f"{type(solver).__name__} needs step_size: it converges for {rule}, with mu the strong "
+            f"monotonicity and L the Lipschitz constant of F (for the paper's Algorithm 2, the inner "
+            f"learning rate alpha). If they are unknown, use PRGD(), which chooses its own step")
+    _validate_step_size(solver.step_size, allow_none=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,12 +168,12 @@ class Solver:
     num_steps: Optional[int] = None
 
     def __post_init__(self):
-        _check_positive("rtol", self.rtol, allow_none=True)
+        _check_nonneg("rtol", self.rtol, allow_none=True)
         _check_nonneg("atol", self.atol)
         _check_positive("max_steps", self.max_steps, integer=True)
         _check_positive("num_steps", self.num_steps, integer=True, allow_none=True)
 
-    def init(self, problem: FlatProblem, z0: torch.Tensor) -> Dict[str, Any]:
+    def init(self, problem: FlatProblem, z0: torch.Tensor, F0: torch.Tensor) -> Dict[str, Any]:
         return {"z": z0}
 
     def step(self, problem: FlatProblem, state: Dict[str, Any]) -> Dict[str, Any]:  # pragma: no cover
@@ -126,14 +190,15 @@ class SimultaneousGradient(Solver):
     rotational (bilinear) coupling, where :class:`PRGD` does not.
 
     Args:
-        step_size: the inner learning rate λ (the paper's α).
+        step_size: the inner learning rate λ (the paper's α); required (there is no safe default
+            without μ and L: use :class:`PRGD` when they are unknown).
     """
 
-    step_size: float
+    step_size: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
-        _validate_step_size(self.step_size, allow_none=False)
+        _require_step_size(self, "step_size < 2 mu / L^2")
 
     def step(self, problem, state):
         z = state["z"]
@@ -150,13 +215,16 @@ class Extragradient(Solver):
 
     Converges for monotone L-Lipschitz ``F`` with :math:`\\lambda < 1/L` (two evaluations and two
     projections per step).
+
+    Args:
+        step_size: the step λ; required (use :class:`PRGD` when ``L`` is unknown).
     """
 
-    step_size: float
+    step_size: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
-        _validate_step_size(self.step_size, allow_none=False)
+        _require_step_size(self, "step_size < 1 / L")
 
     def step(self, problem, state):
         z = state["z"]
@@ -189,35 +257,41 @@ class PRGD(Solver):
 
     Args:
         step_size: constant step λ, or ``None`` for the adaptive rule.
-        ratio: the linesearch constant (``0 < ratio < sqrt(2) - 1``).
-        growth: factor (``>= 1``) by which a step may grow from one iteration to the next.
+        ratio: the linesearch constant (``0 < ratio < sqrt(2) - 1``; default 0.4); adaptive rule only.
+        growth: factor (``>= 1``; default 1.2) by which a step may grow from one iteration to the
+            next; adaptive rule only.
     """
 
     step_size: Optional[float] = None
-    ratio: float = 0.4
-    growth: float = 1.2
+    ratio: Optional[float] = None
+    growth: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
         _validate_step_size(self.step_size, allow_none=True)
-        if not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < math.sqrt(2) - 1):
+        if self.step_size is not None and (self.ratio is not None or self.growth is not None):
+            raise ValueError("ratio and growth belong to the adaptive step (step_size=None); with a constant "
+                             "step_size they would be ignored: drop them")
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 < self.ratio < math.sqrt(2) - 1):
             raise ValueError(f"ratio must lie in (0, sqrt(2) - 1) = (0, 0.4142), got {self.ratio!r}")
-        if not (isinstance(self.growth, (int, float)) and math.isfinite(self.growth) and self.growth >= 1):
+        if self.growth is not None and not (isinstance(self.growth, (int, float)) and math.isfinite(self.growth)
+                                            and self.growth >= 1):
             raise ValueError(f"growth must be a finite number >= 1, got {self.growth!r}")
 
-    def init(self, problem, z0):
+    @property
+    def _ratio(self) -> float:
+        return 0.4 if self.ratio is None else self.ratio
+
+    @property
+    def _growth(self) -> float:
+        return 1.2 if self.growth is None else self.growth
+
+    def init(self, problem, z0, F0):
         if self.step_size is not None:
             lam = self.step_size
         else:
-            with torch.no_grad():
-                F0 = problem.F(z0)
-                direction = F0 if _collective.allmax(float(F0.abs().max()) if F0.numel() else 0.0) > 0 \
-                    else torch.ones_like(z0)
-                zmax = _collective.allmax(float(z0.abs().max()) if z0.numel() else 0.0)
-                eps = 1e-4 * max(1.0, zmax)
-                dz = -eps * direction / _collective.allmax(float(direction.abs().max()))
-                L0 = _collective.norm(problem.F(z0 + dz) - F0) / _collective.norm(dz)
-            lam = self.ratio / L0 if L0 > 0 else 1.0
+            L0 = float(problem.lipschitz.max())
+            lam = self._ratio / L0 if L0 > 0 else 1.0
         return {"z": z0, "z_prev": z0, "y_prev": None, "Fy_prev": None, "step_size": lam}
 
     def step(self, problem, state):
@@ -227,7 +301,7 @@ class PRGD(Solver):
             y = 2 * z - z_prev
             Fy = problem.F(y)
         else:
-            lam = lam_prev * self.growth
+            lam = lam_prev * self._growth
             y_prev, Fy_prev = state["y_prev"], state["Fy_prev"]
             for _ in range(60):
                 y = z + (lam / lam_prev) * (z - z_prev)
@@ -235,7 +309,7 @@ class PRGD(Solver):
                 with torch.no_grad():
                     dF = _collective.norm(Fy - Fy_prev)
                     dy = _collective.norm(y - y_prev)
-                if lam * dF <= self.ratio * dy or not math.isfinite(dF):
+                if lam * dF <= self._ratio * dy or not math.isfinite(dF):
                     break
                 lam *= 0.5
         residual = problem.residual_norm(y, Fy)
@@ -252,23 +326,24 @@ class GaussSeidel(Solver):
 
     Theorem 3.3 of the paper states that the order of the updates does not change the equilibrium;
     ``order`` makes that checkable.  One step is one sweep over all players and costs ``B``
-    evaluations of the full ``F``: a verification tool, not a fast path.  For a plain variational
-    inequality (one block) it equals :class:`SimultaneousGradient`.
+    evaluations of the full ``F``: a verification tool, not a fast path (it does not shard over
+    ranks nor batch under ``vmap``).  For a plain variational inequality (one block) it equals
+    :class:`SimultaneousGradient`.
 
     Args:
-        step_size: the step λ.
+        step_size: the step λ; required (``step_size < 2 mu / L^2`` is safe).
         order: ``"cyclic"``, ``"reverse"``, ``"random"`` (a fresh permutation every sweep, from
             ``seed``) or an explicit sequence of player indices.
         seed: seed of the ``"random"`` order.
     """
 
-    step_size: float
+    step_size: Optional[float] = None
     order: Union[str, Sequence[int]] = "cyclic"
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        _validate_step_size(self.step_size, allow_none=False)
+        _require_step_size(self, "step_size < 2 mu / L^2")
         if isinstance(self.order, str):
             if self.order not in ("cyclic", "reverse", "random"):
                 raise ValueError(f"order must be 'cyclic', 'reverse', 'random' or a sequence of player "
@@ -276,10 +351,13 @@ class GaussSeidel(Solver):
         else:
             object.__setattr__(self, "order", tuple(int(i) for i in self.order))
 
-    def init(self, problem, z0):
+    def init(self, problem, z0, F0):
         if _collective.active():
             raise ValueError("GaussSeidel updates players one after another, which does not shard over ranks; "
                              "use PRGD, Extragradient or SimultaneousGradient")
+        if problem.groups > 1:
+            raise ValueError("GaussSeidel does not batch under torch.func.vmap; use PRGD, Extragradient or "
+                             "SimultaneousGradient")
         return {"z": z0, "rng": random.Random(self.seed)}
 
     def _order(self, players: int, rng: random.Random) -> Sequence[int]:
@@ -311,42 +389,68 @@ class GaussSeidel(Solver):
 
 
 def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
-    """Run ``solver`` on ``problem`` from the flat point ``z0``; returns a flat :class:`Solution`."""
-    state = solver.init(problem, z0)
+    """Run ``solver`` on ``problem`` from the flat point ``z0``; returns a flat :class:`Solution`.
+
+    With ``problem.groups > 1`` every group stops on its own tolerance (the loop ends when all have);
+    ``Solution.statuses``/``residuals`` hold the per-group outcome.
+    """
+    with torch.enable_grad() if problem.check_closure else torch.no_grad():
+        F0 = problem.F(z0)
+    if problem.check_closure and F0.requires_grad:
+        raise ValueError("the operator depends on tensors that require grad but are not in theta (a closure "
+                         "over parameters?); the implicit adjoint would silently drop their gradient: pass them "
+                         "inside theta, use NashLayer with an nn.Module, or use adjoint=Unrolled()")
+    F0 = F0.detach() if problem.check_closure else F0
+    with torch.no_grad():
+        if not bool(torch.isfinite(F0).all()):
+            raise ValueError(f"the operator is NaN or inf at the initial point {problem.name}".rstrip())
+        r0 = problem.residual_norm(z0, F0)
+    problem.lipschitz = _lipschitz_estimate(problem, z0, F0)
+    state = solver.init(problem, z0, F0)
     rtol = default_rtol(z0.dtype) if solver.rtol is None else solver.rtol
+    L = problem.lipschitz
     history: List[float] = []
-    tol = None
-    r0 = None
-    status = "max_steps"
+    floor = torch.clamp(torch.maximum(r0, torch.full_like(r0, solver.atol)), min=1e-300)
+    tol = solver.atol + rtol * torch.maximum(L * problem.norms(z0), r0)
+    diverged = torch.zeros_like(r0, dtype=torch.bool)
+    done = torch.zeros_like(r0, dtype=torch.bool)
     limit = solver.num_steps if solver.num_steps is not None else solver.max_steps
-    final_residual = None
     steps = 0
+    final = None
     for steps in range(1, limit + 1):
         state = solver.step(problem, state)
         r = state["residual"]
-        history.append(r)
-        if r0 is None:
-            r0 = r
-        if not math.isfinite(r) or r > DIVERGENCE_FACTOR * max(r0, solver.atol, 1e-300):
-            status = "diverged"
-            tol = solver.atol + rtol * r0
+        history.append(float(r[0]) if problem.groups == 1 else float(r.norm()))
+        diverged = diverged | ~torch.isfinite(r) | (r > DIVERGENCE_FACTOR * floor)
+        if bool(diverged.any()):
             break
-        with torch.no_grad():
-            tol = solver.atol + rtol * max(r0, _collective.norm(state["z"]))
-        if solver.num_steps is None and r <= tol:
+        tol = solver.atol + rtol * torch.maximum(L * problem.norms(state["z"]), r0)
+        if solver.num_steps is None and bool((r <= tol).all()):
             with torch.no_grad():
                 z = state["z"]
-                final_residual = problem.residual_norm(z, problem.F(z))
-            if final_residual <= tol:
-                status = "converged"
+                final = problem.residual_norm(z, problem.F(z))
+            if bool((final <= tol).all()):
+                done[:] = True
                 break
-            final_residual = None
-    if solver.num_steps is not None and status != "diverged":
-        status = "completed"
+            final = None
     z = state["z"]
-    if final_residual is None:
+    if final is None:
         with torch.no_grad():
-            final_residual = problem.residual_norm(z, problem.F(z)) if status != "diverged" else float("nan")
-    stats = {"evaluations": problem.evaluations, "tolerance": tol,
-             "step_size": state.get("step_size")}
-    return Solution(z, status, steps, final_residual, history, stats)
+            Fz = problem.F(z)
+            final = problem.residual_norm(z, Fz)
+    if solver.num_steps is not None:
+        statuses = ["diverged" if d else "completed" for d in diverged.tolist()]
+    else:
+        statuses = ["diverged" if d else ("converged" if (ok or f <= t) else "max_steps")
+                    for d, ok, f, t in zip(diverged.tolist(), done.tolist(), final.tolist(), tol.tolist())]
+    final = torch.where(diverged, torch.full_like(final, math.nan), final)
+    order = ["converged", "completed", "max_steps", "diverged"]
+    status = max(statuses, key=order.index)
+    stats = {"evaluations": problem.evaluations, "tolerance": float(tol.min()) if problem.groups > 1 else float(tol[0]),
+             "step_size": state.get("step_size"), "lipschitz": float(L.max()), "r0": float(r0.max())}
+    residual = float(final.max()) if not bool(torch.isnan(final).any()) else math.nan
+    sol = Solution(z, status, steps, residual, history, stats)
+    if problem.groups > 1:
+        sol.statuses, sol.residuals = statuses, final.tolist()
+        sol.stats["tolerances"] = tol.tolist()
+    return sol
