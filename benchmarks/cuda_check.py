@@ -56,7 +56,7 @@ def main() -> int:
     for coupling in (0.0, 1.0):
         game = to(quadratic_game(B=6, d=4, p=3, cond=50.0, coupling=coupling, gen=gen), dev)
         theta = torch.randn(3, generator=gen).to(dev)
-        sol = inn.nash_equilibrium(game.costs, torch.zeros(6, 4, device=dev), theta, solver=tight, return_info=True)
+        sol = inn.nash_solution(game.costs, torch.zeros(6, 4, device=dev), theta, solver=tight)
         assert sol.value.device.type == dev.type
         record(f"equilibrium vs closed form (coupling {coupling})", rel(sol.value, game.solution(theta)), 1e-10)
         J = torch.autograd.functional.jacobian(

@@ -130,8 +130,7 @@ def make_implicit_nash_cg(H: torch.Tensor, theta: torch.Tensor, target: torch.Te
         t0 = time.perf_counter()
         z_star, fwd = forward_cg.solve(H, theta.detach())
         t1 = time.perf_counter()
-        sol = inn.solve_vi(operator, z_star, theta, solver=attach, adjoint=adjoint, symmetric=True,
-                           return_info=True)
+        sol = inn.vi_solution(operator, z_star, theta, solver=attach, adjoint=adjoint, symmetric=True)
         t2 = time.perf_counter()
         loss = 0.5 * (sol.value - target).square().sum()
         (grad,) = torch.autograd.grad(loss, theta)
@@ -159,8 +158,7 @@ def make_implicit_nash_prgd(H: torch.Tensor, theta: torch.Tensor, target: torch.
 
     def hypergradient():
         t0 = time.perf_counter()
-        sol = inn.solve_vi(operator, z0, theta, solver=solver, adjoint=adjoint, symmetric=True,
-                           return_info=True)
+        sol = inn.vi_solution(operator, z0, theta, solver=solver, adjoint=adjoint, symmetric=True)
         t1 = time.perf_counter()
         loss = 0.5 * (sol.value - target).square().sum()
         (grad,) = torch.autograd.grad(loss, theta)

@@ -306,8 +306,8 @@ def hypergradient(game, tasks, theta, adjoint, steps: int, walk: bool, step_size
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        sol = implicit_nash.nash_equilibrium(game, phi0, theta, solver=solver, adjoint=adjoint,
-                                             throw=throw, return_info=True)
+        sol = implicit_nash.nash_solution(game, phi0, theta, solver=solver, adjoint=adjoint,
+                                             throw=throw)
         loss = _sinusoid.meta_loss(sol.value, tasks, activation)
         t1 = time.perf_counter()
         graph = (graph_saved_bytes(loss, exclude=[theta, tasks.x, tasks.y, tasks.xq, tasks.yq])
@@ -440,8 +440,7 @@ def game_diagnostic(args: argparse.Namespace, steps: int) -> Dict[str, Any]:
     solver = implicit_nash.SimultaneousGradient(step_size=args.step_size, num_steps=steps)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sol = implicit_nash.nash_equilibrium(game, phi0, theta, solver=solver, adjoint=implicit_nash.Unrolled(),
-                                             return_info=True)
+        sol = implicit_nash.nash_solution(game, phi0, theta, solver=solver, adjoint=implicit_nash.Unrolled())
         phi_n = sol.value
         phi_next = phi_n - args.step_size * game.pseudo_gradient(phi_n, theta)
         sign_changes = total_units = 0

@@ -91,14 +91,13 @@ def solvers_for(mu: float, lipschitz: float, rtol: float, max_steps: int) -> Dic
 
 
 def run_solver(game: Dict[str, Any], solver) -> Dict[str, Any]:
-    """Solve once with ``solve_vi(..., throw=False, return_info=True)`` and time it."""
+    """Solve once with ``vi_solution(..., throw=False)`` and time it."""
     a, c = game["A"], game["c"]
     z0 = torch.zeros_like(c)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", implicit_nash.ConvergenceWarning)
         t0 = time.perf_counter()
-        sol = implicit_nash.solve_vi(lambda z, th: a @ z + th, z0, c, solver=solver, throw=False,
-                                     return_info=True)
+        sol = implicit_nash.vi_solution(lambda z, th: a @ z + th, z0, c, solver=solver, throw=False)
         seconds = time.perf_counter() - t0
     return {"solution": sol, "seconds": seconds}
 
@@ -222,7 +221,7 @@ def main() -> None:
          "Per kappa: " + "; ".join(f"kappa = {k:g}: mu = {g['mu']:.4g}, L = ||A||_2 = {g['L']:.4g}, "
                                    f"L/mu = {g['L'] / g['mu']:.3g}, ||z*|| / r0 = {g['z_star_over_r0']:.3g}"
                                    for k, g in games.items()),
-         f"Stopping: `solve_vi(..., throw=False, return_info=True)`, solver rtol = {args.rtol:g}, atol = 0, "
+         f"Stopping: `vi_solution(..., throw=False)`, solver rtol = {args.rtol:g}, atol = 0, "
          f"max_steps = {max_steps}; the library stops when the natural residual is at most "
          f"rtol x max(r0, ||z_k||) (r0 = initial residual), which is rtol x r0 here whenever ||z*|| / r0 < 1"],
         elapsed, headers, rows)

@@ -36,7 +36,7 @@ def main(players: int = 5, dim: int = 3) -> int:
     game = build_game(players, dim)
     theta = torch.randn(dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
     t0 = time.perf_counter()
-    sol = nash_equilibrium(game, torch.zeros(players, dim), theta, return_info=True)
+    sol = nash_solution(game, torch.zeros(players, dim), theta)
     elapsed = time.perf_counter() - t0
     phi = sol.value
     print(f"implicit_nash demo: {players} players, strategies in R^{dim}, PRGD with adaptive step")

@@ -90,7 +90,7 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         holder = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
                          players=flat.players, block=flat.block, linear_solver=GMRES(), symmetric=symmetric,
                          throw=throw, record=record, name=name)
-        holder._report_forward(sol)
+        holder._report_forward(sol, implicit=False)
         z = sol.value
     else:
         problem = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
@@ -198,7 +198,7 @@ def solve_vi(operator: Callable[[Any, Any], Any], z0: Any, theta: Any, *, solver
         symmetric: the operator's symmetry tag: whether :math:`\partial_z F` is symmetric (lets
             :class:`~implicit_nash.CG` run unchecked), if known.  Declared here once.
         return_info: deprecated; use :func:`vi_solution`.
-    """ + _COMMON_ARGS + """
+{common}
 
     Returns:
         :math:`z^*`, differentiable with respect to ``theta`` (and the set's tensors).
@@ -217,6 +217,9 @@ def solve_vi(operator: Callable[[Any, Any], Any], z0: Any, theta: Any, *, solver
     """
     return _legacy(vi_solution(operator, z0, theta, solver=solver, adjoint=adjoint, constraint=constraint,
                                throw=throw, symmetric=symmetric), return_info)
+
+
+solve_vi.__doc__ = solve_vi.__doc__.replace("{common}", _COMMON_ARGS)
 
 
 def _as_game(costs: Union[Game, Callable]) -> Game:
@@ -264,7 +267,7 @@ def nash_equilibrium(costs: Union[Game, Callable[[Any, Any], torch.Tensor]], phi
         theta: the leader's parameter (tensor or pytree).
         constraint: applies to every player.
         return_info: deprecated; use :func:`nash_solution`.
-    """ + _COMMON_ARGS + """
+{common}
 
     Returns:
         :math:`\phi^*` shaped like ``phi0``.
@@ -282,6 +285,9 @@ def nash_equilibrium(costs: Union[Game, Callable[[Any, Any], torch.Tensor]], phi
     """
     return _legacy(nash_solution(costs, phi0, theta, solver=solver, adjoint=adjoint, constraint=constraint,
                                  throw=throw), return_info)
+
+
+nash_equilibrium.__doc__ = nash_equilibrium.__doc__.replace("{common}", _COMMON_ARGS)
 
 
 def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[LinearSolver] = None,

@@ -180,7 +180,7 @@ class Problem:
         self._report_forward(sol)
         return sol.value
 
-    def _report_forward(self, sol: Solution) -> None:
+    def _report_forward(self, sol: Solution, implicit: bool = True) -> None:
         rec = self.record
         rec.status, rec.steps, rec.residual, rec.history = sol.status, sol.steps, sol.residual, sol.history
         rec.stats.update(sol.stats)
@@ -198,7 +198,7 @@ class Problem:
                                        history=sol.history, stage="forward")
             warnings.warn(msg + "; the gradient through it will be zero where the value is not finite",
                           ConvergenceWarning, stacklevel=5)
-        elif sol.status == "completed" and sol.residual > sol.stats["tolerance"]:
+        elif implicit and sol.status == "completed" and sol.residual > sol.stats["tolerance"]:
             # A fixed step count (num_steps) is a valid forward pass, but the implicit function
             # theorem holds at an equilibrium only: say so rather than differentiate silently.
             warnings.warn(f"{self.name} ran its num_steps={sol.steps} steps and stopped at natural residual "

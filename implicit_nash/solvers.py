@@ -102,10 +102,15 @@ class FlatProblem:
         self.lipschitz: Optional[torch.Tensor] = None  # per group, set by iterate()
         self.check_closure = False  # iterate() evaluates F(z0) with grad on and refuses a closure
         self.name = ""  # the initial point's name, for messages
+        self.frozen: Optional[torch.Tensor] = None  # groups that diverged (batched solves)
 
     def F(self, z: torch.Tensor) -> torch.Tensor:
         self.evaluations += 1
-        return self.operator(z)
+        out = self.operator(z)
+        if self.frozen is not None:  # a diverged member of a batch stops moving; the others go on
+            out = torch.where(self.frozen.to(out.device).repeat_interleave(out.numel() // self.groups),
+                              torch.zeros((), dtype=out.dtype, device=out.device), out)
+        return out
 
     def residual_vector(self, z: torch.Tensor, Fz: torch.Tensor) -> torch.Tensor:
         return Fz if self.unconstrained else z - self.project(z - Fz)
@@ -421,16 +426,20 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
         state = solver.step(problem, state)
         r = state["residual"]
         history.append(float(r[0]) if problem.groups == 1 else float(r.norm()))
-        diverged = diverged | ~torch.isfinite(r) | (r > DIVERGENCE_FACTOR * floor)
-        if bool(diverged.any()):
-            break
+        newly = ~diverged & (~torch.isfinite(r) | (r > DIVERGENCE_FACTOR * floor))
+        if bool(newly.any()):
+            diverged = diverged | newly
+            if problem.groups == 1 or bool(diverged.all()):
+                break
+            problem.frozen = diverged.clone()
+            r = torch.where(diverged, torch.zeros_like(r), r)
         tol = solver.atol + rtol * torch.maximum(L * problem.norms(state["z"]), r0)
         if solver.num_steps is None and bool((r <= tol).all()):
             with torch.no_grad():
                 z = state["z"]
                 final = problem.residual_norm(z, problem.F(z))
-            if bool((final <= tol).all()):
-                done[:] = True
+            if bool(((final <= tol) | diverged).all()):
+                done[:] = ~diverged
                 break
             final = None
     z = state["z"]

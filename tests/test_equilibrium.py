@@ -291,7 +291,7 @@ def test_float32_case(gen):
 
 def test_return_info_reports_history(gen):
     game = quadratic_game(B=2, d=2, p=1, cond=10.0, coupling=1.0, gen=gen)
-    sol = inn.nash_equilibrium(game.costs, torch.zeros(2, 2), torch.zeros(1), return_info=True)
+    sol = inn.nash_solution(game.costs, torch.zeros(2, 2), torch.zeros(1))
     assert isinstance(sol, inn.Solution) and sol.converged and sol.status == "converged"
     assert len(sol.history) == sol.steps and sol.steps > 1
     assert sol.residual <= sol.stats["tolerance"]
@@ -316,6 +316,6 @@ def test_implicit_after_fixed_steps_warns_when_not_at_equilibrium():
     with pytest.warns(inn.ConvergenceWarning, match="only approximate"):
         inn.solve_vi(lambda z, t: A @ z - t, torch.zeros(2), torch.ones(2), solver=solver)
     # enough steps to reach the tolerance: no warning (filterwarnings=error would fail the test)
-    sol = inn.solve_vi(lambda z, t: A @ z - t, torch.zeros(2), torch.ones(2),
-                       solver=inn.SimultaneousGradient(step_size=0.3, num_steps=400), return_info=True)
+    sol = inn.vi_solution(lambda z, t: A @ z - t, torch.zeros(2), torch.ones(2),
+                       solver=inn.SimultaneousGradient(step_size=0.3, num_steps=400))
     assert sol.status == "completed" and sol.residual <= sol.stats["tolerance"]

@@ -35,8 +35,8 @@ def test_random_games(B, d, p, cond, coupling, seed, set_name, dtype):
     constraint = SETS[set_name]
     tight = dtype == torch.float64
     solver = inn.PRGD(rtol=1e-13 if tight else None, max_steps=50_000)
-    sol = inn.nash_equilibrium(game.costs, torch.zeros(B, d, dtype=dtype), theta, solver=solver,
-                               constraint=constraint, return_info=True)
+    sol = inn.nash_solution(game.costs, torch.zeros(B, d, dtype=dtype), theta, solver=solver,
+                               constraint=constraint)
     assert sol.status == "converged" and sol.value.dtype == dtype
     G = fixed_point_residual(game, constraint)
     scale = float(torch.linalg.norm(game.C @ theta + game.b)) + 1.0

@@ -34,8 +34,7 @@ NAMES = ["prgd-adaptive", "prgd-constant", "simultaneous", "extragradient", "gau
 
 
 def _solve(game, solver, theta, **kw):
-    return inn.nash_equilibrium(game.costs, torch.zeros(game.B, game.d), theta, solver=solver,
-                                return_info=True, **kw)
+    return inn.nash_solution(game.costs, torch.zeros(game.B, game.d), theta, solver=solver, **kw)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -58,8 +57,7 @@ def test_contract_float32(name, gen):
     game = quadratic_game(B=3, d=2, p=2, cond=10.0, coupling=0.5, gen=gen, dtype=torch.float32)
     solver = dataclasses.replace(solvers_for(game)[name], rtol=None)
     theta = torch.randn(2, generator=gen).float()
-    sol = inn.nash_equilibrium(game.costs, torch.zeros(3, 2, dtype=torch.float32), theta, solver=solver,
-                               return_info=True)
+    sol = inn.nash_solution(game.costs, torch.zeros(3, 2, dtype=torch.float32), theta, solver=solver)
     assert sol.value.dtype == torch.float32 and sol.status == "converged"
     exact = game.solution(theta)
     assert torch.linalg.norm(sol.value - exact) <= 1e-3 * torch.linalg.norm(exact)
@@ -191,5 +189,5 @@ def test_warm_start_at_the_solution_stops_at_once(name, game, gen):
     """The tolerance must not be relative to the (tiny) initial residual of a warm start."""
     theta = torch.randn(2, generator=gen)
     exact = game.solution(theta)
-    sol = inn.nash_equilibrium(game.costs, exact, theta, solver=solvers_for(game)[name], return_info=True)
+    sol = inn.nash_solution(game.costs, exact, theta, solver=solvers_for(game)[name])
     assert sol.status == "converged" and sol.steps <= 2
