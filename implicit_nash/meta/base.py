@@ -39,7 +39,7 @@ from torch.func import functional_call, vmap
 
 from .. import _collective
 from .._compat import tree_map
-from ..equilibrium import solve_vi
+from ..equilibrium import vi_solution
 from ..games import AggregativeGame
 from ..implicit import Implicit
 from ..linear_solve import GMRES, LinearSolver
@@ -195,9 +195,9 @@ class Algorithm:
         B = x.shape[0]
         if mode == "implicit":
             solver = PRGD(max_steps=1000) if self.solver is None else self.solver
-            return solve_vi(game.pseudo_gradient, self._start(theta, B), theta, solver=solver,
-                            adjoint=Implicit(linear_solver=self.linear_solver),
-                            symmetric=game.symmetric, throw=self.throw)
+            return vi_solution(game.pseudo_gradient, self._start(theta, B), theta, solver=solver,
+                               adjoint=Implicit(linear_solver=self.linear_solver),
+                               symmetric=game.symmetric, throw=self.throw).value
         # Every player starts at the anchor, where a penalty that vanishes there contributes nothing
         # (in value or derivative along the start): the first step uses the task losses alone.
         first = self._game(model, x, y, None) if penalty is not None and penalty.vanishes_at_anchor else game
