@@ -140,8 +140,8 @@ def make_implicit_nash_cg(H: torch.Tensor, theta: torch.Tensor, target: torch.Te
                     attach_operator_evaluations=sol.stats["evaluations"],
                     attach_shift=float(torch.linalg.vector_norm(sol.value.detach() - z_star)
                                        / torch.linalg.vector_norm(z_star)),
-                    backward_cg_steps=sol.stats["implicit_spec"].last_info.steps,
-                    backward_matvecs=sol.stats["implicit_spec"].last_info.matvecs)
+                    backward_cg_steps=sol.backward[-1].steps,
+                    backward_matvecs=sol.backward[-1].matvecs)
         return grad, {"forward": t1 - t0, "attach": t2 - t1, "backward": t3 - t2}
 
     return hypergradient
@@ -165,8 +165,8 @@ def make_implicit_nash_prgd(H: torch.Tensor, theta: torch.Tensor, target: torch.
         t2 = time.perf_counter()
         info.update(forward_prgd_steps=sol.steps, forward_operator_evaluations=sol.stats["evaluations"],
                     forward_status=sol.status,
-                    backward_cg_steps=sol.stats["implicit_spec"].last_info.steps,
-                    backward_matvecs=sol.stats["implicit_spec"].last_info.matvecs)
+                    backward_cg_steps=sol.backward[-1].steps,
+                    backward_matvecs=sol.backward[-1].matvecs)
         return grad, {"forward": t1 - t0, "backward": t2 - t1}
 
     return hypergradient

@@ -324,11 +324,10 @@ def hypergradient(game, tasks, theta, adjoint, steps: int, walk: bool, step_size
         "residual0": sol.history[0] if sol.history else float("nan"),
         "warnings": sorted({str(w.message)[:160] for w in caught}),
     }
-    spec = sol.stats.get("implicit_spec")
-    if spec is not None and spec.last_info is not None:
-        info = spec.last_info
+    if sol.backward:
+        info = sol.backward[-1]
         rhs = info.history[0] if info.history else float("nan")
-        out["linear_solve"] = {"solver": type(spec.linear_solver).__name__, "converged": info.converged,
+        out["linear_solve"] = {"solver": type(adjoint.linear_solver).__name__, "converged": info.converged,
                                "steps": info.steps, "matvecs": info.matvecs, "residual": info.residual,
                                "relative_residual": info.residual / rhs if rhs else float("nan"),
                                "tolerance": info.tolerance}

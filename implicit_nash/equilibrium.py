@@ -177,7 +177,7 @@ def vi_solution(operator: Callable[[Any, Any], Any], z0: Any, theta: Any, *, sol
         >>> sol.status, sol.backward
         ('converged', [])
         >>> sol.value.sum().backward()
-        >>> sol.backward[0].status, theta.grad.tolist()
+        >>> sol.backward[0].status, [round(g, 12) for g in theta.grad.tolist()]
         ('converged', [0.5, 0.5])
     """
     return _solve(operator, z0, theta, players=None, symmetric=symmetric, solver=solver, adjoint=adjoint,
