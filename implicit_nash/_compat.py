@@ -7,7 +7,8 @@ def tree_leaves(tree):
     return tree_flatten(tree)[0]
 
 
-__all__ = ["tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "differentiable_all_reduce_sum", "is_batched"]
+__all__ = ["tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "differentiable_all_reduce_sum", "is_batched",
+           "functorch_active"]
 
 
 def differentiable_all_reduce_sum(t, group):
@@ -28,3 +29,12 @@ def is_batched(t) -> bool:
         return bool(torch._C._functorch.is_batchedtensor(t))
     except AttributeError:  # pragma: no cover
         return False
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, vmap...) is running around this call."""
+    import torch
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover
+        return True

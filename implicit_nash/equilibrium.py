@@ -128,16 +128,14 @@ def _root_check(tol, z_name: str) -> Callable:
             r0 = problem.residual_norm(start, F0)
             r = problem.residual_norm(z, Fz)
             L = _lipschitz_estimate(problem, z, Fz)
-            eps = torch.finfo(z.dtype).eps
-            rt = math.sqrt(eps) if rtol is None else rtol
-            tol = atol + rt * torch.maximum(L * problem.norms(z), r0)
-        ok = (r <= tol).tolist()
-        statuses = ["converged" if o else "not_a_root" for o in ok]
-        status = "converged" if all(ok) else "not_a_root"
-        sol = Solution(z, status, 0, float(r.max()), [float(r.max())],
-                       {"tolerance": float(tol.min()), "lipschitz": float(L.max()), "evaluations": problem.evaluations})
+            rt = math.sqrt(torch.finfo(z.dtype).eps) if rtol is None else rtol
+            tol = [atol + rt * max(l * zn, a) for l, zn, a in zip(L, problem.norms(z), r0)]
+        statuses = ["converged" if x <= t else "not_a_root" for x, t in zip(r, tol)]
+        status = "converged" if all(s == "converged" for s in statuses) else "not_a_root"
+        sol = Solution(z, status, 0, max(r), [max(r)],
+                       {"tolerance": min(tol), "lipschitz": max(L), "evaluations": problem.evaluations})
         if problem.groups > 1:
-            sol.statuses, sol.residuals = statuses, r.tolist()
+            sol.statuses, sol.residuals = statuses, r
         return sol
     return check
 

@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.func import vjp, vmap
 
+from ._compat import functorch_active
 from .errors import ConvergenceError, ConvergenceWarning
 from .linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver
 from .solvers import FlatProblem, Solution, Solver, iterate
@@ -211,6 +212,8 @@ class Problem:
     def operator(self, z: torch.Tensor, params: Sequence[torch.Tensor], transpose: bool) -> LinearOperator:
         """:math:`A^\\top` (``transpose``) or :math:`A` as a matrix-free operator at ``(z, params)``."""
         params = list(params)
+        if not functorch_active():
+            return self._autograd_operator(z, params, transpose)
         _, vjp_fn = vjp(lambda zz: self.G(zz, params), z)
 
         def AT(u):
@@ -222,6 +225,32 @@ class Problem:
             if not lazy:
                 lazy.append(vjp(AT, torch.zeros_like(z))[1])
             return lazy[0](u)[0]
+
+        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric)
+
+    def _autograd_operator(self, z: torch.Tensor, params: List[torch.Tensor], transpose: bool) -> LinearOperator:
+        """The same products through plain autograd on one cached graph of ``G`` (no torch.func
+        transform is active: the products inside a linear solve's forward need no derivative of
+        their own), which saves torch.func's per-call overhead on every Krylov product."""
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            G = self.G(zz, [p.detach() for p in params])
+        if not G.requires_grad:  # G does not depend on z: A = 0
+            return LinearOperator(torch.zeros_like, torch.zeros_like, self.symmetric)
+
+        def AT(u):
+            return torch.autograd.grad(G, zz, u, retain_graph=True)[0]
+
+        lazy = []
+
+        def A(u):  # the VJP of the linear map w -> A^T w, built once
+            if not lazy:
+                with torch.enable_grad():
+                    w = torch.zeros_like(G, requires_grad=True)
+                    (gw,) = torch.autograd.grad(G, zz, w, retain_graph=True, create_graph=True)
+                lazy.append((w, gw))
+            w, gw = lazy[0]
+            return torch.autograd.grad(gw, w, u, retain_graph=True)[0]
 
         return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric)
 
@@ -263,6 +292,13 @@ class Problem:
 
     def theta_vjp(self, u: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """:math:`-(\\partial_p G)^\\top u`."""
+        if not torch.is_grad_enabled() and not functorch_active():
+            # a first-order backward: plain autograd on detached copies (torch.func's wrapping costs more)
+            with torch.enable_grad():
+                pp = [p.detach().requires_grad_(True) for p in params]
+                out = self.G(z.detach(), pp)
+                found = torch.autograd.grad(out, pp, -u, allow_unused=True) if out.requires_grad else [None] * len(pp)
+            return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, found))
         _, f = vjp(lambda *pp: self.G(z, pp), *params)
         return f(-u)
 

@@ -205,7 +205,8 @@ class _Monitor:
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         w = self.op(v)
         self.matvecs += 1
-        self._pairs.append(torch.stack([_group_sq(v, self.groups), _group_sq(w, self.groups)]))
+        with torch.no_grad():  # ||v||^2 and ||Av||^2 per block in one reduction, read at the next check
+            self._pairs.append((torch.stack((v.detach(), w.detach())).reshape(2, self.groups, -1).to(torch.float64) ** 2).sum(2))
         return w
 
     def _update_estimate(self) -> None:

@@ -115,20 +115,20 @@ class FlatProblem:
     def residual_vector(self, z: torch.Tensor, Fz: torch.Tensor) -> torch.Tensor:
         return Fz if self.unconstrained else z - self.project(z - Fz)
 
-    def norms(self, v: torch.Tensor) -> torch.Tensor:
-        """Per-group norms (over every rank's players when sharded), float64 on the CPU."""
+    def norms(self, v: torch.Tensor) -> List[float]:
+        """Per-group norms (over every rank's players when sharded), as Python floats."""
         with torch.no_grad():
             if self.groups == 1:
-                return torch.tensor([_collective.norm(v)], dtype=torch.float64)
-            return torch.linalg.vector_norm(v.detach().reshape(self.groups, -1).to(torch.float64), dim=1).cpu()
+                return [_collective.norm(v)]
+            return torch.linalg.vector_norm(v.detach().reshape(self.groups, -1).to(torch.float64), dim=1).tolist()
 
-    def residual_norm(self, z: torch.Tensor, Fz: torch.Tensor) -> torch.Tensor:
-        """The natural residual of each group, a float64 CPU tensor of shape ``(groups,)``."""
+    def residual_norm(self, z: torch.Tensor, Fz: torch.Tensor) -> List[float]:
+        """The natural residual of each group."""
         with torch.no_grad():
             return self.norms(self.residual_vector(z.detach(), Fz.detach()))
 
 
-def _lipschitz_estimate(problem: FlatProblem, z0: torch.Tensor, F0: torch.Tensor) -> torch.Tensor:
+def _lipschitz_estimate(problem: FlatProblem, z0: torch.Tensor, F0: torch.Tensor) -> List[float]:
     """A finite-difference estimate of the Lipschitz constant of F at z0, per group (a lower bound)."""
     g = problem.groups
     with torch.no_grad():
@@ -146,8 +146,11 @@ def _lipschitz_estimate(problem: FlatProblem, z0: torch.Tensor, F0: torch.Tensor
         step = 1e-4 * torch.clamp(zmax, min=1.0)
         dz = (-step.unsqueeze(1) * direction).reshape(-1)
         dF = problem.F(z0 + dz) - F0
-        L = problem.norms(dF) / problem.norms(dz)
-    return torch.nan_to_num(L, nan=0.0, posinf=0.0)
+        out = []
+        for a, b in zip(problem.norms(dF), problem.norms(dz)):
+            L = a / b if b > 0 else 0.0
+            out.append(L if math.isfinite(L) else 0.0)
+    return out
 
 
 def _validate_step_size(value, *, allow_none: bool) -> None:
@@ -295,7 +298,7 @@ class PRGD(Solver):
         if self.step_size is not None:
             lam = self.step_size
         else:
-            L0 = float(problem.lipschitz.max())
+            L0 = max(problem.lipschitz)
             lam = self._ratio / L0 if L0 > 0 else 1.0
         return {"z": z0, "z_prev": z0, "y_prev": None, "Fy_prev": None, "step_size": lam}
 
@@ -413,53 +416,58 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
     problem.lipschitz = _lipschitz_estimate(problem, z0, F0)
     state = solver.init(problem, z0, F0)
     rtol = default_rtol(z0.dtype) if solver.rtol is None else solver.rtol
+    atol = solver.atol
     L = problem.lipschitz
+    G = problem.groups
     history: List[float] = []
-    floor = torch.clamp(torch.maximum(r0, torch.full_like(r0, solver.atol)), min=1e-300)
-    tol = solver.atol + rtol * torch.maximum(L * problem.norms(z0), r0)
-    diverged = torch.zeros_like(r0, dtype=torch.bool)
-    done = torch.zeros_like(r0, dtype=torch.bool)
+    limit_r = [DIVERGENCE_FACTOR * max(r, atol, 1e-300) for r in r0]
+
+    def tolerance(z: torch.Tensor) -> List[float]:
+        return [atol + rtol * max(l * zn, r) for l, zn, r in zip(L, problem.norms(z), r0)]
+
+    tol = tolerance(z0)
+    diverged = [False] * G
+    done = False
     limit = solver.num_steps if solver.num_steps is not None else solver.max_steps
     steps = 0
     final = None
     for steps in range(1, limit + 1):
         state = solver.step(problem, state)
         r = state["residual"]
-        history.append(float(r[0]) if problem.groups == 1 else float(r.norm()))
-        newly = ~diverged & (~torch.isfinite(r) | (r > DIVERGENCE_FACTOR * floor))
-        if bool(newly.any()):
-            diverged = diverged | newly
-            if problem.groups == 1 or bool(diverged.all()):
+        history.append(r[0] if G == 1 else math.sqrt(sum(x * x for x in r)))
+        newly = [not d and not (x <= lim) for d, x, lim in zip(diverged, r, limit_r)]  # NaN counts
+        if any(newly):
+            diverged = [d or n for d, n in zip(diverged, newly)]
+            if G == 1 or all(diverged):
                 break
-            problem.frozen = diverged.clone()
-            r = torch.where(diverged, torch.zeros_like(r), r)
-        tol = solver.atol + rtol * torch.maximum(L * problem.norms(state["z"]), r0)
-        if solver.num_steps is None and bool((r <= tol).all()):
+            problem.frozen = torch.tensor(diverged)
+            r = [0.0 if d else x for d, x in zip(diverged, r)]
+        tol = tolerance(state["z"])
+        if solver.num_steps is None and all(x <= t for x, t in zip(r, tol)):
             with torch.no_grad():
                 z = state["z"]
                 final = problem.residual_norm(z, problem.F(z))
-            if bool(((final <= tol) | diverged).all()):
-                done[:] = ~diverged
+            if all(d or f <= t for d, f, t in zip(diverged, final, tol)):
+                done = True
                 break
             final = None
     z = state["z"]
     if final is None:
         with torch.no_grad():
-            Fz = problem.F(z)
-            final = problem.residual_norm(z, Fz)
+            final = problem.residual_norm(z, problem.F(z))
     if solver.num_steps is not None:
-        statuses = ["diverged" if d else "completed" for d in diverged.tolist()]
+        statuses = ["diverged" if d else "completed" for d in diverged]
     else:
-        statuses = ["diverged" if d else ("converged" if (ok or f <= t) else "max_steps")
-                    for d, ok, f, t in zip(diverged.tolist(), done.tolist(), final.tolist(), tol.tolist())]
-    final = torch.where(diverged, torch.full_like(final, math.nan), final)
+        statuses = ["diverged" if d else ("converged" if (done or f <= t) else "max_steps")
+                    for d, f, t in zip(diverged, final, tol)]
+    final = [math.nan if d else f for d, f in zip(diverged, final)]
     order = ["converged", "completed", "max_steps", "diverged"]
     status = max(statuses, key=order.index)
-    stats = {"evaluations": problem.evaluations, "tolerance": float(tol.min()) if problem.groups > 1 else float(tol[0]),
-             "step_size": state.get("step_size"), "lipschitz": float(L.max()), "r0": float(r0.max())}
-    residual = float(final.max()) if not bool(torch.isnan(final).any()) else math.nan
+    stats = {"evaluations": problem.evaluations, "tolerance": min(tol), "step_size": state.get("step_size"),
+             "lipschitz": max(L), "r0": max(r0)}
+    residual = math.nan if any(math.isnan(f) for f in final) else max(final)
     sol = Solution(z, status, steps, residual, history, stats)
-    if problem.groups > 1:
-        sol.statuses, sol.residuals = statuses, final.tolist()
-        sol.stats["tolerances"] = tol.tolist()
+    if G > 1:
+        sol.statuses, sol.residuals = statuses, final
+        sol.stats["tolerances"] = tol
     return sol
