@@ -283,31 +283,66 @@ class Problem:
     def pairing_grad(self, a: torch.Tensor, c: torch.Tensor, z: torch.Tensor,
                      params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """:math:`-\\partial_{(z,p)} \\langle a, A(z,p)\\,c \\rangle`, a second-order product of ``G``."""
-        def pairing(zz, *pp):
+        params = list(params)
+        idx = [i for i, p in enumerate(params) if p.is_floating_point()]
+
+        def pairing(zz, *floats):
+            pp = list(params)
+            for i, f in zip(idx, floats):
+                pp[i] = f
             _, f = vjp(lambda z_: self.G(z_, pp), zz)
             return (f(a)[0] * c).sum()
 
-        _, f = vjp(pairing, z, *params)
-        return f(torch.ones((), dtype=z.dtype, device=z.device).neg())
+        _, f = vjp(pairing, z, *[params[i] for i in idx])
+        found = f(torch.ones((), dtype=z.dtype, device=z.device).neg())
+        grads: List[Optional[torch.Tensor]] = [None] * len(params)
+        for i, g in zip(idx, found[1:]):
+            grads[i] = g
+        return (found[0], *grads)
 
     def theta_vjp(self, u: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """:math:`-(\\partial_p G)^\\top u`."""
+        params = list(params)
+        idx = [i for i, p in enumerate(params) if p.is_floating_point()]  # integer data has no gradient
+        grads: List[Optional[torch.Tensor]] = [None] * len(params)
+        if not idx:
+            return tuple(grads)
         if not torch.is_grad_enabled() and not functorch_active():
             # a first-order backward: plain autograd on detached copies (torch.func's wrapping costs more)
             with torch.enable_grad():
-                pp = [p.detach().requires_grad_(True) for p in params]
+                pp = [p.detach() for p in params]
+                for i in idx:
+                    pp[i].requires_grad_(True)
                 out = self.G(z.detach(), pp)
-                found = torch.autograd.grad(out, pp, -u, allow_unused=True) if out.requires_grad else [None] * len(pp)
-            return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, found))
-        _, f = vjp(lambda *pp: self.G(z, pp), *params)
-        return f(-u)
+                found = (torch.autograd.grad(out, [pp[i] for i in idx], -u, allow_unused=True) if out.requires_grad
+                         else [None] * len(idx))
+        else:
+            def partial(*floats):
+                pp = list(params)
+                for i, f in zip(idx, floats):
+                    pp[i] = f
+                return self.G(z, pp)
+            _, f = vjp(partial, *[params[i] for i in idx])
+            found = f(-u)
+        for i, g in zip(idx, found):
+            grads[i] = torch.zeros_like(params[i]) if g is None else g
+        return tuple(grads)
 
     def theta_jvp(self, tangents: Sequence[torch.Tensor], z: torch.Tensor,
                   params: Sequence[torch.Tensor]) -> torch.Tensor:
         """:math:`\\partial_p G\\,\\dot p` as the VJP of the linear map :math:`w \\mapsto (\\partial_p G)^\\top w`."""
-        _, f = vjp(lambda *pp: self.G(z, pp), *params)
+        params = list(params)
+        idx = [i for i, p in enumerate(params) if p.is_floating_point()]
+
+        def partial(*floats):
+            pp = list(params)
+            for i, f in zip(idx, floats):
+                pp[i] = f
+            return self.G(z, pp)
+
+        _, f = vjp(partial, *[params[i] for i in idx])
         _, g = vjp(lambda w: f(w), torch.zeros_like(z))
-        return g(tuple(tangents))[0]
+        return g(tuple(tangents[i] for i in idx))[0]
 
 
 def _move(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:

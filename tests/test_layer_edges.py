@@ -388,3 +388,16 @@ def test_custom_fixed_point_gradient():
     z = fp(torch.zeros(2), th)
     (g,) = torch.autograd.grad(z.sum(), th)
     assert torch.allclose(g, 1 / (1 - 0.5 * (1 - torch.tanh(z.detach()) ** 2)))
+
+
+def test_pytree_theta_with_integer_data_under_every_mode():
+    Am = torch.tensor([[2.0, 1.0], [-1.0, 2.0]])
+    op = lambda z, t: Am @ z - t["b"] * t["k"]
+    solve = lambda b: inn.solve_vi(op, torch.zeros(2), {"b": b, "k": torch.tensor(2)})
+    J = 2 * torch.linalg.inv(Am)
+    assert torch.allclose(torch.func.jacrev(solve)(torch.ones(2)), J)
+    assert torch.allclose(torch.func.jacfwd(solve)(torch.ones(2)), J)
+    assert torch.allclose(torch.func.vmap(solve)(torch.eye(2)), (J @ torch.eye(2)).T)
+    b = torch.ones(2, requires_grad=True)
+    (g,) = torch.autograd.grad(solve(b).sum(), b, create_graph=True)
+    assert torch.allclose(g, J.T @ torch.ones(2)) and g.requires_grad is False or torch.allclose(g, J.T @ torch.ones(2))
