@@ -123,7 +123,11 @@ def _root_check(tol, z_name: str) -> Callable:
         with torch.no_grad():
             if not bool(torch.isfinite(z).all()):
                 return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
-            F0 = problem.F(start)
+            with torch.enable_grad():
+                F0 = problem.F(start)
+            if F0.requires_grad:
+                raise ValueError("the residual depends on tensors that require grad but are not in theta (a "
+                                 "closure over parameters?); their gradient would be dropped: pass them in theta")
             Fz = problem.F(z)
             r0 = problem.residual_norm(start, F0)
             r = problem.residual_norm(z, Fz)

@@ -172,6 +172,13 @@ class Problem:
         problem.check_closure = True
         if not bool(torch.isfinite(start).all()):
             raise ValueError(f"{self.z_name or 'the initial point'} contains NaN or inf")
+        if not self.unconstrained:
+            with torch.enable_grad():
+                hidden = self.project(start, sp).requires_grad
+            if hidden:
+                raise ValueError("the strategy set holds a tensor that requires grad but is not among its "
+                                 "parameters(): the implicit adjoint would drop its gradient; override "
+                                 "StrategySet.parameters() and with_parameters() to expose it")
         with torch.no_grad():
             if self.user_forward is not None:
                 z = self.user_forward(start, th).detach()

@@ -401,3 +401,21 @@ def test_pytree_theta_with_integer_data_under_every_mode():
     b = torch.ones(2, requires_grad=True)
     (g,) = torch.autograd.grad(solve(b).sum(), b, create_graph=True)
     assert torch.allclose(g, J.T @ torch.ones(2))
+
+
+def test_tensors_the_adjoint_cannot_see_are_refused():
+    class Hidden(inn.StrategySet):
+        def __init__(self, bounds):
+            self.bounds = [bounds]  # inside a list: not found by the default parameters()
+
+        def project(self, x, batch_dims=0):
+            return torch.clamp(x, max=self.bounds[0])
+
+    ub = torch.tensor(0.1, requires_grad=True)
+    with pytest.raises(ValueError, match="parameters"):
+        inn.solve_vi(F, torch.zeros(3), torch.ones(2), constraint=Hidden(ub))
+    w = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(ValueError, match="closure"):
+        inn.custom_root(lambda z, th: w * z - th)(lambda z0, th: th / 2)(torch.zeros(2), torch.ones(2))
+    with pytest.raises(ValueError, match="closure"):
+        inn.solve_vi(lambda z, th: w * z - th, torch.zeros(2), torch.ones(2))
