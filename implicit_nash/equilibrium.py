@@ -116,10 +116,12 @@ def _flat_forward(forward: Callable, flat: Flattener, theta_def) -> Callable:
 
 
 def _root_check(tol, z_name: str) -> Callable:
-    rtol, atol = tol
+    rtol, atol, enabled = tol
 
     def check(problem: FlatProblem, start: torch.Tensor, z: torch.Tensor) -> Solution:
         problem.name = z_name
+        if not enabled:
+            return Solution(z, "converged", 0, math.nan, [], {"tolerance": math.nan, "root_check": False})
         with torch.no_grad():
             if not bool(torch.isfinite(z).all()):
                 return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
@@ -294,7 +296,7 @@ nash_equilibrium.__doc__ = nash_equilibrium.__doc__.replace("{common}", _COMMON_
 
 def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[LinearSolver] = None,
                 symmetric: Optional[bool] = None, throw: bool = True, rtol: Optional[float] = None,
-                atol: float = 0.0) -> Callable[[Callable], Callable]:
+                atol: float = 0.0, check: bool = True) -> Callable[[Callable], Callable]:
     r"""Give any forward solver an implicit backward: a decorator.
 
     ``custom_root(residual)(forward)`` returns ``solve(z0, theta) -> z*`` that runs
@@ -316,6 +318,8 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
         linear_solver: for the implicit systems, default :class:`~implicit_nash.GMRES`.
         symmetric: the symmetry tag of :math:`\partial_z r`, if known.
         throw, rtol, atol: as above.
+        check: ``False`` skips the root check (three evaluations of the residual per call): you
+            vouch that ``forward`` returns a root, as JAXopt's ``custom_root`` assumes.
 
     Example:
         >>> import torch
@@ -331,6 +335,8 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
     """
     if not callable(residual):
         raise TypeError(f"residual must be callable, got {type(residual).__name__}")
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be True or False, got {check!r}")
     linear_solver = GMRES() if linear_solver is None else linear_solver
     from .linear_solve import _check_nonneg
     _check_nonneg("rtol", rtol, allow_none=True)
@@ -343,7 +349,7 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
 
         def solve(z0: Any, theta: Any) -> Any:
             return _solve(residual, z0, theta, players=None, symmetric=symmetric, solver=None, adjoint=adjoint,
-                          constraint=None, throw=throw, z_name="z0", forward=forward, root_tol=(rtol, atol)).value
+                          constraint=None, throw=throw, z_name="z0", forward=forward, root_tol=(rtol, atol, check)).value
 
         solve.__name__ = getattr(forward, "__name__", "solve")
         solve.__doc__ = getattr(forward, "__doc__", None)

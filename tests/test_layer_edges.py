@@ -419,3 +419,13 @@ def test_tensors_the_adjoint_cannot_see_are_refused():
         inn.custom_root(lambda z, th: w * z - th)(lambda z0, th: th / 2)(torch.zeros(2), torch.ones(2))
     with pytest.raises(ValueError, match="closure"):
         inn.solve_vi(lambda z, th: w * z - th, torch.zeros(2), torch.ones(2))
+
+
+def test_custom_root_check_can_be_waived_explicitly():
+    @inn.custom_root(lambda z, th: z - th, check=False)
+    def vouched(z0, th):
+        return th.clone()
+
+    th = torch.ones(2, requires_grad=True)
+    vouched(torch.zeros(2), th).sum().backward()
+    assert torch.equal(th.grad, torch.ones(2))
