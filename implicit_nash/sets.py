@@ -23,6 +23,8 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from ._compat import functorch_active
+
 Bound = Union[float, torch.Tensor]
 
 __all__ = ["StrategySet", "Reals", "Box", "NonNegative", "Ball", "Simplex"]
@@ -70,6 +72,12 @@ class Reals(StrategySet):
         return x
 
 
+def _traced(*values) -> bool:
+    """Whether a value is being transformed by torch.func (its entries cannot be inspected; a bad
+    value then shows as a non-finite projection, which the solvers report as a failure)."""
+    return any(isinstance(v, torch.Tensor) for v in values) and functorch_active()
+
+
 def _as_bound(value: Bound, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=like.dtype, device=like.device)
 
@@ -87,6 +95,8 @@ class Box(StrategySet):
     upper: Bound
 
     def __post_init__(self):
+        if _traced(self.lower, self.upper):
+            return
         lo, up = (torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float64)
                   for v in (self.lower, self.upper))
         if torch.isnan(lo).any() or torch.isnan(up).any():
@@ -119,6 +129,8 @@ class Ball(StrategySet):
     center: Optional[Bound] = None
 
     def __post_init__(self):
+        if _traced(self.radius, self.center):
+            return
         r = torch.as_tensor(self.radius.detach() if isinstance(self.radius, torch.Tensor) else self.radius,
                             dtype=torch.float64)
         if isinstance(self.radius, bool) or r.numel() != 1 or not bool(torch.isfinite(r).all()) or not bool((r > 0).all()):
@@ -153,6 +165,8 @@ class Simplex(StrategySet):
     total: Bound = 1.0
 
     def __post_init__(self):
+        if _traced(self.total):
+            return
         t = torch.as_tensor(self.total.detach() if isinstance(self.total, torch.Tensor) else self.total,
                             dtype=torch.float64)
         if t.numel() != 1 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):

@@ -429,3 +429,26 @@ def test_custom_root_check_can_be_waived_explicitly():
     th = torch.ones(2, requires_grad=True)
     vouched(torch.zeros(2), th).sum().backward()
     assert torch.allclose(th.grad, torch.ones(2))
+
+
+def test_vmap_over_set_parameters_and_nash_layer_under_vmap():
+    Am = torch.tensor([[2.0, 1.0], [-1.0, 2.0]])
+    f = lambda ub: inn.solve_vi(lambda z, t: Am @ z - t, torch.zeros(2), torch.tensor([3.0, 1.0]),
+                                constraint=inn.Box(-1.0, ub))
+    ubs = torch.tensor([0.1, 0.5, 5.0])
+    assert torch.allclose(torch.func.vmap(f)(ubs), torch.stack([f(u) for u in ubs]))
+    J = torch.func.vmap(torch.func.jacrev(f))(ubs)
+    assert torch.allclose(J, torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]), atol=1e-9)
+
+    class Costs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, phi, th):
+            return 0.5 * self.w * ((phi - th) ** 2).sum(1) + 0.1 * phi.sum(1) * phi.sum()
+
+    layer = inn.NashLayer(Costs())
+    thetas = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    out = torch.func.vmap(lambda th: layer(torch.zeros(3, 2), th))(thetas)
+    assert torch.allclose(out, torch.stack([layer(torch.zeros(3, 2), th) for th in thetas]), atol=1e-9)
