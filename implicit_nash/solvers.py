@@ -40,7 +40,7 @@ from . import _collective
 from .linear_solve import LinearSolveInfo, _check_nonneg, _check_positive, default_rtol
 
 __all__ = ["Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
-           "iterate", "DIVERGENCE_FACTOR"]
+           "iterate", "initial_state", "DIVERGENCE_FACTOR"]
 
 #: The loop declares divergence when the residual exceeds this multiple of the initial residual.
 DIVERGENCE_FACTOR = 1e6
@@ -394,6 +394,14 @@ class GaussSeidel(Solver):
             mask = mask.expand(B, n).reshape(-1)
             z = torch.where(mask, problem.project(z - self.step_size * Fz), z)
         return {"z": z, "rng": state["rng"], "residual": residual, "step_size": self.step_size}
+
+
+def initial_state(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Dict[str, Any]:
+    """The solver's state at ``z0`` (evaluates ``F(z0)`` and the Lipschitz estimate first), for
+    code that steps a solver by hand (``analysis`` records trajectories this way)."""
+    F0 = problem.F(z0)
+    problem.lipschitz = _lipschitz_estimate(problem, z0, F0)
+    return solver.init(problem, z0, F0)
 
 
 def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
