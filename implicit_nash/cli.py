@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--val-tasks", type=int)
     rep.add_argument("--test-tasks", type=int)
     rep.add_argument("--no-progress", action="store_true")
+    rep.add_argument("--report-only", action="store_true",
+                     help="train nothing: rebuild the table, JSON and figure from the rows already finished")
 
     sw = sub.add_parser("sweep", help="run a grid of trainings (local process pool or Ray), cached and resumable")
     sw.add_argument("spec", help="JSON file: {'task': ..., 'fixed': {...}, 'grid': {option: [values]}}")
@@ -155,7 +157,7 @@ def _reproduce(args) -> int:
             return _fail(f"--iterations must be positive, got {args.iterations}")
         reproduce(args.name, args.out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
                   algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,
-                  data_root=args.data_root)
+                  data_root=args.data_root, report_only=args.report_only)
     except (ConfigError, DataError, FloatingPointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
