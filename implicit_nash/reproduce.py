@@ -190,10 +190,7 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
     """
     if name not in ROWSETS:
         raise ConfigError(f"unknown reproduction {name!r}; choose from {', '.join(ROWSETS)}")
-    if seeds < 2:
-        raise ConfigError(f"--seeds must be at least 2 for confidence intervals, got {seeds}")
-    if jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    check_counts(seeds, jobs)
     rows = ROWSETS[name]()
     task, scale = SETTINGS[name]
     if task in ("celeba", "miniimagenet") and not data_root:
@@ -216,26 +213,49 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
             cli["data_root"] = str(data_root)
         configs[r["key"]] = resolve(cli)
     budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
-    log(f"reproduce {name}: {budget}; runs in {out / 'runs'}")
     t0 = time.time()
+    results, failures = train_rows(name, configs, out, budget, jobs=jobs, progress=progress,
+                                   report_only=report_only, log=log)
+    report = _report(name, rows, results, budget, iterations, seeds, time.time() - t0, overrides, failures, scale)
+    report["report_only"] = report_only
+    if algorithms:
+        report["command"] += " --algorithms " + " ".join(algorithms)
+    write_outputs(out, name, report, _markdown(report), lambda path: _figure(report, rows, results, path), log)
+    return report
+
+
+def check_counts(seeds: int, jobs: int) -> None:
+    """One-line errors for too few seeds (no interval) or no job."""
+    if seeds < 2:
+        raise ConfigError(f"--seeds must be at least 2 for confidence intervals, got {seeds}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+
+
+def train_rows(name: str, configs: Dict[str, Dict[str, Any]], out: Path, budget: str, *, jobs: int, progress: bool,
+               report_only: bool, log: Callable[[str], None]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """:func:`run_rows` for a reproduction in ``out/runs``: logs the budget and each failed row, and raises a
+    :class:`ConfigError` when no row has a result."""
+    log(f"reproduce {name}: {budget}; runs in {out / 'runs'}")
     results, failures = run_rows(configs, out / "runs", jobs=jobs, progress=progress, desc=f"reproduce {name}",
                                  train=not report_only)
     for key, msg in failures.items():
         log(f"row {key} failed: {msg}")
     if not results:
-        raise ConfigError("every row failed: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
-    report = _report(name, rows, results, budget, iterations, seeds, time.time() - t0, overrides, failures, scale)
-    report["report_only"] = report_only
-    if algorithms:
-        report["command"] += " --algorithms " + " ".join(algorithms)
+        raise ConfigError("no row has a result: " + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:3]))
+    return results, failures
+
+
+def write_outputs(out: Path, name: str, report: Dict[str, Any], markdown: str, figure: Callable[[Path], None],
+                  log: Callable[[str], None]) -> None:
+    """``out/<name>.json``, ``.md`` and ``.png`` (the figure drawn by ``figure(path)``)."""
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(_markdown(report))
+    (out / f"{name}.md").write_text(markdown)
     try:
-        _figure(report, rows, results, out / f"{name}.png")
+        figure(out / f"{name}.png")
     except ImportError:  # pragma: no cover
         log("matplotlib is not installed: no figure")
     log(f"wrote {out / (name + '.md')}, {out / (name + '.json')} and {out / (name + '.png')}")
-    return report
 
 
 def _report(name, rows, results, budget, iterations, seeds, seconds, overrides, failures=None,
