@@ -442,6 +442,11 @@ def _trajectory_figure(algo, number, mine, runs, rep, path: Path) -> None:
     for k, (lo, hi) in bounds.items():
         pad = 0.05 * (hi - lo) if hi > lo else 1e-3
         axes[1][k].set_ylim(lo - pad, hi + pad)
+    for ax in axes[1]:
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no paired comparison:\nfewer than 2 seeds train in both rows", ha="center",
+                    va="center", fontsize=9, transform=ax.transAxes)
+            ax.set_axis_off()
     from matplotlib.ticker import FuncFormatter
     for ax in axes.flat:
         if ax.get_legend_handles_labels()[0]:

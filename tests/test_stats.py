@@ -81,3 +81,19 @@ def test_holm_by_hand():
     assert adj[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adj[3]) and adj[4] == pytest.approx(0.02)
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
     assert holm([]) == []
+
+
+def test_verdict_rule():
+    from implicit_nash.reproduce import judge
+    groups = lambda lo, hi: {"low": lo, "high": hi}  # noqa: E731
+    assert judge({"difference": -1.0, "groups": groups(-2.0, -0.5)}, 0.01) == "better"
+    assert judge({"difference": 1.0, "groups": groups(0.5, 2.0)}, 0.01) == "worse"
+    # the groups' interval must exclude 0 on the same side as the seeds' difference
+    assert judge({"difference": -1.0, "groups": groups(-2.0, 0.5)}, 0.01) == "no detectable difference"
+    assert judge({"difference": -1.0, "groups": groups(0.1, 0.5)}, 0.01) == "no detectable difference"
+    # the adjusted p-value decides first
+    assert judge({"difference": -1.0, "groups": groups(-2.0, -0.5)}, 0.06) == "no detectable difference"
+    # accuracy: higher is better
+    assert judge({"difference": 1.0, "groups": groups(0.5, 2.0)}, 0.01, higher=True) == "better"
+    # runs saved without per-group values: the seeds alone
+    assert judge({"difference": -1.0}, 0.01) == "better"
