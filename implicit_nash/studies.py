@@ -238,6 +238,9 @@ def _study_figure(rep, path: Path) -> None:
                 ax.axhline(0.0, color="k", lw=0.6)
             if rep["symbol"] == "alpha":
                 ax.set_xscale("log")
+            ys = [y for line in ax.lines for y in line.get_ydata()]
+            if k < 2 and ys and min(ys) > 0 and max(ys) > 10 * min(ys):  # rows that span decades
+                ax.set_yscale("log")
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
     for ax in axes[-1]:
