@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's sinusoid tables (all seeds, all rows)")
-    rep.add_argument("name", choices=["table2", "robustness", "table3", "table4"],
+    rep.add_argument("name", choices=["table2", "robustness", "table3", "table4", "batch-size", "step-size",
+                                      "trajectories"],
                      help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6; table3: CelebA "
-                          "image completion; table4: MiniImageNet (both need --data-root)")
+                          "image completion; table4: MiniImageNet (both need --data-root); batch-size, step-size: "
+                          "Appendix F's studies (Figures 3-10); trajectories: Figures 2 and 11-13 from the finished "
+                          "Table 2 runs in --source")
     rep.add_argument("--iterations", type=int, help="meta-iterations per run (default: the paper's)")
     rep.add_argument("--data-root", help="dataset folder for table3 (CelebA) and table4 (MiniImageNet)")
     rep.add_argument("--seeds", type=int, default=5, help="seeds per row, trained together (paper: 5)")
@@ -75,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--val-tasks", type=int)
     rep.add_argument("--test-tasks", type=int)
     rep.add_argument("--no-progress", action="store_true")
+    rep.add_argument("--values", type=float, nargs="+",
+                     help="batch-size, step-size: the grid (default: B 5 10 15 20 25; alpha 1e-4 3e-4 1e-3 3e-3 1e-2)")
+    rep.add_argument("--source", default="results",
+                     help="trajectories: the directory of the Table 2 runs (default: results)")
+    rep.add_argument("--report-only", action="store_true",
+                     help="train nothing: rebuild the table, JSON and figure from the rows already finished")
 
     sw = sub.add_parser("sweep", help="run a grid of trainings (local process pool or Ray), cached and resumable")
     sw.add_argument("spec", help="JSON file: {'task': ..., 'fixed': {...}, 'grid': {option: [values]}}")
@@ -153,9 +162,19 @@ def _reproduce(args) -> int:
     try:
         if args.iterations is not None and args.iterations < 1:
             return _fail(f"--iterations must be positive, got {args.iterations}")
-        reproduce(args.name, args.out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
-                  algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,
-                  data_root=args.data_root)
+        if args.name == "trajectories":
+            from .studies import trajectories
+            trajectories(args.out, source=args.source, iterations=args.iterations or 70000, seeds=args.seeds,
+                         overrides=overrides or None)
+        elif args.name in ("batch-size", "step-size"):
+            from .studies import study
+            study(args.name, args.out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
+                  algorithms=args.algorithms, values=args.values, progress=not args.no_progress,
+                  overrides=overrides or None, report_only=args.report_only)
+        else:
+            reproduce(args.name, args.out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
+                      algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,
+                      data_root=args.data_root, report_only=args.report_only)
     except (ConfigError, DataError, FloatingPointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

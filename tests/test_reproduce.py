@@ -37,14 +37,35 @@ def test_reproduce_end_to_end_tiny_budget(tmp_path):
             assert set(row["paper"][m]) == {"mean", "ci"}
         assert "vs_paper" in row["verdict"]
         assert ("vs_plain" in row["verdict"]) == (row["penalty"]["penalty"] != "none")
+        assert ("paired" in row) == (row["penalty"]["penalty"] != "none")
+    # the paired comparison: seed by seed and group by group against the plain row's own numbers
+    maml = {r["key"]: r for r in saved["rows"] if r["group"] == "MAML"}
+    pr = maml["maml_pC_0.1"]["paired"]
+    assert pr["tested"] and pr["seeds"] == [0, 1] and pr["family_size"] == 8
+    diffs = [a - b for a, b in zip(maml["maml_pC_0.1"]["ours"]["mean"]["values"], maml["maml"]["ours"]["mean"]["values"])]
+    assert pr["mean"]["difference"] == pytest.approx(sum(diffs) / 2)
+    assert pr["mean"]["groups"]["difference"] == pytest.approx(pr["mean"]["difference"])  # a mean of means
+    assert pr["worst"]["groups"]["groups"] == 49                                        # hardest 10% of 490
+    assert pr["mean"]["p_sign_flip"] >= 0.5                                             # 2 seeds: 4 patterns
+    assert {pr[m]["verdict"] for m in ("mean", "worst")} <= {"better", "worse", "no detectable difference"}
+    assert "verdict" not in pr["std"]
     md = (out / "table2.md").read_text()
     assert "Budget used: 4 iterations x 2 seeds" in md and "0.590 ± 0.010" in md
+    assert "## Paired comparisons with the plain row" in md and "Holm family: 8 tests" in md
     # a second call finds every row finished and retrains nothing
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")}
     again = reproduce("table2", out, iterations=4, seeds=2, algorithms=["maml", "cavia"], progress=False,
                       overrides=TINY, log=lambda s: None)
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")} == mtimes
     assert [r["ours"] for r in again["rows"]] == [r["ours"] for r in rep["rows"]]
+    # --report-only rebuilds the outputs from the finished rows and trains nothing, not even missing rows
+    only = reproduce("table2", out, iterations=4, seeds=2, algorithms=["maml", "cavia", "trmaml"], progress=False,
+                     overrides=TINY, log=lambda s: None, report_only=True)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")} == mtimes
+    assert not (out / "runs" / "trmaml").exists()
+    assert [r["ours"] for r in only["rows"] if "ours" in r] == [r["ours"] for r in rep["rows"]]
+    assert sum("not finished" in r.get("failed", "") for r in only["rows"]) == 3
+    assert "rebuilt from the finished runs without training" in (out / "table2.md").read_text()
     # asking for more iterations extends the finished rows from their checkpoints
     longer = reproduce("table2", out, iterations=6, seeds=2, algorithms=["maml"], progress=False,
                        overrides=TINY, log=lambda s: None)

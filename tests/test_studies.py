@@ -1,0 +1,89 @@
+"""Appendix F machinery on a tiny budget: the batch-size and step-size studies and the trajectories."""
+import json
+
+import pytest
+
+from implicit_nash.cli import main
+from implicit_nash.meta.config import ConfigError
+from implicit_nash.reproduce import reproduce
+from implicit_nash.studies import STUDIES, study, trajectories
+
+TINY = {"eval_every": 2, "val_tasks": 490, "test_tasks": 490}
+
+
+def test_batch_size_study_tiny_budget(tmp_path):
+    out = tmp_path / "bs"
+    rep = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 10], progress=False,
+                overrides=TINY, log=lambda s: None)
+    for name in ("batch-size.json", "batch-size.md", "batch-size.png"):
+        assert (out / name).is_file()
+    assert json.loads((out / "batch-size.json").read_text()) == json.loads(json.dumps(rep))
+    assert [(r["value"], r["variant"]) for r in rep["rows"]] == [
+        (5, "plain"), (5, "p_C(0.001)"), (5, "p_R(1e-05, 2)"), (10, "plain"), (10, "p_C(0.001)"), (10, "p_R(1e-05, 2)")]
+    # each row trained with its grid value, and the Nash rows are paired with the plain row of the same value
+    for r in rep["rows"]:
+        cfg = json.loads((out / "runs" / r["key"] / "config.json").read_text())
+        assert cfg["meta_batch"] == r["value"] and cfg["iterations"] == 2 and cfg["seeds"] == [0, 1]
+        if r["variant"] != "plain":
+            assert r["paired"]["tested"] and r["paired"]["plain"] == f"cavia_B{r['value']}"
+            assert r["paired"]["family_size"] == 8
+    md = (out / "batch-size.md").read_text()
+    assert "Budget used: 2 iterations x 2 seeds" in md and "B in {5, 10}" in md and "Holm family: 8 tests" in md
+    # cached: a second call retrains nothing; --report-only with a larger grid trains nothing either
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")}
+    again = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 10], progress=False,
+                  overrides=TINY, log=lambda s: None)
+    assert [r["ours"] for r in again["rows"]] == [r["ours"] for r in rep["rows"]]
+    only = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 10, 15], progress=False,
+                 overrides=TINY, report_only=True, log=lambda s: None)
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")} == mtimes
+    assert sum("not finished" in r.get("failed", "") for r in only["rows"]) == 3
+
+
+def test_step_size_study_uses_meta_sgd_stable_setting(tmp_path):
+    out = tmp_path / "ss"
+    assert main(["reproduce", "step-size", "--algorithms", "metasgd", "--values", "0.001", "0.01", "--iterations", "2",
+                 "--seeds", "2", "--eval-every", "2", "--val-tasks", "490", "--test-tasks", "490", "--no-progress",
+                 "--out", str(out)]) == 0
+    rep = json.loads((out / "step-size.json").read_text())
+    assert len(rep["rows"]) == 6 and (out / "step-size.png").is_file()
+    for r in rep["rows"]:
+        cfg = json.loads((out / "runs" / r["key"] / "config.json").read_text())
+        assert cfg["inner_lr"] == r["value"] and cfg["inner_steps"] == 1
+
+
+def test_study_rejects_bad_requests(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="positive"):
+        study("step-size", tmp_path, values=[0.0], progress=False)
+    with pytest.raises(ConfigError, match="integers"):
+        study("batch-size", tmp_path, values=[2.5], progress=False)
+    with pytest.raises(ConfigError, match="unknown algorithm"):
+        study("batch-size", tmp_path, algorithms=["reptile"], progress=False)
+    with pytest.raises(ConfigError, match="unknown study"):
+        study("width", tmp_path, progress=False)
+    assert STUDIES["batch-size"]["values"] == [5, 10, 15, 20, 25]
+    assert main(["reproduce", "trajectories", "--source", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    assert "no Table 2 row" in capsys.readouterr().err
+
+
+def test_trajectories_from_finished_table2_runs(tmp_path):
+    src = tmp_path / "t2"
+    reproduce("table2", src, iterations=4, seeds=2, algorithms=["cavia"], progress=False, overrides=TINY,
+              log=lambda s: None)
+    # the trajectories read runs of the default evaluation settings; these tiny runs have their own, so
+    # they are found only when asked for with the same budget and overrides
+    with pytest.raises(ConfigError, match="no Table 2 row"):
+        trajectories(tmp_path / "tr", source=str(src), iterations=4, seeds=2, log=lambda s: None)
+    rep = trajectories(tmp_path / "tr", source=str(src), iterations=4, seeds=2, overrides=TINY, log=lambda s: None)
+    assert (tmp_path / "tr" / "trajectories_cavia.png").is_file() and (tmp_path / "tr" / "trajectories.md").is_file()
+    assert [e["label"] for e in rep["rows"]] == ["CAVIA + p_C(0.001)", "CAVIA + p_R(1e-05, 2)"]
+    e = rep["rows"][0]
+    assert e["tested"] and e["seeds"] == [0, 1] and rep["family_size"] == 6
+    # the late window is the evaluations after iteration 2: the one at iteration 4
+    run = json.loads((src / "runs" / "cavia_pC_0.001" / "metrics.json").read_text())
+    plain = json.loads((src / "runs" / "cavia" / "metrics.json").read_text())
+    last = [h for h in run["val_history"] if h["iteration"] > 2]
+    last_plain = [h for h in plain["val_history"] if h["iteration"] > 2]
+    assert len(last) == 1
+    d = [a["mse_mean"] - b["mse_mean"] for a, b in zip(last[0]["runs"], last_plain[0]["runs"])]
+    assert e["mean"]["difference"] == pytest.approx(sum(d) / 2)
