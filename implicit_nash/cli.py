@@ -102,6 +102,36 @@ _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "pena
                "distributed")
 
 
+def load_analysis():
+    """The analysis package that ships with this ``implicit_nash``, imported as ``implicit_nash_analysis``.
+
+    A wheel installs it as ``implicit_nash_analysis`` beside ``implicit_nash``; in a checkout it is the
+    ``analysis/`` folder beside ``implicit_nash/`` (``python -m analysis`` also works from there). It is
+    found by location, so another installed package named ``analysis`` is never used.
+    """
+    import importlib
+    import importlib.util
+    from pathlib import Path
+    name = "implicit_nash_analysis"
+    if name in sys.modules:
+        return sys.modules[name]
+    root = Path(__file__).resolve().parents[1]
+    for folder in (root / name, root / "analysis"):  # installed / checkout
+        if (folder / "__init__.py").is_file():
+            spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                          submodule_search_locations=[str(folder)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            importlib.import_module(f"{name}.report")
+            return module
+    return importlib.import_module(name)  # pragma: no cover - an unusual layout: the installed package
+
+
 def _fail(message: str) -> int:
     print(f"implicit-nash: error: {message}", file=sys.stderr)
     return 2
@@ -198,8 +228,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "verify":
         # The command line is the application layer: the library modules never import analysis.
-        from analysis import CHECKS
-        from analysis.report import main as verify_main
+        analysis = load_analysis()
+        CHECKS, verify_main = analysis.CHECKS, analysis.report.main
         if args.check != "all" and args.check not in CHECKS:
             return _fail(f"unknown check {args.check!r}; choose from {', '.join(CHECKS)} or all")
         return verify_main(args.check, args.out, args.quick)
