@@ -74,7 +74,15 @@ def _submit_ray(address: Optional[str]):
     except ImportError:
         raise ConfigError("--backend ray needs Ray: pip install 'ray[default]'") from None
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        kwargs: Dict[str, Any] = {}
+        if address is None:
+            # a local instance: its workers import the implicit_nash this process runs (a checkout's
+            # too), and no dashboard is started
+            import os
+            root = str(Path(__file__).resolve().parents[1])
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+            kwargs = {"include_dashboard": False, "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **kwargs)
     remote = ray.remote(num_cpus=1)(_run_row)
     return ray, remote
 

@@ -89,6 +89,18 @@ def test_outputs_and_evaluate(tmp_path):
         train(config, tmp_path / "run", progress=False)
 
 
+def test_a_run_does_not_depend_on_the_process_default_dtype(tmp_path):
+    """Ray workers and the command line start with float32 as torch's default dtype, the tests with
+    float64: a float64 run (and a float32 one) must not notice."""
+    for dtype in ("float64", "float32"):
+        config = tiny(iterations=2, dtype=dtype, algorithm="metasgd")
+        results = []
+        for default in (torch.float32, torch.float64):
+            torch.set_default_dtype(default)
+            results.append(train(config, tmp_path / f"{dtype}_{default}", progress=False, log=lambda s: None))
+        assert results[0]["test_mse_mean"] == results[1]["test_mse_mean"], dtype
+
+
 def test_penalty_scale_decisions():
     algo = build_algorithm(tiny(penalty="centroid", weight=0.1), 100)
     assert algo.penalty.num_tasks == 100 and algo.penalty.inner_lr == 0.01

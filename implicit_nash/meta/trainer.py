@@ -91,10 +91,17 @@ class Run:
         self.dtype = _dtype(config["dtype"])
         self.seeds = list(config["seeds"]) if config.get("seeds") else [config["seed"]]
         thetas = []
-        for seed in self.seeds:
-            torch.manual_seed(seed)
-            model = self.tasks.network(self.algorithm, config).to(device=device, dtype=self.dtype)
-            thetas.append(self.algorithm.init(model))
+        # initialised in the run's dtype whatever the process's default dtype is (a Ray worker's or a
+        # test's), so that a seed gives the same run everywhere
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            for seed in self.seeds:
+                torch.manual_seed(seed)
+                model = self.tasks.network(self.algorithm, config).to(device=device, dtype=self.dtype)
+                thetas.append(self.algorithm.init(model))
+        finally:
+            torch.set_default_dtype(default)
         self.model = model  # the structure; its own weights are never used (functional_call)
         self.theta = tree_map(lambda *xs: torch.stack([x.detach() for x in xs]).requires_grad_(True), *thetas)
         self.optimizer = torch.optim.Adam(tree_leaves(self.theta), lr=config["outer_lr"])
