@@ -84,7 +84,7 @@ def test_outputs_and_evaluate(tmp_path):
     assert saved["test_mse_worst"] >= saved["test_mse_mean"] > 0
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
     again = evaluate_run(tmp_path / "run")
-    assert again["mse_mean"] == pytest.approx(metrics["test_mse_mean"], rel=1e-12)
+    assert again["test_mse_mean"] == pytest.approx(metrics["test_mse_mean"], rel=1e-12)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(config, tmp_path / "run", progress=False)
 
