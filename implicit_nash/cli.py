@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -178,7 +179,6 @@ def load_analysis():
     """
     import importlib
     import importlib.util
-    from pathlib import Path
     name = "implicit_nash_analysis"
     if name in sys.modules:
         return sys.modules[name]
@@ -197,6 +197,17 @@ def load_analysis():
             importlib.import_module(f"{name}.report")
             return module
     return importlib.import_module(name)  # pragma: no cover - an unusual layout: the installed package
+
+
+def _new_run_dir(stem: str) -> str:
+    """A new folder name under ``runs/`` (never the committed ``results/``): ``runs/<stem>-<date>-<time>``."""
+    import time
+    base = Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
 
 
 def _fail(message: str) -> int:
@@ -254,9 +265,9 @@ def _reproduce(args) -> int:
     try:
         if args.iterations is not None and args.iterations < 1:
             return _fail(f"--iterations must be positive, got {args.iterations}")
-        reproduce(args.name, args.out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
-                  algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,
-                  data_root=args.data_root)
+        reproduce(args.name, args.out or str(Path("runs") / args.name), iterations=args.iterations, seeds=args.seeds,
+                  jobs=args.jobs, algorithms=args.algorithms, progress=not args.no_progress,
+                  overrides=overrides or None, data_root=args.data_root, force=args.force)
     except (ConfigError, DataError, FloatingPointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -266,7 +277,6 @@ def _reproduce(args) -> int:
 
 def _evaluate(args) -> int:
     import json
-    from pathlib import Path
 
     from .meta.config import ConfigError
     from .meta.trainer import evaluate_run
@@ -297,9 +307,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .meta.config import ConfigError
         from .sweep import load_spec, sweep
         from .tasks import DataError
+        import shlex
+        out = args.out or str(Path("runs") / Path(args.spec).stem)
+        command = shlex.join(["implicit-nash", *(sys.argv[1:] if argv is None else argv)])
         try:
-            sweep(load_spec(args.spec), args.out, jobs=args.jobs, backend=args.backend, address=args.address,
-                  progress=not args.no_progress)
+            sweep(load_spec(args.spec), out, jobs=args.jobs, backend=args.backend, address=args.address,
+                  progress=not args.no_progress, force=args.force, command=command)
         except (ConfigError, DataError) as e:
             return _fail(str(e))
         return 0
@@ -309,7 +322,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         CHECKS, verify_main = analysis.CHECKS, analysis.report.main
         if args.check != "all" and args.check not in CHECKS:
             return _fail(f"unknown check {args.check!r}; choose from {', '.join(CHECKS)} or all")
-        return verify_main(args.check, args.out, args.quick)
+        out = args.out or _new_run_dir("analysis_quick" if args.quick else "analysis")
+        names = list(CHECKS) if args.check == "all" else [args.check]
+        held = [n for n in names if (Path(out) / f"{n}.json").exists()]
+        if held and not args.force:
+            return _fail(f"{out} already holds the records of {', '.join(held)}; add --force to overwrite them "
+                         "or choose another --out")
+        return verify_main(args.check, out, args.quick)
     if args.command == "reproduce":
         return _reproduce(args)
     if args.command == "evaluate":

@@ -46,9 +46,14 @@ def test_reproduce_end_to_end_tiny_budget(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/checkpoint.pt")} == mtimes
     assert [r["ours"] for r in again["rows"]] == [r["ours"] for r in rep["rows"]]
     # asking for more iterations extends the finished rows from their checkpoints
+    # (another budget would overwrite the report: refused without force)
+    with pytest.raises(ConfigError, match="another budget and rows .*--force"):
+        reproduce("table2", out, iterations=6, seeds=2, algorithms=["maml"], progress=False, overrides=TINY)
     longer = reproduce("table2", out, iterations=6, seeds=2, algorithms=["maml"], progress=False,
-                       overrides=TINY, log=lambda s: None)
+                       overrides=TINY, force=True, log=lambda s: None)
     assert all(r["iterations"] == 6 for r in longer["rows"])
+    header = (out / "table2.md").read_text().splitlines()[0]
+    assert "95% CI over 2 seeds (the paper: 5 trials)" in header
 
 
 def test_reproduce_rejects_bad_requests(tmp_path, capsys):

@@ -44,6 +44,11 @@ def test_local_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(s))
     assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert f"Command: `implicit-nash sweep {path} --out {out}`" in (out / "sweep.md").read_text()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(spec(algorithm=["maml"], seed=[1])))
+    assert main(["sweep", str(other), "--out", str(out)]) == 2
+    assert "another spec" in capsys.readouterr().err
     assert load_spec(str(path))["grid"] == s["grid"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"grid": {"seed": []}}))
