@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--players", type=int, default=5, help="players of the layer check's game")
     demo.add_argument("--dim", type=int, default=3, help="strategy dimension of each player in the layer check")
     demo.add_argument("--out", help="output folder (default: a new runs/demo-<date>-<time>)")
-    demo.add_argument("--iterations", type=int, default=1500,
+    demo.add_argument("--iterations", type=int, default=2000,
                       help="meta-iterations of the MAML and Nash-MAML runs (the paper: 70000)")
     demo.add_argument("--layer-only", action="store_true", help="only the layer check (a few seconds)")
 
@@ -299,8 +299,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.players < 1 or args.dim < 1:
             print("implicit-nash: error: --players and --dim must be positive", file=sys.stderr)
             return 2
+        if args.iterations < 1:
+            return _fail(f"--iterations must be positive, got {args.iterations}")
         from .demo import main as demo_main
-        return demo_main(args.players, args.dim)
+        out = args.out or _new_run_dir("demo")
+        if not args.layer_only and Path(out).exists() and any(Path(out).iterdir()):
+            return _fail(f"{out} is not empty; choose another --out")
+        return demo_main(args.players, args.dim, out=out, iterations=args.iterations, layer_only=args.layer_only)
     if args.command == "train":
         return _train(args)
     if args.command == "sweep":

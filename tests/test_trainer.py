@@ -101,6 +101,24 @@ def test_a_run_does_not_depend_on_the_process_default_dtype(tmp_path):
         assert results[0]["test_mse_mean"] == results[1]["test_mse_mean"], dtype
 
 
+def test_curves_of_a_short_run_are_labelled_for_what_they_show(tmp_path, monkeypatch):
+    import matplotlib.figure
+    seen = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        seen.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+                    + [ax.get_title() for ax in fig.axes])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    train(tiny(iterations=4, eval_every=4), tmp_path / "short", progress=False, log=lambda s: None)
+    texts = " | ".join(seen[-1])
+    assert "moving mean" not in texts and "mean of the 4 iterations" in texts
+    assert "1 validation in this run" in texts
+    assert (tmp_path / "short" / "curves.png").is_file()
+
+
 def test_penalty_scale_decisions():
     algo = build_algorithm(tiny(penalty="centroid", weight=0.1), 100)
     assert algo.penalty.num_tasks == 100 and algo.penalty.inner_lr == 0.01

@@ -318,10 +318,15 @@ def _plot(history: Dict[str, list], path: Path, title: str, metric: str = "mse")
     if it:
         tl = [sum(v) / len(v) for v in history["train_loss"]]
         w = max(1, len(tl) // 100)
-        smooth = [sum(tl[max(0, i - w + 1):i + 1]) / len(tl[max(0, i - w + 1):i + 1]) for i in range(len(tl))]
-        axes[0].plot(it, tl, alpha=0.35, lw=0.6, label=f"mean of {Run.LOG_EVERY} iterations")
-        axes[0].plot(it, smooth, lw=1.2, label=f"moving mean of {w} points")
-        axes[0].set_yscale("log")
+        few = len(tl) < 30  # a short run: markers, no smoothing
+        label = (f"mean of each block of {Run.LOG_EVERY} iterations" if it[-1] > Run.LOG_EVERY
+                 else f"mean of the {it[-1]} iterations")
+        axes[0].plot(it, tl, alpha=1.0 if few else 0.35, lw=0.6, marker="o" if few else None, ms=3, label=label)
+        if w > 1:
+            smooth = [sum(tl[max(0, i - w + 1):i + 1]) / len(tl[max(0, i - w + 1):i + 1]) for i in range(len(tl))]
+            axes[0].plot(it, smooth, lw=1.2, label=f"moving mean of {w} blocks")
+        if min(tl) > 0:
+            axes[0].set_yscale("log")
         axes[0].legend(fontsize=8)
     runs = len(history["train_loss"][0]) if history["train_loss"] else 1
     axes[0].set_xlabel("iteration")
@@ -341,6 +346,9 @@ def _plot(history: Dict[str, list], path: Path, title: str, metric: str = "mse")
         if metric == "mse" and positive:
             axes[1].set_yscale("log")
         axes[1].legend(fontsize=8)
+        if len(vi) < 3:
+            axes[1].set_title(f"{len(vi)} validation{'s' if len(vi) > 1 else ''} in this run (--eval-every sets "
+                              "how often)", fontsize=8)
     axes[1].set_xlabel("iteration")
     axes[1].set_ylabel(f"validation {metric} over groups" + (" (band: min-max over runs)" if runs > 1 else ""))
     fig.suptitle(title, fontsize=10)
