@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .equilibrium import nash_equilibrium
+from .equilibrium import nash_solution
 from .games import AggregativeGame
 
 
