@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from implicit_nash.solvers import FlatProblem, Solver
+from implicit_nash.solvers import FlatProblem, Solver, _lipschitz_estimate
 
 __all__ = ["Record", "QuadraticGame", "quadratic_game", "trajectory", "write_record", "loglog_slope",
            "figure", "HOLDS", "VIOLATED", "ASSUMPTION_FAILS"]
@@ -109,7 +109,10 @@ def trajectory(solver: Solver, operator, z0: torch.Tensor, theta, steps: int) ->
     problem = FlatProblem(lambda z: operator(z.reshape(shape), theta).reshape(-1), lambda z: z,
                           players=shape[0], block=int(z0[0].numel()), unconstrained=True)
     with torch.no_grad():
-        state = solver.init(problem, z0.reshape(-1))
+        z = z0.reshape(-1)
+        F0 = problem.F(z)
+        problem.lipschitz = _lipschitz_estimate(problem, z, F0)  # as implicit_nash.solvers.iterate does
+        state = solver.init(problem, z, F0)
         out = [state["z"]]
         for _ in range(steps):
             state = solver.step(problem, state)
