@@ -2,6 +2,8 @@
 predictions hold where the paper's assumptions do (and the robust penalty's assumptions fail)."""
 import json
 
+import pytest
+
 from implicit_nash.cli import main
 
 EXPECTED = {
@@ -11,6 +13,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow  # all eight checks: about 3 minutes
 def test_verify_quick(tmp_path, capsys):
     assert main(["verify", "--quick", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
