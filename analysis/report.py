@@ -82,7 +82,7 @@ def _fmt(v):
 
 def main(check: str = "all", out: Optional[str] = None, quick: bool = False, command: str = "") -> int:
     from . import CHECKS
-    out_p = Path(out) if out else Path("results") / ("analysis_quick" if quick else "analysis")
+    out_p = Path(out) if out else Path("runs") / ("analysis_quick" if quick else "analysis")  # never results/
     names = list(CHECKS) if check == "all" else [check]
     records = run_checks(names, out_p, quick)
     mode = " --quick" if quick else ""

@@ -181,11 +181,13 @@ def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 
 
 def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: int = 5, jobs: int = 1,
               algorithms: Optional[List[str]] = None, progress: bool = True, data_root: Optional[str] = None,
-              overrides: Optional[Dict[str, Any]] = None, log: Callable[[str], None] = print,
-              report_only: bool = False) -> Dict[str, Any]:
+              overrides: Optional[Dict[str, Any]] = None, force: bool = False,
+              log: Callable[[str], None] = print, report_only: bool = False) -> Dict[str, Any]:
     """Run (or finish) a reproduction and write its table, JSON and figure; returns the JSON.
 
-    With ``report_only`` nothing trains: the outputs are rebuilt from the rows that have finished with
+    ``out_dir`` may hold this reproduction already: the same budget and rows resume it; another
+    budget or set of rows would overwrite its report, which needs ``force=True``.  With
+    ``report_only`` nothing trains: the outputs are rebuilt from the rows that have finished with
     this configuration (the others are listed as not finished).
     """
     if name not in ROWSETS:
@@ -204,6 +206,9 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
             raise ConfigError(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(_NAMES.values())}")
         rows = [r for r in rows if r["algorithm"] in algorithms]
     out = Path(out_dir)
+    budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
+    _refuse_overwrite(out / f"{name}.json", {"budget": budget, "overrides": overrides or {},
+                                             "rows": [r["key"] for r in rows]}, force)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     configs = {}
     for r in rows:
@@ -212,7 +217,7 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
         if data_root:
             cli["data_root"] = str(data_root)
         configs[r["key"]] = resolve(cli)
-    budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
+    log(f"reproduce {name}: {budget}; runs in {out / 'runs'}")
     t0 = time.time()
     results, failures = train_rows(name, configs, out, budget, jobs=jobs, progress=progress,
                                    report_only=report_only, log=log)
@@ -256,6 +261,23 @@ def write_outputs(out: Path, name: str, report: Dict[str, Any], markdown: str, f
     except ImportError:  # pragma: no cover
         log("matplotlib is not installed: no figure")
     log(f"wrote {out / (name + '.md')}, {out / (name + '.json')} and {out / (name + '.png')}")
+
+
+def _refuse_overwrite(report: Path, same: Dict[str, Any], force: bool) -> None:
+    """A one-line :class:`ConfigError` when ``report`` exists and differs from ``same`` in any of its
+    keys (another budget, rows or specification), unless ``force``."""
+    if force or not report.is_file():
+        return
+    same = json.loads(json.dumps(same))  # compared as written to disk
+    try:
+        old = json.loads(report.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    old = {**old, "rows": [row.get("key") for row in old.get("rows", [])]} if "rows" in same else old
+    differ = [k for k in same if old.get(k) != same[k]]
+    if differ:
+        raise ConfigError(f"{report.parent} holds a report of another {' and '.join(differ)} ({report.name}); add "
+                          f"--force to overwrite it, or choose another --out")
 
 
 def _report(name, rows, results, budget, iterations, seeds, seconds, overrides, failures=None,
@@ -486,7 +508,10 @@ def _fmt(x: Dict[str, float]) -> str:
 
 
 def _markdown(rep) -> str:
-    lines = [f"# Reproduction: {rep['reproduction']} ({paper_tables()[{'robustness': 'table5'}.get(rep['reproduction'], rep['reproduction'])]['what']})", "",
+    what = paper_tables()[{'robustness': 'table5'}.get(rep['reproduction'], rep['reproduction'])]['what']
+    # the paper's "95% CI over 5 trials" is the paper's; ours is over the seeds run
+    what = what.replace("95% CI over 5 trials", f"95% CI over {len(rep['seeds'])} seeds (the paper: 5 trials)")
+    lines = [f"# Reproduction: {rep['reproduction']} ({what})", "",
              f"Unit: {rep['unit']} (ours converted to the paper's unit).", "",
              f"Command: `{rep['command']}`", "",
              f"**Budget used: {rep['budget']}.** The paper's budget: {rep['paper_budget']}.",

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from .meta.config import ConfigError, read_json_object, resolve
-from .reproduce import _run_row, failure_message, run_rows
+from .reproduce import _refuse_overwrite, _run_row, failure_message, run_rows
 
 __all__ = ["expand", "sweep", "load_spec"]
 
@@ -74,20 +74,33 @@ def _submit_ray(address: Optional[str]):
     except ImportError:
         raise ConfigError("--backend ray needs Ray: pip install 'ray[default]'") from None
     if not ray.is_initialized():
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        kwargs: Dict[str, Any] = {}
+        if address is None:
+            # a local instance: its workers import the implicit_nash this process runs (a checkout's
+            # too), and no dashboard is started
+            import os
+            root = str(Path(__file__).resolve().parents[1])
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+            kwargs = {"include_dashboard": False, "runtime_env": {"env_vars": {"PYTHONPATH": path}}}
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, **kwargs)
     remote = ray.remote(num_cpus=1)(_run_row)
     return ray, remote
 
 
 def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "local",
-          address: Optional[str] = None, progress: bool = False,
-          log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Run a sweep (skipping finished runs) and write its table, JSON and figure."""
+          address: Optional[str] = None, progress: bool = False, force: bool = False,
+          command: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Run a sweep (skipping finished runs) and write its table, JSON and figure.
+
+    ``out_dir`` holding another specification's sweep is refused unless ``force``; ``command`` is
+    the command line written into ``sweep.md`` (the CLI passes the one that was run).
+    """
     if backend not in ("local", "ray"):
         raise ConfigError(f"unknown backend {backend!r}; choose local or ray")
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     out = Path(out_dir)
+    _refuse_overwrite(out / "sweep.json", {"spec": spec}, force)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     runs = expand(spec)
     configs = {}
@@ -128,7 +141,10 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
                         "trivial_baseline": m.get(f"baseline_{trivial}_{mt}_mean"),
                         "unadapted_baseline": m.get(f"baseline_unadapted_{mt}_mean")})
         table.append(row)
-    report = {"spec": spec, "runs": table, "backend": backend, "wall_seconds_this_call": time.time() - t0}
+    if command is None:
+        command = f"implicit_nash.sweep.sweep(spec, {str(out)!r}, jobs={jobs}, backend={backend!r})"
+    report = {"spec": spec, "runs": table, "backend": backend, "command": command,
+              "wall_seconds_this_call": time.time() - t0}
     (out / "sweep.json").write_text(json.dumps(report, indent=2))
     names = list(spec["grid"])
     lines = ["# Sweep", "", f"Specification: `{json.dumps(spec)}`", "",
@@ -136,7 +152,7 @@ def sweep(spec: Dict[str, Any], out_dir: str, *, jobs: int = 1, backend: str = "
              "at the end of training (mean over groups, averaged over the seeds that did not diverge): compare "
              "settings on it, not on the test columns. Test: mean, worst and standard deviation over evaluation "
              "groups, beside a trivial predictor (0, or chance) and the meta-parameters without adaptation. "
-             "Command: `implicit-nash sweep SPEC --out DIR`.", "",
+             f"Command: `{command}`.", "",
              "| " + " | ".join(names) + " | iterations | diverged seeds | val | test mean | worst | std | trivial "
              "predictor | unadapted |",
              "|" + "---|" * (len(names) + 8)]

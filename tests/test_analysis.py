@@ -2,6 +2,8 @@
 predictions hold where the paper's assumptions do (and the robust penalty's assumptions fail)."""
 import json
 
+import pytest
+
 from implicit_nash.cli import main
 
 EXPECTED = {
@@ -11,6 +13,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow  # all eight checks: about 3 minutes
 def test_verify_quick(tmp_path, capsys):
     assert main(["verify", "--quick", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
@@ -28,10 +31,21 @@ def test_verify_quick(tmp_path, capsys):
     assert -1.1 < assumptions["robust_gradient_slope"] < -0.9
     # Re-running one check rebuilds the report from every record on disk and says so.
     before = json.loads((tmp_path / "lemma_b4.json").read_text())
-    assert main(["verify", "--check", "lemma_b4", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["verify", "--check", "lemma_b4", "--quick", "--out", str(tmp_path)]) == 2  # records there
+    assert "--force" in capsys.readouterr().err
+    assert main(["verify", "--check", "lemma_b4", "--quick", "--out", str(tmp_path), "--force"]) == 0
     rebuilt = (tmp_path / "report.md").read_text()
     assert "re-ran lemma_b4" in rebuilt and all(f"(#{check})" in rebuilt for check in EXPECTED)
     assert json.loads((tmp_path / "lemma_b4.json").read_text())["measured"] == before["measured"]
+
+
+def test_verify_writes_a_new_folder_under_runs_by_default(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["verify", "--quick", "--check", "lemma_b4"]) == 0
+    assert main(["verify", "--quick", "--check", "lemma_b4"]) == 0
+    folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and all(f.startswith("analysis_quick-") for f in folders)
+    assert not (tmp_path / "results").exists()
 
 
 def test_verify_rejects_unknown_check(capsys):

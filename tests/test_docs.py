@@ -26,6 +26,7 @@ def test_every_public_name_is_in_the_api_reference():
     assert not [n for n in meta if n not in listed], "implicit_nash.meta names missing from docs/api.rst"
 
 
+@pytest.mark.slow  # a Sphinx build that runs every example: minutes
 @pytest.mark.parametrize("builder", ["html", "doctest"])
 def test_docs_build_without_warnings(builder, tmp_path):
     pytest.importorskip("sphinx")

@@ -67,9 +67,14 @@ def test_reproduce_end_to_end_tiny_budget(tmp_path):
     assert sum("not finished" in r.get("failed", "") for r in only["rows"]) == 3
     assert "rebuilt from the finished runs without training" in (out / "table2.md").read_text()
     # asking for more iterations extends the finished rows from their checkpoints
+    # (another budget would overwrite the report: refused without force)
+    with pytest.raises(ConfigError, match="another budget and rows .*--force"):
+        reproduce("table2", out, iterations=6, seeds=2, algorithms=["maml"], progress=False, overrides=TINY)
     longer = reproduce("table2", out, iterations=6, seeds=2, algorithms=["maml"], progress=False,
-                       overrides=TINY, log=lambda s: None)
+                       overrides=TINY, force=True, log=lambda s: None)
     assert all(r["iterations"] == 6 for r in longer["rows"])
+    header = (out / "table2.md").read_text().splitlines()[0]
+    assert "95% CI over 2 seeds (the paper: 5 trials)" in header
 
 
 def test_reproduce_rejects_bad_requests(tmp_path, capsys):

@@ -44,6 +44,11 @@ def test_local_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(s))
     assert main(["sweep", str(path), "--out", str(out)]) == 0
+    assert f"Command: `implicit-nash sweep {path} --out {out}`" in (out / "sweep.md").read_text()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(spec(algorithm=["maml"], seed=[1])))
+    assert main(["sweep", str(other), "--out", str(out)]) == 2
+    assert "another spec" in capsys.readouterr().err
     assert load_spec(str(path))["grid"] == s["grid"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"grid": {"seed": []}}))
@@ -70,7 +75,20 @@ def test_sweep_reports_validation_and_divergence_and_takes_list_values(tmp_path)
     assert header.count("|") == rule.count("|")  # a well-formed Markdown table
 
 
-def test_ray_backend(tmp_path):
-    pytest.importorskip("ray")
-    report = sweep(spec(seed=[0]), tmp_path / "ray", backend="ray", log=lambda m: None)
-    assert report["runs"][0]["iterations"] == 4
+def test_ray_backend_equals_the_local_backend(tmp_path):
+    """A local Ray instance, started and shut down here, runs the same sweep to the same numbers."""
+    ray = pytest.importorskip("ray")
+    s = spec(algorithm=["maml", "fomaml"], seed=[0])
+    local = sweep(s, tmp_path / "local", log=lambda m: None)
+    assert not ray.is_initialized()
+    try:
+        remote = sweep(s, tmp_path / "ray", backend="ray", log=lambda m: None)
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    assert remote["backend"] == "ray" and len(remote["runs"]) == 2
+    for a, b in zip(local["runs"], remote["runs"]):
+        assert "failed" not in b, b.get("failed")
+        assert a["key"] == b["key"] and b["iterations"] == 4
+        for stat in ("mean", "worst", "std", "val_mean"):
+            assert a[stat] == b[stat], (a["key"], stat)

@@ -84,9 +84,39 @@ def test_outputs_and_evaluate(tmp_path):
     assert saved["test_mse_worst"] >= saved["test_mse_mean"] > 0
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == config
     again = evaluate_run(tmp_path / "run")
-    assert again["mse_mean"] == pytest.approx(metrics["test_mse_mean"], rel=1e-12)
+    assert again["test_mse_mean"] == pytest.approx(metrics["test_mse_mean"], rel=1e-12)
     with pytest.raises(ConfigError, match="already holds a run"):
         train(config, tmp_path / "run", progress=False)
+
+
+def test_a_run_does_not_depend_on_the_process_default_dtype(tmp_path):
+    """Ray workers and the command line start with float32 as torch's default dtype, the tests with
+    float64: a float64 run (and a float32 one) must not notice."""
+    for dtype in ("float64", "float32"):
+        config = tiny(iterations=2, dtype=dtype, algorithm="metasgd")
+        results = []
+        for default in (torch.float32, torch.float64):
+            torch.set_default_dtype(default)
+            results.append(train(config, tmp_path / f"{dtype}_{default}", progress=False, log=lambda s: None))
+        assert results[0]["test_mse_mean"] == results[1]["test_mse_mean"], dtype
+
+
+def test_curves_of_a_short_run_are_labelled_for_what_they_show(tmp_path, monkeypatch):
+    import matplotlib.figure
+    seen = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        seen.append([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+                    + [ax.get_title() for ax in fig.axes])
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    train(tiny(iterations=4, eval_every=4), tmp_path / "short", progress=False, log=lambda s: None)
+    texts = " | ".join(seen[-1])
+    assert "moving mean" not in texts and "mean of the 4 iterations" in texts
+    assert "1 validation in this run" in texts
+    assert (tmp_path / "short" / "curves.png").is_file()
 
 
 def test_penalty_scale_decisions():

@@ -28,11 +28,12 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..penalties import CentroidPenalty, RobustPenalty
+from ..penalties import CentroidPenalty, ProximalPenalty, RobustPenalty
 from ..solvers import PRGD
 from . import ALGORITHMS
 
-__all__ = ["ConfigError", "DEFAULTS", "PRESETS", "resolve", "build_algorithm", "load_config_file", "upgrade"]
+__all__ = ["ConfigError", "DEFAULTS", "PRESETS", "resolve", "build_algorithm", "load_config_file", "upgrade",
+           "unused_options"]
 
 
 class ConfigError(ValueError):
@@ -113,7 +114,30 @@ PRESETS["digits"] = {"inner_steps": 5, "inner_lr": 0.1, "outer_lr": 0.001, "meta
 ALGORITHM_PRESETS = {("miniimagenet", "cavia"): {"inner_lr": 1e-3, "outer_lr": 1.0}}
 
 TASKS = tuple(PRESETS)
-PENALTIES = ("none", "centroid", "robust")
+PENALTIES = ("none", "centroid", "robust", "proximal")
+
+# Options that only some runs use: (what uses it, a test on the resolved configuration). An option
+# given explicitly to a run that does not use it is refused instead of being silently ignored.
+_USED_BY = {
+    "data_root": ("the celeba and miniimagenet tasks", lambda c: c["task"] in ("celeba", "miniimagenet")),
+    "ways": ("the classification tasks (digits, miniimagenet)", lambda c: c["task"] in ("digits", "miniimagenet")),
+    "filters": ("the classification tasks (digits, miniimagenet)", lambda c: c["task"] in ("digits", "miniimagenet")),
+    "context_dim": ("--algorithm cavia", lambda c: c["algorithm"] == "cavia"),
+    "task_lr": ("--algorithm trmaml", lambda c: c["algorithm"] == "trmaml"),
+    "lam": ("--algorithm imaml", lambda c: c["algorithm"] == "imaml"),
+    "robustness": ("--penalty robust", lambda c: c["penalty"] == "robust"),
+    "robust_c": ("--penalty robust", lambda c: c["penalty"] == "robust"),
+    "penalty_alpha": ("--penalty centroid", lambda c: c["penalty"] == "centroid"),
+    "num_tasks": ("--penalty centroid", lambda c: c["penalty"] == "centroid"),
+}
+
+
+def unused_options(config: Dict[str, Any], given) -> None:
+    """Refuse the options in ``given`` (keys set explicitly) that the resolved ``config`` does not use."""
+    for key in given:
+        if key in _USED_BY and not _USED_BY[key][1](config):
+            raise ConfigError(f"--{key.replace('_', '-')} is used only by {_USED_BY[key][0]}, not by this "
+                              f"{config['task']} {config['algorithm']} run; drop it")
 
 
 def upgrade(saved: Dict[str, Any]) -> Dict[str, Any]:
@@ -178,7 +202,7 @@ def _validate(c: Dict[str, Any]) -> None:
     if c["penalty"] not in PENALTIES:
         raise ConfigError(f"unknown penalty {c['penalty']!r}; choose from {', '.join(PENALTIES)}")
     if c["penalty"] == "none" and c["weight"] is not None:
-        raise ConfigError("--weight is given but --penalty is none; choose --penalty centroid or robust")
+        raise ConfigError("--weight is given but --penalty is none; choose --penalty centroid, robust or proximal")
     if c["penalty"] != "none" and c["weight"] is None:
         raise ConfigError(f"--penalty {c['penalty']} needs --weight W")
     if c["penalty"] != "none":
@@ -251,10 +275,16 @@ def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
     if alpha is None:
         alpha = 0.05 if name == "metasgd" else c["inner_lr"]
     penalty = None
-    if c["penalty"] == "centroid":
-        penalty = CentroidPenalty(weight=float(c["weight"]), num_tasks=N, inner_lr=float(alpha))
-    elif c["penalty"] == "robust":
-        penalty = RobustPenalty(weight=float(c["weight"]), robustness=float(c["robustness"]), C=float(c["robust_c"]))
+    try:
+        if c["penalty"] == "centroid":
+            penalty = CentroidPenalty(weight=float(c["weight"]), num_tasks=N, inner_lr=float(alpha))
+        elif c["penalty"] == "robust":
+            penalty = RobustPenalty(weight=float(c["weight"]), robustness=float(c["robustness"]),
+                                    C=float(c["robust_c"]))
+        elif c["penalty"] == "proximal":
+            penalty = ProximalPenalty(lam=float(c["weight"]))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
     kwargs: Dict[str, Any] = {"inner_steps": c["inner_steps"], "inner_lr": float(c["inner_lr"]), "penalty": penalty,
                               "loss": loss}
     if c["meta_gradient"] is not None:

@@ -9,7 +9,10 @@ One run lives in one directory:
 * ``metrics.json``: final test metrics (``test_<metric>_mean/worst/std`` with metric ``mse`` or
   ``accuracy``, ``sec_per_iteration``,
   ``iterations``), the baselines, validation history, and the configuration;
-* ``curves.png``: training loss and validation MSE against iterations.
+* ``curves.png``: training loss and validation MSE against iterations;
+* ``progress.json``: the iteration reached, for watchers in other processes;
+* ``evaluation.json``: written by :func:`evaluate_run` (``implicit-nash evaluate``), the recomputed
+  test metrics under the keys of ``metrics.json``.
 
 A run killed mid-way and resumed (``resume=True``) continues from the last checkpoint with the same
 generator and optimiser state, so it ends with the same metrics as an uninterrupted run. Training is
@@ -34,7 +37,7 @@ from ..tasks.base import group_statistics
 from .config import ConfigError, build_algorithm, upgrade
 from .stats import mean_ci95
 
-__all__ = ["Run", "train", "evaluate_run", "evaluate"]
+__all__ = ["Run", "train", "evaluate_run", "evaluate", "default_threads", "load_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -91,10 +94,17 @@ class Run:
         self.dtype = _dtype(config["dtype"])
         self.seeds = list(config["seeds"]) if config.get("seeds") else [config["seed"]]
         thetas = []
-        for seed in self.seeds:
-            torch.manual_seed(seed)
-            model = self.tasks.network(self.algorithm, config).to(device=device, dtype=self.dtype)
-            thetas.append(self.algorithm.init(model))
+        # initialised in the run's dtype whatever the process's default dtype is (a Ray worker's or a
+        # test's), so that a seed gives the same run everywhere
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            for seed in self.seeds:
+                torch.manual_seed(seed)
+                model = self.tasks.network(self.algorithm, config).to(device=device, dtype=self.dtype)
+                thetas.append(self.algorithm.init(model))
+        finally:
+            torch.set_default_dtype(default)
         self.model = model  # the structure; its own weights are never used (functional_call)
         self.theta = tree_map(lambda *xs: torch.stack([x.detach() for x in xs]).requires_grad_(True), *thetas)
         self.optimizer = torch.optim.Adam(tree_leaves(self.theta), lr=config["outer_lr"])
@@ -308,10 +318,15 @@ def _plot(history: Dict[str, list], path: Path, title: str, metric: str = "mse")
     if it:
         tl = [sum(v) / len(v) for v in history["train_loss"]]
         w = max(1, len(tl) // 100)
-        smooth = [sum(tl[max(0, i - w + 1):i + 1]) / len(tl[max(0, i - w + 1):i + 1]) for i in range(len(tl))]
-        axes[0].plot(it, tl, alpha=0.35, lw=0.6, label=f"mean of {Run.LOG_EVERY} iterations")
-        axes[0].plot(it, smooth, lw=1.2, label=f"moving mean of {w} points")
-        axes[0].set_yscale("log")
+        few = len(tl) < 30  # a short run: markers, no smoothing
+        label = (f"mean of each block of {Run.LOG_EVERY} iterations" if it[-1] > Run.LOG_EVERY
+                 else f"mean of the {it[-1]} iterations")
+        axes[0].plot(it, tl, alpha=1.0 if few else 0.35, lw=0.6, marker="o" if few else None, ms=3, label=label)
+        if w > 1:
+            smooth = [sum(tl[max(0, i - w + 1):i + 1]) / len(tl[max(0, i - w + 1):i + 1]) for i in range(len(tl))]
+            axes[0].plot(it, smooth, lw=1.2, label=f"moving mean of {w} blocks")
+        if min(tl) > 0:
+            axes[0].set_yscale("log")
         axes[0].legend(fontsize=8)
     runs = len(history["train_loss"][0]) if history["train_loss"] else 1
     axes[0].set_xlabel("iteration")
@@ -331,6 +346,9 @@ def _plot(history: Dict[str, list], path: Path, title: str, metric: str = "mse")
         if metric == "mse" and positive:
             axes[1].set_yscale("log")
         axes[1].legend(fontsize=8)
+        if len(vi) < 3:
+            axes[1].set_title(f"{len(vi)} validation{'s' if len(vi) > 1 else ''} in this run (--eval-every sets "
+                              "how often)", fontsize=8)
     axes[1].set_xlabel("iteration")
     axes[1].set_ylabel(f"validation {metric} over groups" + (" (band: min-max over runs)" if runs > 1 else ""))
     fig.suptitle(title, fontsize=10)
@@ -342,45 +360,110 @@ def _plot(history: Dict[str, list], path: Path, title: str, metric: str = "mse")
 
 
 def _title(c: Dict[str, Any]) -> str:
-    pen = "" if c["penalty"] == "none" else (
-        f" + p_C({c['weight']:g})" if c["penalty"] == "centroid" else f" + p_R({c['weight']:g}, {c['robustness']:g})")
+    pen = "" if c["penalty"] == "none" else {
+        "centroid": "p_C({w:g})", "proximal": "proximal({w:g})", "robust": "p_R({w:g}, {r:g})",
+    }[c["penalty"]].format(w=c["weight"], r=c["robustness"])
+    pen = pen and f" + {pen}"
     seeds = c.get("seeds") or [c["seed"]]
     who = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {','.join(map(str, seeds))}"
     return f"{c['task']}: {c['algorithm']}{pen}, {who}"
 
 
+def default_threads(config: Dict[str, Any]) -> Optional[int]:
+    """torch's CPU threads for a run that does not set ``threads``.
+
+    1 for sinusoid: its 1-40-40-1 network gains nothing from more threads and slows down many
+    times when another process holds a core. The image tasks: the cores left idle by the machine's
+    load at the start (``os.cpu_count()`` minus the 1-minute load average, at least 1), so that a
+    quiet machine uses all its cores and a shared one does not oversubscribe them (measured in
+    ``benchmarks/results/threads.md``). ``None`` (torch's own default) off the CPU.
+    """
+    if str(config.get("device", "cpu")) != "cpu":
+        return None
+    if config["task"] == "sinusoid":
+        return 1
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
+
+
+def load_checkpoint(path: Path, action: str) -> Dict[str, Any]:
+    """``torch.load`` of a run's checkpoint, or a one-line :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: is {path.parent} a run directory?")
+    try:
+        saved = torch.load(path, weights_only=False)
+        if not isinstance(saved, dict) or not {"theta", "config", "iteration"} <= set(saved):
+            raise ValueError("not a checkpoint of implicit_nash's trainer")
+    except Exception as e:  # truncated, garbled or foreign
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path} cannot be read ({reason}); cannot {action} it: restore the file, or delete "
+                          f"{path.parent} and train again") from None
+    return saved
+
+
+def _check_progress(out: Path, log: Callable[[str], None]) -> None:
+    """Say so when ``progress.json`` (a progress record for watchers) is garbled; it is rewritten."""
+    p = out / "progress.json"
+    if not p.exists():
+        return
+    try:
+        data = json.loads(p.read_text())
+        ok = isinstance(data, dict) and isinstance(data.get("iteration"), int) and isinstance(data.get("total"), int)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        log(f"warning: {p} is garbled; it is only a progress record and is rewritten from {CHECKPOINT} "
+            "(nothing to do)")
+        p.unlink()
+
+
 def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progress: bool = True,
-          stop_after: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+          stop_after: Optional[int] = None, iterations: Optional[int] = None,
+          log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Train a resolved configuration into ``out_dir``; returns the metrics (also in metrics.json).
 
-    ``resume=True`` continues the run saved in ``out_dir``; if ``config`` is given too, its
-    ``iterations`` may extend the saved run (a longer run's first part is the shorter run).
+    ``resume=True`` continues the run saved in ``out_dir``, finished or not, to ``iterations`` (default:
+    the saved run's); if ``config`` is given too, its ``iterations`` may extend the saved run (a longer
+    run's first part is the shorter run).
     ``stop_after`` stops after that many iterations of this call *without* finishing the run (a
     test hook that simulates a kill; a checkpoint is written first).
     """
     out = Path(out_dir)
     ckpt = out / CHECKPOINT
     if resume:
-        if not ckpt.is_file():
-            raise ConfigError(f"--resume: {ckpt} does not exist")
-        saved = torch.load(ckpt, weights_only=False)
+        saved = load_checkpoint(ckpt, "resume")
         saved["config"] = upgrade(saved["config"])
+        if iterations is not None:
+            config = {**(config or saved["config"]), "iterations": iterations}
         if config and {k: v for k, v in config.items() if k != "iterations"} != \
                 {k: v for k, v in saved["config"].items() if k != "iterations"}:
-            raise ConfigError(f"{out} holds a run of another configuration; resume it without options")
+            differ = sorted(k for k in set(config) | set(saved["config"])
+                            if k != "iterations" and config.get(k) != saved["config"].get(k))
+            raise ConfigError(f"{out} holds a run of another configuration (it differs in {', '.join(differ)}); "
+                              f"use another output directory, or delete {out} to start over")
         config = {**saved["config"], "iterations": (config or saved["config"])["iterations"]}
         if config["iterations"] < saved["iteration"]:
             raise ConfigError(f"{out} has already run {saved['iteration']} iterations, more than {config['iterations']}")
+        _check_progress(out, log)
     elif ckpt.exists() or (out / "metrics.json").exists():
         raise ConfigError(f"{out} already holds a run; use --resume to continue it or another --out")
     if config.get("distributed"):
         import torch.distributed as dist
         if dist.is_initialized():
             dist.barrier()  # every rank has checked the directory before rank 0 writes into it
+    threads = config.get("threads") or default_threads(config)
+    if threads:
+        torch.set_num_threads(threads)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    run = Run(config)
+    try:
+        run = Run(config)
+    except BaseException:
+        if created and not any(out.iterdir()):  # a failed start leaves no empty directory behind
+            out.rmdir()
+        raise
     if resume:
         run.load_state_dict(saved)
     _atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True))
@@ -392,6 +475,8 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=run.iteration, desc=_title(c), dynamic_ncols=True, mininterval=0.5)
     done_here = 0
+    if resume:
+        _atomic_write_text(out / "progress.json", json.dumps({"iteration": run.iteration, "total": total}))
     while run.iteration < total:
         t0 = time.perf_counter()
         losses = run.step()
@@ -437,16 +522,17 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
     return metrics
 
 
-def _finish(run: Run, out: Path) -> Dict[str, Any]:
-    tests = run.evaluate("test")
-    c = run.config
+def _summarise(run: Run, results: list, split: str) -> Dict[str, Any]:
+    """The metrics of an evaluation of every run on ``split``, keyed as in ``metrics.json``
+    (``<split>_<metric>_mean`` ..., the baselines, per-run entries); averages over the seeds that did
+    not diverge."""
     mt = run.tasks.metric
     trivial = "zero" if mt == "mse" else "chance"
     per_run = []
-    for r, (seed, test) in enumerate(zip(run.seeds, tests)):
-        entry = {"seed": seed, f"test_{mt}_mean": test[f"{mt}_mean"], f"test_{mt}_worst": test[f"{mt}_worst"],
-                 f"test_{mt}_std": test[f"{mt}_std"], f"baseline_unadapted_{mt}_mean": test["unadapted_mean"],
-                 f"baseline_{trivial}_{mt}_mean": test["trivial_mean"], "per_group": test["per_group"],
+    for r, (seed, res) in enumerate(zip(run.seeds, results)):
+        entry = {"seed": seed, f"{split}_{mt}_mean": res[f"{mt}_mean"], f"{split}_{mt}_worst": res[f"{mt}_worst"],
+                 f"{split}_{mt}_std": res[f"{mt}_std"], f"baseline_unadapted_{mt}_mean": res["unadapted_mean"],
+                 f"baseline_{trivial}_{mt}_mean": res["trivial_mean"], "per_group": res["per_group"],
                  "final_train_loss": run.history["train_loss"][-1][r] if run.history["train_loss"] else None}
         if "task_probs" in run.state:
             probs = run.state["task_probs"][r].cpu()
@@ -456,26 +542,33 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
         per_run.append(entry)
     metrics: Dict[str, Any] = {}
     finite = [e for e in per_run if e["diverged_at"] is None]
-    for key in (f"test_{mt}_mean", f"test_{mt}_worst", f"test_{mt}_std", f"baseline_unadapted_{mt}_mean",
+    for key in (f"{split}_{mt}_mean", f"{split}_{mt}_worst", f"{split}_{mt}_std", f"baseline_unadapted_{mt}_mean",
                 f"baseline_{trivial}_{mt}_mean", "final_train_loss"):
         values = [e[key] for e in finite]  # over the seeds that did not diverge (listed below)
-        metrics[key] = sum(values) / len(values)
-        if len(values) > 1 and key.startswith("test_"):
+        metrics[key] = sum(values) / len(values) if values else float("nan")
+        if len(values) > 1 and key.startswith(f"{split}_"):
             metrics[key + "_ci95"] = mean_ci95(values)["ci"]
     metrics["diverged_seeds"] = {str(k): v for k, v in run.diverged.items()}
+    metrics.update({"iterations": run.iteration, "seeds": run.seeds, "metric": mt,
+                    split: {"tasks": results[0]["tasks"], "groups": results[0]["groups"],
+                            "intervals": results[0]["groups"]},
+                    "runs": per_run})
+    return metrics
+
+
+def _finish(run: Run, out: Path) -> Dict[str, Any]:
+    tests = run.evaluate("test")
+    c = run.config
+    metrics = _summarise(run, tests, "test")
     metrics.update({
         "sec_per_iteration": run.train_seconds / max(run.iteration, 1),
         "runs_trained_together": run.runs,
         "vectorised_over_runs": run.vectorised,
-        "iterations": run.iteration,
-        "seeds": run.seeds,
         "budget": f"{run.iteration} iterations x meta-batch {c['meta_batch']}, seeds {run.seeds}; test: "
                   f"{tests[0]['tasks']} tasks over {tests[0]['groups']} evaluation groups "
                   f"(seed {c['test_seed']})",
         "not_converged_solves": run.warnings,
-        "metric": mt,
-        "test": {"tasks": tests[0]["tasks"], "groups": tests[0]["groups"], "intervals": tests[0]["groups"]},
-        "runs": per_run,
+        "threads": torch.get_num_threads(),
         "val_history": run.history["val"],
         "torch": torch.__version__,
         "config": c,
@@ -483,25 +576,28 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
     _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     try:
         if _is_writer():
-            _plot(run.history, out / "curves.png", _title(c), mt)
+            _plot(run.history, out / "curves.png", _title(c), run.tasks.metric)
     except ImportError:  # pragma: no cover - matplotlib is a dependency; say so if it is missing
         warnings.warn("matplotlib is not installed: curves.png was not written", RuntimeWarning)
     return metrics
 
 
-def evaluate_run(out_dir: str, *, split: str = "test") -> Dict[str, Any]:
-    """Re-evaluate a saved run from its checkpoint (the metrics are recomputed, not read back)."""
-    ckpt = Path(out_dir) / CHECKPOINT
-    if not ckpt.is_file():
-        raise ConfigError(f"{ckpt} does not exist: is {out_dir} a run directory?")
-    saved = torch.load(ckpt, weights_only=False)
+def evaluate_run(out_dir: str, *, split: str = "test", write: bool = True) -> Dict[str, Any]:
+    """Re-evaluate a saved run from its checkpoint (the metrics are recomputed, not read back).
+
+    Returns, and writes to ``evaluation.json`` (``evaluation_val.json`` for ``split="val"``) beside
+    ``metrics.json``, the metrics under the keys ``metrics.json`` uses (``<split>_<metric>_mean`` ...).
+    """
+    if split not in ("test", "val"):
+        raise ConfigError(f"split must be test or val, got {split!r}")
+    out = Path(out_dir)
+    saved = load_checkpoint(out / CHECKPOINT, "evaluate")
     saved["config"] = upgrade(saved["config"])
     run = Run(saved["config"])
     run.load_state_dict(saved)
-    results = run.evaluate(split)
-    for r in results:
-        r.pop("per_group")
-    out = {"iteration": run.iteration, "split": split, "seeds": run.seeds, "runs": results}
-    if run.runs == 1:
-        out.update(results[0])
-    return out
+    metrics = {"split": split, **_summarise(run, run.evaluate(split), split), "torch": torch.__version__,
+               "config": run.config}
+    if write:
+        _atomic_write_text(out / ("evaluation.json" if split == "test" else "evaluation_val.json"),
+                           json.dumps(metrics, indent=2))
+    return metrics

@@ -1,5 +1,5 @@
 """Task families and their networks."""
-from .base import DataError, TaskFamily, group_statistics
+from .base import DataError, TaskFamily, data_root, group_statistics
 from .networks import Conv4, mlp
 from .sinusoid import SinusoidTasks, interval_statistics, test_intervals, train_intervals
 
@@ -25,7 +25,6 @@ def make_family(config) -> TaskFamily:
         return ImageCompletion(source, shots=config["shots"], query_shots=config["query_shots"])
     if task in ("digits", "miniimagenet"):
         from .classification import FewShotClassification, MiniImageNetCSV, MiniImageNetPickle, sklearn_digits
-        from pathlib import Path
         if task == "digits":
             source = sklearn_digits()
         else:
@@ -33,9 +32,7 @@ def make_family(config) -> TaskFamily:
             if not root:
                 raise DataError("the miniimagenet task needs --data-root DIR (train.csv/val.csv/test.csv with images/, "
                                 "or mini-imagenet-cache-*.pkl)")
-            if not Path(root).is_dir():
-                raise DataError(f"MiniImageNet data root {root} does not exist")
-            if (Path(root) / "mini-imagenet-cache-train.pkl").is_file():
+            if (data_root(root, "MiniImageNet") / "mini-imagenet-cache-train.pkl").is_file():
                 source = MiniImageNetPickle(root)
             else:
                 source = MiniImageNetCSV(root, image_size=config["image_size"])

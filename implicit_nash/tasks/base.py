@@ -12,6 +12,17 @@ class DataError(ValueError):
     """Data on disk that cannot be used (missing, truncated, too small); the message names the file."""
 
 
+def data_root(root, what: str):
+    """``root`` as a :class:`~pathlib.Path` if it is a folder, else a one-line :class:`DataError`."""
+    from pathlib import Path
+    p = Path(root)
+    if p.is_file():
+        raise DataError(f"{what} data root {root} is a file; --data-root takes the folder that holds the data")
+    if not p.is_dir():
+        raise DataError(f"{what} data root {root} does not exist")
+    return p
+
+
 def group_statistics(per_task: torch.Tensor, group_ids: torch.Tensor, num_groups: int,
                      higher_is_better: bool = False) -> Dict[str, Any]:
     """Mean, worst and (population) standard deviation over groups of the per-group mean.

@@ -24,7 +24,7 @@ from typing import Dict, List
 
 import torch
 
-from .base import DataError, TaskFamily
+from .base import DataError, TaskFamily, data_root
 from .networks import Conv4
 
 __all__ = ["FewShotClassification", "ClassImages", "MiniImageNetCSV", "MiniImageNetPickle", "sklearn_digits"]
@@ -72,9 +72,7 @@ class MiniImageNetCSV(ClassImages):
     """MiniImageNet in the Ravi-Larochelle CSV layout; images are read on demand."""
 
     def __init__(self, root: str, image_size: int = 84):
-        root_p = Path(root)
-        if not root_p.is_dir():
-            raise DataError(f"MiniImageNet data root {root} does not exist")
+        root_p = data_root(root, "MiniImageNet")
         self.folder = root_p / "images"
         if not self.folder.is_dir():
             raise DataError(f"MiniImageNet image folder {self.folder} is missing")
@@ -125,9 +123,7 @@ class MiniImageNetPickle(ClassImages):
     """MiniImageNet from ``mini-imagenet-cache-{train,val,test}.pkl`` (``image_data``, ``class_dict``)."""
 
     def __init__(self, root: str):
-        root_p = Path(root)
-        if not root_p.is_dir():
-            raise DataError(f"MiniImageNet data root {root} does not exist")
+        root_p = data_root(root, "MiniImageNet")
         classes: Dict[str, Dict[str, torch.Tensor]] = {}
         for split in SPLITS:
             path = root_p / f"mini-imagenet-cache-{split}.pkl"

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .base import DataError, TaskFamily
+from .base import DataError, TaskFamily, data_root
 from .networks import mlp
 
 __all__ = ["ImageCompletion", "CelebASource", "TensorImages", "lfw_faces"]
@@ -52,9 +52,7 @@ class CelebASource:
     """CelebA on disk (see the module docstring); ``image_size`` pixels a side after resizing."""
 
     def __init__(self, root: str, image_size: int = 32):
-        root_p = Path(root)
-        if not root_p.is_dir():
-            raise DataError(f"CelebA data root {root} does not exist")
+        root_p = data_root(root, "CelebA")
         split_file = root_p / "Eval" / "list_eval_partition.txt"
         if not split_file.is_file():
             raise DataError(f"CelebA split file {split_file} is missing")
