@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--val-tasks", type=int)
     train.add_argument("--test-tasks", type=int)
+    train.add_argument("--eval-batch", type=int,
+                       help="evaluation tasks adapted at a time (bounds evaluation memory; default per task family)")
     train.add_argument("--device", help="cpu or cuda")
     train.add_argument("--dtype", choices=["float32", "float64"])
     train.add_argument("--threads", type=int, help="torch CPU threads")
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "lr_init", "activation", "eval_every", "checkpoint_every", "val_tasks",
-               "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
+               "test_tasks", "eval_batch", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
                "distributed")
 
 
