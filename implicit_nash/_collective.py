@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sharded", "active", "world", "rank", "norm", "dot", "allsum", "allmax", "differentiable_sum",
+__all__ = ["sharded", "active", "world", "rank", "norm", "dot", "allsum", "allmax", "total", "differentiable_sum",
            "differentiable_sum_tree"]
 
 _GROUP: Optional[object] = None
@@ -70,13 +70,33 @@ def allsum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _device() -> torch.device:
+    """Where a tensor built here for a collective must live: NCCL only reduces CUDA tensors (this
+    process's current device), gloo reduces CPU tensors."""
+    import torch.distributed as dist
+    if dist.get_backend(_GROUP) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def allmax(x: float) -> float:
+    """The maximum of a Python number over ranks."""
     if not _ACTIVE:
         return x
     import torch.distributed as dist
-    t = torch.tensor([x], dtype=torch.float64)
+    t = torch.tensor([x], dtype=torch.float64, device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_GROUP)
     return float(t)
+
+
+def total(n: int) -> int:
+    """The sum of a count over ranks (the number of players when ranks hold uneven blocks)."""
+    if not _ACTIVE:
+        return n
+    import torch.distributed as dist
+    t = torch.tensor([n], dtype=torch.int64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_GROUP)
+    return int(t)
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -109,9 +109,10 @@ class Run:
                 raise ConfigError("--distributed needs torch.distributed initialised (run under torchrun)")
             if len(self.seeds) > 1:
                 raise ConfigError("--distributed shards one run's meta-batch; train several seeds as separate runs")
-            if config["meta_batch"] % dist.get_world_size():
-                raise ConfigError(f"--meta-batch {config['meta_batch']} does not split evenly over "
-                                  f"{dist.get_world_size()} ranks")
+            if config["meta_batch"] < dist.get_world_size():
+                raise ConfigError(f"--meta-batch {config['meta_batch']} is smaller than the {dist.get_world_size()} "
+                                  f"ranks: every rank needs a task; use --meta-batch {dist.get_world_size()} or "
+                                  "more, or fewer ranks")
         self.vectorised = len(self.seeds) > 1 and self.algorithm.meta_gradient != "implicit"
         self.iteration = 0
         self.history: Dict[str, list] = {"iteration": [], "train_loss": [], "val": []}
@@ -221,11 +222,12 @@ class Run:
         w, r = dist.get_world_size(), dist.get_rank()
         full = {k: v[0] for k, v in batch.items()}  # every rank samples the same whole batch ...
         mine = dist_.shard(full, r, w)               # ... and keeps its contiguous block of tasks
+        B, b = self.config["meta_batch"], dist_.block(self.config["meta_batch"], r, w)
         with dist_.sharded():
             losses_local = algo.task_losses(model, self.theta_of(0), mine)
-            # the outer loss's mean (or TR-MAML's N/B weights) over this rank's B/w tasks, divided by w:
-            # summed over the ranks it is the loss of the whole batch
-            outer_local = algo.outer_loss(losses_local, mine, self.state_of(0)) / w
+            # the outer loss's mean (or TR-MAML's N/B weights) over this rank's b tasks, weighted by b/B:
+            # summed over the ranks it is the loss of the whole batch, also when the blocks differ in size
+            outer_local = algo.outer_loss(losses_local, mine, self.state_of(0)) * ((b.stop - b.start) / B)
             self.optimizer.zero_grad(set_to_none=True)
             outer_local.backward()
             outer = dist_.allsum(outer_local.detach().reshape(1))
