@@ -79,24 +79,21 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
+def _reduce_number(x, dtype: torch.dtype, op: str):
+    import torch.distributed as dist
+    t = torch.tensor([x], dtype=dtype, device=_device())
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=_GROUP)
+    return t.item()
+
+
 def allmax(x: float) -> float:
     """The maximum of a Python number over ranks."""
-    if not _ACTIVE:
-        return x
-    import torch.distributed as dist
-    t = torch.tensor([x], dtype=torch.float64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_GROUP)
-    return float(t)
+    return float(_reduce_number(x, torch.float64, "MAX")) if _ACTIVE else x
 
 
 def total(n: int) -> int:
     """The sum of a count over ranks (the number of players when ranks hold uneven blocks)."""
-    if not _ACTIVE:
-        return n
-    import torch.distributed as dist
-    t = torch.tensor([n], dtype=torch.int64, device=_device())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_GROUP)
-    return int(t)
+    return int(_reduce_number(n, torch.int64, "SUM")) if _ACTIVE else n
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
