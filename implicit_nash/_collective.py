@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["sharded", "active", "world", "rank", "norm", "dot", "allsum", "allmax", "differentiable_sum",
+__all__ = ["sharded", "active", "world", "rank", "norm", "dot", "allsum", "allmax", "total", "differentiable_sum",
            "differentiable_sum_tree"]
 
 _GROUP: Optional[object] = None
@@ -70,13 +70,30 @@ def allsum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def allmax(x: float) -> float:
-    if not _ACTIVE:
-        return x
+def _device() -> torch.device:
+    """Where a tensor built here for a collective must live: NCCL only reduces CUDA tensors (this
+    process's current device), gloo reduces CPU tensors."""
     import torch.distributed as dist
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_GROUP)
-    return float(t)
+    if dist.get_backend(_GROUP) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce_number(x, dtype: torch.dtype, op: str):
+    import torch.distributed as dist
+    t = torch.tensor([x], dtype=dtype, device=_device())
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=_GROUP)
+    return t.item()
+
+
+def allmax(x: float) -> float:
+    """The maximum of a Python number over ranks."""
+    return float(_reduce_number(x, torch.float64, "MAX")) if _ACTIVE else x
+
+
+def total(n: int) -> int:
+    """The sum of a count over ranks (the number of players when ranks hold uneven blocks)."""
+    return int(_reduce_number(n, torch.int64, "SUM")) if _ACTIVE else n
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:

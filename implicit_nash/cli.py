@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     t("--checkpoint-every", type=int, help=_preset_help("checkpoint_every", "write checkpoint.pt every N iterations", paper=False))
     t("--val-tasks", type=int, help=_preset_help("val_tasks", "validation tasks", paper=False))
     t("--test-tasks", type=int, help=_preset_help("test_tasks", "test tasks"))
+    t("--eval-batch", type=int, help=_preset_help("eval_batch", "evaluation tasks adapted at a time (bounds "
+                                                              "evaluation memory)", paper=False))
     t("--device", help="cpu or cuda (default cpu)")
     t("--dtype", choices=["float32", "float64"], help="floating-point precision (default float32)")
     t("--threads", type=int, help="torch CPU threads (default: 1 for sinusoid, whose tiny network gains nothing "
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "lr_init", "activation", "eval_every", "checkpoint_every", "val_tasks",
-               "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
+               "test_tasks", "eval_batch", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
                "distributed")
 
 

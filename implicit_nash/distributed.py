@@ -1,8 +1,8 @@
 """The coupled inner game across ``torch.distributed`` ranks (gloo on CPU, NCCL on GPU).
 
 Unlike plain MAML, the Nash-GBML inner game couples the tasks of a meta-batch through the penalty
-aggregates, so sharding the meta-batch is not embarrassingly parallel. Each rank holds ``B / world``
-tasks; inside :func:`sharded` the penalty aggregates (the centroid's sum of parameters, the robust
+aggregates, so sharding the meta-batch is not embarrassingly parallel. Each rank holds a contiguous
+block of the tasks (:func:`shard`: sizes differ by at most one, e.g. 13 + 12 for B = 25 over 2 ranks); inside :func:`sharded` the penalty aggregates (the centroid's sum of parameters, the robust
 penalty's sum of distances) are all-reduced with a differentiable all-reduce at every inner step and
 inside every matrix-vector product of the implicit backward, and every norm and inner product of the
 forward and linear solvers is reduced over the ranks, so that all ranks take the same steps and stop
@@ -21,7 +21,7 @@ import torch
 
 from ._collective import active, allsum, differentiable_sum, rank, sharded, world
 
-__all__ = ["sharded", "init_from_env", "shard", "allreduce_gradients", "all_gather_cat", "active", "world",
+__all__ = ["sharded", "init_from_env", "shard", "block", "allreduce_gradients", "all_gather_cat", "active", "world",
            "rank", "allsum", "differentiable_sum"]
 
 
@@ -35,17 +35,23 @@ def init_from_env(backend: str = None) -> None:
     dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
 
 
+def block(n: int, r: int, w: int) -> slice:
+    """Rank ``r``'s block of ``n`` tasks over ``w`` ranks: the first ``n % w`` ranks hold one more."""
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is not in 0..{w - 1}")
+    if n < w:
+        raise ValueError(f"a meta-batch of {n} tasks cannot be sharded over {w} ranks: every rank needs a task; "
+                         f"use --meta-batch {w} or more, or fewer ranks")
+    q, extra = divmod(n, w)
+    lo = r * q + min(r, extra)
+    return slice(lo, lo + q + (1 if r < extra else 0))
+
+
 def shard(batch: Dict[str, Any], r: int, w: int) -> Dict[str, Any]:
-    """This rank's contiguous block of the leading (task) dimension of every tensor in ``batch``."""
+    """This rank's contiguous block (:func:`block`) of the leading (task) dimension of every tensor."""
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            n = v.shape[0]
-            if n % w:
-                raise ValueError(f"a meta-batch of {n} tasks does not split evenly over {w} ranks")
-            out[k] = v[r * (n // w):(r + 1) * (n // w)]
-        else:
-            out[k] = v
+        out[k] = v[block(v.shape[0], r, w)] if isinstance(v, torch.Tensor) else v
     return out
 
 
@@ -69,8 +75,15 @@ def allreduce_gradients(params: Iterable[torch.Tensor]) -> None:
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's tensor along dimension 0, in rank order."""
+    """Concatenate every rank's tensor along dimension 0, in rank order (the ranks' lengths may differ)."""
     import torch.distributed as dist
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    w = dist.get_world_size()
+    sizes = torch.zeros(w, dtype=torch.int64, device=t.device)
+    sizes[dist.get_rank()] = t.shape[0]
+    dist.all_reduce(sizes)
+    longest = int(sizes.max())
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[:t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(k)] for p, k in zip(parts, sizes)])

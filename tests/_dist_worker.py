@@ -35,25 +35,29 @@ def meta_gradient(algo, b, sharded_ranks=None):
     from implicit_nash import distributed as D
     w, r = sharded_ranks
     mine = D.shard(b, r, w)
+    B = b["x_support"].shape[0]
     with D.sharded():
-        loss = algo.outer_loss(algo.task_losses(model, theta, mine), mine, {}) / w
+        # this rank's mean weighted by its share of the tasks (the blocks differ in size when w does not divide B)
+        loss = algo.outer_loss(algo.task_losses(model, theta, mine), mine, {}) * (mine["x_support"].shape[0] / B)
         grads = list(torch.autograd.grad(loss, leaves))
     for g in grads:
         dist.all_reduce(g)
     return [g.detach() for g in grads]
 
 
-def run(rank, world, init_file, out_dir, config, config2=None):
+def run(rank, world, init_file, out_dir, configs, sizes=(4,)):
+    """Sharded meta-gradients of every problem at every meta-batch size, then a sharded training run of
+    every configuration (``configs[k]`` into ``out_dir/run{k}``)."""
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {name: meta_gradient(algo, batch(), (world, rank)) for name, algo in problems().items()}
+        results = {(name, B): meta_gradient(algo, batch(B), (world, rank))
+                   for name, algo in problems().items() for B in sizes}
         if rank == 0:
             torch.save(results, f"{out_dir}/grads.pt")
         from implicit_nash.meta.trainer import train
-        train({**config, "distributed": True}, f"{out_dir}/run", progress=False, log=lambda s: None)
-        if config2 is not None:
-            train({**config2, "distributed": True}, f"{out_dir}/run2", progress=False, log=lambda s: None)
+        for k, config in enumerate(configs):
+            train({**config, "distributed": True}, f"{out_dir}/run{k}", progress=False, log=lambda s: None)
     finally:
         dist.destroy_process_group()

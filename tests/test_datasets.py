@@ -12,6 +12,7 @@ from implicit_nash.cli import main
 from implicit_nash.meta.config import resolve
 from implicit_nash.meta.trainer import train
 from implicit_nash.tasks import Conv4, DataError, make_family, mlp
+from implicit_nash.tasks.base import eval_chunk
 
 
 def _jpeg(path, seed, size=(40, 48)):
@@ -52,7 +53,7 @@ def test_celeba_loader_sampler_and_training(celeba, tmp_path):
     r, c = (batch["x_support"][0, 0] * 7).round().long().tolist()
     assert torch.allclose(batch["y_support"][0, 0], pixels[r, c], atol=1e-6)
     test = family.eval_set("test", 5, seed=0)
-    assert test["num_groups"] == 2 and test["x_query"].shape[1] == 64  # every pixel
+    assert test["num_groups"] == 2 and eval_chunk(test, 0, 2)["x_query"].shape[1] == 64  # every pixel
     for algorithm in ("maml", "cavia"):
         m = train(celeba_config(celeba, algorithm=algorithm, penalty="centroid", weight=0.1),
                   tmp_path / algorithm, progress=False, log=lambda s: None)
@@ -177,3 +178,24 @@ def test_network_parameter_counts():
     # CAVIA's image-completion network: 2 coordinates (+ 128 contexts), 5 hidden layers of 128, RGB out
     assert count(mlp([2, 128, 128, 128, 128, 128, 3])) == (2 * 128 + 128) + 4 * (128 * 128 + 128) + (128 * 3 + 3)
     assert count(mlp([2 + 128, *[128] * 5, 3])) == 83203
+
+
+def test_evaluation_in_chunks_equals_one_chunk(mini_csv, celeba):
+    """Chunked evaluation (lazy sets, only per-task numbers kept) gives the metrics of one chunk."""
+    from implicit_nash.meta.trainer import Run, evaluate
+    for config in (mini_config(mini_csv, test_tasks=7), celeba_config(celeba, test_tasks=2)):
+        run = Run(config)
+        test = run.tasks.eval_set("test", config["test_tasks"], seed=3, dtype=torch.float64)
+        args = (run.algorithm, run.model, run.theta_of(0), test)
+        one = evaluate(*args, family=run.tasks, chunk=500)
+        for chunk in (1, 3):
+            parts = evaluate(*args, family=run.tasks, chunk=chunk)
+            for key in ("mean", "worst", "std"):
+                assert parts[f"{run.tasks.metric}_{key}"] == pytest.approx(one[f"{run.tasks.metric}_{key}"], abs=1e-12)
+            assert parts["unadapted_mean"] == pytest.approx(one["unadapted_mean"], abs=1e-12)
+            assert parts["trivial_mean"] == pytest.approx(one["trivial_mean"], abs=1e-12)
+        assert one["tasks"] == (7 if config["task"] == "miniimagenet" else 2)
+    with pytest.raises(ValueError, match="chunk must be a positive integer"):
+        evaluate(*args, family=run.tasks, chunk=0)
+    with pytest.raises(Exception, match="eval_batch must be positive"):
+        mini_config(mini_csv, eval_batch=0)

@@ -20,27 +20,42 @@ CONFIG = {"algorithm": "maml", "penalty": "robust", "weight": 0.01, "robustness"
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_equal_one_process(tmp_path):
+    """Even (4 = 2 + 2) and uneven (5 = 3 + 2) meta-batches: sharded meta-gradients and training runs
+    equal one process (the uneven runs weight each rank's mean by its share of the tasks)."""
     config = resolve(CONFIG)
-    # TR-MAML: the task probabilities must stay the same on every rank (updated from the gathered losses)
-    config2 = resolve({**CONFIG, "algorithm": "trmaml", "penalty": "centroid", "weight": 0.1, "task_lr": 0.05})
-    mp.start_processes(W.run, args=(2, str(tmp_path / "init"), str(tmp_path), config, config2), nprocs=2,
+    # TR-MAML: the task probabilities must stay the same on every rank (updated from the gathered losses);
+    # with an uneven split its N/B weights must use the whole batch's B
+    config2 = resolve({**CONFIG, "algorithm": "trmaml", "penalty": "centroid", "weight": 0.1, "task_lr": 0.05,
+                       "meta_batch": 5})
+    config3 = resolve({**CONFIG, "penalty": "centroid", "weight": 0.1, "meta_batch": 5})
+    configs = [config, config2, config3]
+    mp.start_processes(W.run, args=(2, str(tmp_path / "init"), str(tmp_path), configs, (4, 5)), nprocs=2,
                        join=True, start_method="spawn")
     sharded = torch.load(tmp_path / "grads.pt")
     for name, algo in W.problems().items():
-        whole = W.meta_gradient(algo, W.batch())
-        for a, b in zip(sharded[name], whole):
-            assert torch.allclose(a, b, rtol=1e-6, atol=1e-10), name
-        assert max(float(g.abs().max()) for g in whole) > 1e-3
-    single = train(config, tmp_path / "single", progress=False, log=lambda s: None)
-    both = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "final_train_loss"):
-        assert both[key] == pytest.approx(single[key], rel=1e-6, abs=1e-12), key
-    assert both["config"]["distributed"] is True
-    single2 = train(config2, tmp_path / "single2", progress=False, log=lambda s: None)
-    both2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
-    for key in ("test_mse_mean", "test_mse_worst", "final_train_loss"):
-        assert both2[key] == pytest.approx(single2[key], rel=1e-6, abs=1e-12), key
-    assert both2["runs"][0]["task_probs"] == pytest.approx(single2["runs"][0]["task_probs"], rel=1e-9)
+        for B in (4, 5):
+            whole = W.meta_gradient(algo, W.batch(B))
+            for a, b in zip(sharded[(name, B)], whole):
+                assert torch.allclose(a, b, rtol=1e-6, atol=1e-10), (name, B)
+            assert max(float(g.abs().max()) for g in whole) > 1e-3
+    for k, cfg in enumerate(configs):
+        single = train(cfg, tmp_path / f"single{k}", progress=False, log=lambda s: None)
+        both = json.loads((tmp_path / f"run{k}" / "metrics.json").read_text())
+        for key in ("test_mse_mean", "test_mse_worst", "test_mse_std", "final_train_loss"):
+            assert both[key] == pytest.approx(single[key], rel=1e-6, abs=1e-12), (k, key)
+        assert both["config"]["distributed"] is True
+        if cfg["algorithm"] == "trmaml":
+            assert both["runs"][0]["task_probs"] == pytest.approx(single["runs"][0]["task_probs"], rel=1e-9)
+
+
+def test_uneven_blocks():
+    from implicit_nash.distributed import block, shard
+    assert [block(25, r, 2) for r in (0, 1)] == [slice(0, 13), slice(13, 25)]
+    assert [block(7, r, 3) for r in range(3)] == [slice(0, 3), slice(3, 5), slice(5, 7)]
+    parts = [shard({"x": torch.arange(25), "ways": 5}, r, 2) for r in (0, 1)]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), torch.arange(25)) and parts[1]["ways"] == 5
+    with pytest.raises(ValueError, match="every rank needs a task; use --meta-batch 3 or more"):
+        block(2, 0, 3)
 
 
 def test_solvers_that_cannot_shard_say_so(tmp_path):

@@ -149,12 +149,12 @@ class Algorithm:
         """The inner game of eq. 12 for a batch of tasks with support sets ``(x, y)``.
 
         When the meta-batch is sharded over ranks (:mod:`implicit_nash.distributed`), ``x`` and ``y``
-        hold this rank's tasks and B counts the tasks of every rank.
+        hold this rank's tasks and B counts the tasks of every rank (the blocks may differ in size).
         """
         return self._game(model, x, y, self.inner_penalty(nash))
 
     def _game(self, model, x, y, penalty: Optional[Penalty]) -> AggregativeGame:
-        B = x.shape[0] * _collective.world()
+        B = _collective.total(x.shape[0])
         kind = self.loss
 
         def task_loss(phi_i, th, x_i, y_i):

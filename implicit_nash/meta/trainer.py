@@ -33,7 +33,7 @@ import torch
 from .._compat import tree_leaves, tree_map
 from ..errors import ConvergenceWarning
 from ..tasks import make_family
-from ..tasks.base import group_statistics
+from ..tasks.base import eval_chunk, eval_size, group_statistics
 from .config import ConfigError, build_algorithm, upgrade
 from .stats import mean_ci95
 
@@ -119,9 +119,10 @@ class Run:
                 raise ConfigError("--distributed needs torch.distributed initialised (run under torchrun)")
             if len(self.seeds) > 1:
                 raise ConfigError("--distributed shards one run's meta-batch; train several seeds as separate runs")
-            if config["meta_batch"] % dist.get_world_size():
-                raise ConfigError(f"--meta-batch {config['meta_batch']} does not split evenly over "
-                                  f"{dist.get_world_size()} ranks")
+            if config["meta_batch"] < dist.get_world_size():
+                raise ConfigError(f"--meta-batch {config['meta_batch']} is smaller than the {dist.get_world_size()} "
+                                  f"ranks: every rank needs a task; use --meta-batch {dist.get_world_size()} or "
+                                  "more, or fewer ranks")
         self.vectorised = len(self.seeds) > 1 and self.algorithm.meta_gradient != "implicit"
         self.iteration = 0
         self.history: Dict[str, list] = {"iteration": [], "train_loss": [], "val": []}
@@ -231,11 +232,12 @@ class Run:
         w, r = dist.get_world_size(), dist.get_rank()
         full = {k: v[0] for k, v in batch.items()}  # every rank samples the same whole batch ...
         mine = dist_.shard(full, r, w)               # ... and keeps its contiguous block of tasks
+        B, b = self.config["meta_batch"], dist_.block(self.config["meta_batch"], r, w)
         with dist_.sharded():
             losses_local = algo.task_losses(model, self.theta_of(0), mine)
-            # the outer loss's mean (or TR-MAML's N/B weights) over this rank's B/w tasks, divided by w:
-            # summed over the ranks it is the loss of the whole batch
-            outer_local = algo.outer_loss(losses_local, mine, self.state_of(0)) / w
+            # the outer loss's mean (or TR-MAML's N/B weights) over this rank's b tasks, weighted by b/B:
+            # summed over the ranks it is the loss of the whole batch, also when the blocks differ in size
+            outer_local = algo.outer_loss(losses_local, mine, self.state_of(0)) * ((b.stop - b.start) / B)
             self.optimizer.zero_grad(set_to_none=True)
             outer_local.backward()
             outer = dist_.allsum(outer_local.detach().reshape(1))
@@ -265,7 +267,7 @@ class Run:
             warnings.simplefilter("always", ConvergenceWarning)
             for r in range(self.runs):
                 results.append(evaluate(self.algorithm, self.model, self.theta_of(r), test, device=self.device,
-                                        nash=c["eval_penalty"], family=self.tasks))
+                                        nash=c["eval_penalty"], family=self.tasks, chunk=c["eval_batch"]))
         self._count(caught)
         return results
 
@@ -278,17 +280,23 @@ def evaluate(algorithm, model, theta, test: Dict[str, Any], *, device=None, nash
     sub-intervals; images and episodes: one group each) of the per-group metric, keyed
     ``<metric>_mean`` etc., plus two baselines on the same tasks: ``unadapted`` (the meta-parameters
     without any inner step) and ``trivial`` (predicting 0, or chance accuracy).
+
+    Tasks are adapted ``chunk`` at a time (``eval_batch`` of the configuration), and a lazy
+    evaluation set builds only the current chunk's tasks, so peak memory depends on ``chunk``, not on
+    the number of tasks; only per-task numbers are kept between chunks.
     """
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"the evaluation chunk must be a positive integer, got {chunk!r}")
     device = torch.device("cpu") if device is None else device
     metric = "mse" if family is None else family.metric
     higher = False if family is None else family.higher_is_better
     detached = tree_map(lambda t: t.detach(), theta)
     mode = "implicit" if algorithm.meta_gradient == "implicit" else "first_order"
-    n = test["x_support"].shape[0]
-    per_task, unadapted = [], []
+    n = eval_size(test)
+    per_task, unadapted, trivial = [], [], []
     with torch.no_grad():
         for lo in range(0, n, chunk):
-            part = _to({k: v[lo:lo + chunk] for k, v in test.items() if isinstance(v, torch.Tensor)}, device)
+            part = _to(eval_chunk(test, lo, min(lo + chunk, n)), device)
             per_task.append(algorithm.task_losses(model, detached, part, nash=nash, mode=mode,
                                                   metric=None if metric == "mse" else metric).cpu())
             start = algorithm._start(detached, part["x_query"].shape[0])
@@ -297,12 +305,14 @@ def evaluate(algorithm, model, theta, test: Dict[str, Any], *, device=None, nash
                 unadapted.append((pred.argmax(-1) == part["y_query"]).to(torch.float64).mean(1).cpu())
             else:
                 unadapted.append(((pred - part["y_query"]) ** 2).mean(dim=tuple(range(1, pred.dim()))).cpu())
+            trivial.append((family.trivial_metric(part) if family is not None
+                            else (part["y_query"] ** 2).mean(dim=(1, 2))).cpu())
+            del part, pred, start
     per_task_t = torch.cat(per_task).to(torch.float64)
     ids, m = test["group_ids"], test["num_groups"]
     stats = group_statistics(per_task_t, ids, m, higher)
     base = group_statistics(torch.cat(unadapted).to(torch.float64), ids, m, higher)
-    trivial = family.trivial_metric(test) if family is not None else (test["y_query"] ** 2).mean(dim=(1, 2))
-    zero = group_statistics(trivial.to(torch.float64), ids, m, higher)
+    zero = group_statistics(torch.cat(trivial).to(torch.float64), ids, m, higher)
     return {"metric": metric, f"{metric}_mean": stats["mean"], f"{metric}_worst": stats["worst"],
             f"{metric}_std": stats["std"], "per_group": stats["per_group"], "tasks": n, "groups": m,
             "unadapted_mean": base["mean"], "trivial_mean": zero["mean"]}

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import torch
 
-__all__ = ["TaskFamily", "DataError", "group_statistics"]
+__all__ = ["TaskFamily", "DataError", "group_statistics", "eval_size", "eval_chunk"]
 
 
 class DataError(ValueError):
@@ -40,6 +40,23 @@ def group_statistics(per_task: torch.Tensor, group_ids: torch.Tensor, num_groups
             "std": float(per_group.std(unbiased=False)), "per_group": per_group.tolist()}
 
 
+def eval_size(test: Dict[str, Any]) -> int:
+    """The number of tasks of an evaluation set (materialised or lazy)."""
+    return int(test["num_tasks"]) if "load" in test else int(test["x_support"].shape[0])
+
+
+def eval_chunk(test: Dict[str, Any], lo: int, hi: int) -> Dict[str, torch.Tensor]:
+    """Tasks ``lo:hi`` of an evaluation set as tensors.
+
+    A materialised set holds its tensors; a lazy one (image families, whose tasks would not fit in
+    memory together) holds ``num_tasks`` and ``load(lo, hi)``, which builds only those tasks, so
+    that evaluation memory does not grow with the number of tasks.
+    """
+    if "load" in test:
+        return test["load"](lo, hi)
+    return {k: v[lo:hi] for k, v in test.items() if isinstance(v, torch.Tensor)}
+
+
 class TaskFamily:
     """Base class of the task families.
 
@@ -62,12 +79,14 @@ class TaskFamily:
         raise NotImplementedError  # pragma: no cover
 
     def eval_set(self, split: str, num_tasks: int, seed: int, dtype=torch.float32) -> Dict[str, Any]:
-        """Fixed evaluation tasks with ``group_ids`` and ``num_groups`` (see :func:`group_statistics`)."""
+        """Fixed evaluation tasks with ``group_ids`` and ``num_groups`` (see :func:`group_statistics`);
+        either the tasks' tensors or a lazy ``num_tasks`` and ``load(lo, hi)`` (see :func:`eval_chunk`)."""
         raise NotImplementedError  # pragma: no cover
 
     def trivial_metric(self, batch: Dict[str, Any]) -> torch.Tensor:
-        """Per-task metric of a trivial predictor: predicting 0 (regression) or chance (classification)."""
+        """Per-task metric of a trivial predictor on a batch of tasks (an evaluation chunk): predicting
+        0 (regression) or chance, 1 / ways (classification)."""
         if self.metric == "mse":
             return (batch["y_query"] ** 2).mean(dim=tuple(range(1, batch["y_query"].dim())))
         n = batch["x_query"].shape[0]
-        return torch.full((n,), 1.0 / float(batch["ways"]), dtype=torch.float64)
+        return torch.full((n,), 1.0 / float(self.ways), dtype=torch.float64)

@@ -50,7 +50,12 @@ class ClassImages:
         return int(self.classes[split][cls].shape[0])
 
     def get(self, split: str, cls: str, indices: List[int]) -> torch.Tensor:
-        return self.classes[split][cls][indices]
+        return _as_float(self.classes[split][cls][indices])
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    """Images stored as bytes (a quarter of the memory of float32) as floats in [0, 1]."""
+    return images.to(torch.float32) / 255.0 if images.dtype == torch.uint8 else images
 
 
 def _load_image(path: Path, size: int) -> torch.Tensor:
@@ -65,11 +70,18 @@ def _load_image(path: Path, size: int) -> torch.Tensor:
             data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise DataError(f"image {path} cannot be read (corrupt or truncated): {e}") from None
-    return data.reshape(size, size, 3).permute(2, 0, 1).to(torch.float32) / 255.0
+    return data.reshape(size, size, 3).permute(2, 0, 1).contiguous()  # uint8; _as_float converts
 
 
 class MiniImageNetCSV(ClassImages):
-    """MiniImageNet in the Ravi-Larochelle CSV layout; images are read on demand."""
+    """MiniImageNet in the Ravi-Larochelle CSV layout; images are read on demand.
+
+    Meta-training images are cached as bytes (at most ``CACHE`` of them, 21 KB each at 84×84);
+    validation and test images are read again at every evaluation, so that evaluation memory does
+    not grow with the number of episodes.
+    """
+
+    CACHE = 40000
 
     def __init__(self, root: str, image_size: int = 84):
         root_p = data_root(root, "MiniImageNet")
@@ -109,14 +121,13 @@ class MiniImageNetCSV(ClassImages):
         out = []
         for i in indices:
             name = self.files[split][cls][i]
-            if name not in self._cache:
+            image = self._cache.get(name)
+            if image is None:
                 image = _load_image(self.folder / name, self.image_size)
-                if len(self._cache) < 30000:
+                if split == "train" and len(self._cache) < self.CACHE:
                     self._cache[name] = image
-                out.append(image)
-            else:
-                out.append(self._cache[name])
-        return torch.stack(out)
+            out.append(image)
+        return _as_float(torch.stack(out))
 
 
 class MiniImageNetPickle(ClassImages):
@@ -140,8 +151,9 @@ class MiniImageNetPickle(ClassImages):
             if images.dim() != 4 or images.shape[-1] != 3:
                 raise DataError(f"{path}: image_data must be (n, H, W, 3), got {tuple(images.shape)}")
             images = images.permute(0, 3, 1, 2)
-            classes[split] = {str(c): images[torch.as_tensor(list(idx))].to(torch.float32) / 255.0
-                              for c, idx in class_dict.items()}
+            if images.dtype != torch.uint8:  # the usual caches hold bytes, kept as such (1.3 GB, not 5 GB)
+                images = images.to(torch.float32) / 255.0
+            classes[split] = {str(c): images[torch.as_tensor(list(idx))] for c, idx in class_dict.items()}
         super().__init__(classes, "MiniImageNet")
 
 
@@ -193,35 +205,49 @@ class FewShotClassification(TaskFamily):
         C, H, _ = self.source.shape
         return Conv4(C, config["filters"], self.ways, H, context_dim=algorithm.input_extra())
 
-    def _episode(self, split, generator, dtype):
+    def _plan(self, split, generator):
+        """One episode's classes and image indices (the generator draws of :meth:`_episode`)."""
         names = self.source.class_names(split)
         chosen = torch.randperm(len(names), generator=generator)[:self.ways].tolist()
-        xs, xq = [], []
+        plan = []
         for c in chosen:
             n = self.source.count(split, names[c])
-            idx = torch.randperm(n, generator=generator)[:self.shots + self.query_shots].tolist()
-            images = self.source.get(split, names[c], idx)
-            xs.append(images[:self.shots])
-            xq.append(images[self.shots:])
-        labels = torch.arange(self.ways)
-        ys = labels.repeat_interleave(self.shots)
-        yq = labels.repeat_interleave(self.query_shots)
-        return torch.cat(xs).to(dtype), ys, torch.cat(xq).to(dtype), yq
+            plan.append((names[c], torch.randperm(n, generator=generator)[:self.shots + self.query_shots].tolist()))
+        return plan
 
-    def _batch(self, split, n, generator, dtype):
-        eps = [self._episode(split, generator, dtype) for _ in range(n)]
-        return {"x_support": torch.stack([e[0] for e in eps]), "y_support": torch.stack([e[1] for e in eps]),
-                "x_query": torch.stack([e[2] for e in eps]), "y_query": torch.stack([e[3] for e in eps]),
+    def _load(self, split, plans, dtype):
+        """The episodes of a list of plans, stacked (``ways`` included)."""
+        xs_all, xq_all = [], []
+        for plan in plans:
+            xs, xq = [], []
+            for name, idx in plan:
+                images = self.source.get(split, name, idx)
+                xs.append(images[:self.shots])
+                xq.append(images[self.shots:])
+            xs_all.append(torch.cat(xs).to(dtype))
+            xq_all.append(torch.cat(xq).to(dtype))
+        labels = torch.arange(self.ways)
+        n = len(plans)
+        return {"x_support": torch.stack(xs_all), "y_support": labels.repeat_interleave(self.shots).expand(n, -1).clone(),
+                "x_query": torch.stack(xq_all), "y_query": labels.repeat_interleave(self.query_shots).expand(n, -1).clone(),
                 "ways": self.ways}
 
     def sample(self, batch_size, generator, dtype=torch.float32):
-        batch = self._batch("train", batch_size, generator, dtype)
+        batch = self._load("train", [self._plan("train", generator) for _ in range(batch_size)], dtype)
         batch.pop("ways")
         batch["task_ids"] = torch.zeros(batch_size, dtype=torch.long)
         return batch
 
     def eval_set(self, split, num_tasks, seed, dtype=torch.float32):
+        """Lazy: only the episodes' plans (classes and image indices) are drawn here; the images of
+        episodes ``lo:hi`` are read when :func:`~implicit_nash.tasks.base.eval_chunk` asks for them."""
         gen = torch.Generator().manual_seed(seed)
-        batch = self._batch(split, num_tasks, gen, dtype)
-        batch["group_ids"], batch["num_groups"] = torch.arange(num_tasks), num_tasks
-        return batch
+        plans = [self._plan(split, gen) for _ in range(num_tasks)]
+
+        def load(lo, hi):
+            batch = self._load(split, plans[lo:hi], dtype)
+            batch.pop("ways")
+            return batch
+
+        return {"num_tasks": num_tasks, "load": load, "ways": self.ways,
+                "group_ids": torch.arange(num_tasks), "num_groups": num_tasks}

@@ -93,12 +93,19 @@ class CelebASource:
         except (OSError, UnidentifiedImageError, SyntaxError) as e:
             raise DataError(f"CelebA image {path} cannot be read (corrupt or truncated): {e}") from None
         image = data.reshape(self.image_size, self.image_size, 3).to(torch.float32) / 255.0
-        if len(self._cache) < 20000:  # 20,000 32x32 images: about 250 MB at most
-            self._cache[name] = image
         return image
 
     def get(self, split: str, indices: List[int]) -> torch.Tensor:
-        return torch.stack([self._load(self.files[split][i]) for i in indices])
+        # meta-training images are cached (20,000 of 32x32: about 250 MB at most); validation and test
+        # images are read at every evaluation, so that evaluation memory does not grow with their number
+        out = []
+        for i in indices:
+            name = self.files[split][i]
+            image = self._load(name)
+            if split == "train" and len(self._cache) < 20000:
+                self._cache[name] = image
+            out.append(image)
+        return torch.stack(out)
 
 
 def lfw_faces() -> TensorImages:
@@ -143,12 +150,12 @@ class ImageCompletion(TaskFamily):
         """A fully connected network on pixel coordinates (CAVIA's: 5 hidden layers of 128)."""
         return mlp([2 + algorithm.input_extra(), *config["hidden"], self.channels], config["activation"])
 
-    def _tasks(self, split, indices, generator, dtype, query_all):
+    def _tasks(self, split, indices, order, dtype, query_all):
+        """The tasks of images ``indices``, with pixel order ``order`` (B, pixels) choosing the support."""
         images = self.source.get(split, indices)  # (B, H, W, C)
         B = images.shape[0]
         values = images.reshape(B, -1, self.channels)
         n = values.shape[1]
-        order = torch.rand(B, n, generator=generator).argsort(1)
         sup = order[:, :self.shots]
         if query_all or self.query_shots is None:
             qry = torch.arange(n).expand(B, n)
@@ -161,15 +168,24 @@ class ImageCompletion(TaskFamily):
 
     def sample(self, batch_size, generator, dtype=torch.float32):
         ids = torch.randint(0, self.source.count("train"), (batch_size,), generator=generator)
-        batch = self._tasks("train", ids.tolist(), generator, dtype, query_all=False)
+        order = torch.rand(batch_size, self.coords.shape[0], generator=generator).argsort(1)
+        batch = self._tasks("train", ids.tolist(), order, dtype, query_all=False)
         batch["task_ids"] = ids
         return batch
 
     def eval_set(self, split, num_tasks, seed, dtype=torch.float32):
+        """Lazy: the images are drawn here, their pixels read when a chunk of tasks is asked for
+        (:func:`~implicit_nash.tasks.base.eval_chunk`). Task ``t``'s support pixels come from its own
+        generator (seeded by ``seed`` and ``t``), so a task does not depend on the chunk size."""
         gen = torch.Generator().manual_seed(seed)
         total = self.source.count(split)
         m = min(num_tasks, total)
         indices = torch.randperm(total, generator=gen)[:m].sort().values.tolist()
-        batch = self._tasks(split, indices, gen, dtype, query_all=True)
-        batch["group_ids"], batch["num_groups"] = torch.arange(m), m
-        return batch
+        pixels = self.coords.shape[0]
+
+        def load(lo, hi):
+            order = torch.stack([torch.rand(pixels, generator=torch.Generator().manual_seed(seed * 1_000_003 + t))
+                                 .argsort() for t in range(lo, hi)])
+            return self._tasks(split, indices[lo:hi], order, dtype, query_all=True)
+
+        return {"num_tasks": m, "load": load, "group_ids": torch.arange(m), "num_groups": m}

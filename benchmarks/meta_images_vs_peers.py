@@ -1,0 +1,301 @@
+"""Seconds per meta-iteration and peak memory of second-order MAML on conv-4: implicit_nash vs learn2learn.
+
+Problem (identical for every method): 5-way 5-shot classification with 15 query images per class,
+synthetic 84×84 RGB images (uniform noise, one fixed batch per repetition), Finn et al.'s conv-4 with
+32 filters (``implicit_nash.tasks.Conv4``: batch statistics in the batch norm, 32,901 parameters),
+meta-batch 2, 5 inner SGD steps with inner lr 0.01 on the support cross-entropy, outer loss the mean
+query cross-entropy, second-order meta-gradient, Adam with lr 1e-4 (the ``train miniimagenet``
+preset), float32, CPU, one thread.
+
+Methods:
+
+* ``implicit_nash MAML``: ``MAML(inner_steps=5, inner_lr=0.01, loss="cross_entropy")``, both tasks at
+  once (vmapped); ``task_losses`` -> ``outer_loss`` -> ``backward`` -> ``Adam.step``;
+* ``learn2learn MAML``: ``learn2learn.algorithms.MAML(model, lr=0.01, first_order=False)`` on the same
+  ``Conv4`` module, a Python loop over the tasks (``clone()``, 5 x ``adapt(support_loss)``), the query
+  losses averaged and back-propagated once (the idiom of learn2learn's MAML examples). learn2learn
+  0.2.0's ``learn2learn.algorithms`` subpackage is imported from its PyPI source distribution (sha256
+  69f1d7cb...a419, the file of ``benchmarks/requirements-meta-peers.txt``) without the top-level
+  package, which needs torchvision and gym: ``--l2l-path`` names the unpacked sdist folder.
+  When learn2learn cannot be imported, ``--peer loop`` times the loop learn2learn performs written
+  here instead (clone the parameters, unroll the steps with ``torch.autograd.grad(create_graph=True)``,
+  ``torch.func.functional_call``), and the report says so.
+
+Before timing, the meta-gradients of the two methods are compared in float64 on one batch (max
+relative difference over all parameters; the run aborts above ``--rtol``).
+
+Time: ``--reps`` repetitions (default 5); each runs ``--iters`` meta-iterations (default 2) of every
+method, in a shuffled order, from the same initial network; the median over repetitions of the
+seconds per meta-iteration, and the ratio against the peer from the same run.
+
+Memory: every method runs ``--iters`` meta-iterations in a fresh subprocess, which reports its peak
+resident set size (``VmHWM``, reset after building the method and the batch) and its RSS before the first iteration; the difference is the
+training's own peak. The same subprocess measurement is made for the implicit mode (iMAML,
+``IMAML(lam=1, solver=PRGD(num_steps=n), linear_solver=GMRES(max_steps=10, restart=10), throw=False)``:
+a fixed forward budget and, as iMAML's own practice of 5-20 conjugate-gradient steps, a fixed backward
+budget of 10 products; and Nash-iMAML with ``CentroidPenalty``) at
+``--implicit-steps`` forward steps (default 5 and 50), next to unrolled MAML at ``--unrolled-steps``
+(default 5 and 10), whose graph grows with the steps.
+
+Usage (from the repository root)::
+
+    python benchmarks/meta_images_vs_peers.py --l2l-path /tmp/l2l_src/learn2learn-0.2.0
+    python benchmarks/meta_images_vs_peers.py --quick --peer loop
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Dict
+
+import _common as C
+
+C.ensure_importable()
+
+import torch  # noqa: E402
+import torch.nn.functional as nnf  # noqa: E402
+
+from implicit_nash.meta import IMAML, MAML  # noqa: E402
+from implicit_nash.penalties import CentroidPenalty  # noqa: E402
+from implicit_nash.linear_solve import GMRES  # noqa: E402
+from implicit_nash.solvers import PRGD  # noqa: E402
+from implicit_nash.tasks import Conv4  # noqa: E402
+
+WAYS, SHOTS, QUERY, SIZE, FILTERS, META_BATCH = 5, 5, 15, 84, 32, 2
+INNER_LR, OUTER_LR, INNER_STEPS = 0.01, 1e-4, 5
+
+
+def make_batch(seed: int, dtype=torch.float32, size: int = SIZE) -> Dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(WAYS)
+    return {"x_support": torch.rand(META_BATCH, WAYS * SHOTS, 3, size, size, generator=g, dtype=dtype),
+            "y_support": labels.repeat_interleave(SHOTS).expand(META_BATCH, -1).clone(),
+            "x_query": torch.rand(META_BATCH, WAYS * QUERY, 3, size, size, generator=g, dtype=dtype),
+            "y_query": labels.repeat_interleave(QUERY).expand(META_BATCH, -1).clone()}
+
+
+def make_model(dtype=torch.float32, size: int = SIZE) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Conv4(3, FILTERS, WAYS, size).to(dtype)
+
+
+class Ours:
+    def __init__(self, model, algo):
+        self.model, self.algo = model, algo
+        self.theta = algo.init(model)
+        self.params = self.theta["params"]
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
+
+    def forward_backward(self, batch):
+        loss = self.algo.outer_loss(self.algo.task_losses(self.model, self.theta, batch), batch, {})
+        loss.backward()
+        return loss.detach()
+
+
+class Learn2Learn:
+    def __init__(self, l2l, model):
+        self.maml = l2l.algorithms.MAML(model, lr=INNER_LR, first_order=False)
+        self.params = dict(self.maml.module.named_parameters())
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
+
+    def forward_backward(self, batch):
+        total = 0.0
+        for i in range(META_BATCH):
+            learner = self.maml.clone()
+            for _ in range(INNER_STEPS):
+                learner.adapt(nnf.cross_entropy(learner(batch["x_support"][i]), batch["y_support"][i]))
+            total = total + nnf.cross_entropy(learner(batch["x_query"][i]), batch["y_query"][i])
+        loss = total / META_BATCH
+        loss.backward()
+        return loss.detach()
+
+
+class Loop:
+    """What learn2learn's MAML does, written here: per task, unroll the steps with create_graph=True."""
+
+    def __init__(self, model):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.opt = torch.optim.Adam(list(self.params.values()), lr=OUTER_LR)
+
+    def forward_backward(self, batch):
+        call = torch.func.functional_call
+        total = 0.0
+        for i in range(META_BATCH):
+            fast = dict(self.params)
+            for _ in range(INNER_STEPS):
+                loss = nnf.cross_entropy(call(self.model, fast, (batch["x_support"][i],)), batch["y_support"][i])
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
+                fast = {k: v - INNER_LR * g for (k, v), g in zip(fast.items(), grads)}
+            total = total + nnf.cross_entropy(call(self.model, fast, (batch["x_query"][i],)), batch["y_query"][i])
+        loss = total / META_BATCH
+        loss.backward()
+        return loss.detach()
+
+
+def import_l2l(path):
+    if path:
+        sys.path.insert(0, path)
+    import meta_vs_peers  # the sinusoid benchmark's import of learn2learn.algorithms without the top level
+    return meta_vs_peers.import_learn2learn()
+
+
+def build(name: str, args, dtype=torch.float32, size: int = SIZE):
+    model = make_model(dtype, size)
+    if name == "ours":
+        return Ours(model, MAML(inner_steps=INNER_STEPS, inner_lr=INNER_LR, loss="cross_entropy"))
+    if name.startswith("maml-"):
+        return Ours(model, MAML(inner_steps=int(name.split("-")[1]), inner_lr=INNER_LR, loss="cross_entropy"))
+    if name.startswith("imaml-") or name.startswith("nash-imaml-"):
+        n = int(name.rsplit("-", 1)[1])
+        penalty = CentroidPenalty(weight=0.1, num_tasks=1000, inner_lr=INNER_LR) if name.startswith("nash") else None
+        return Ours(model, IMAML(lam=1.0, inner_lr=INNER_LR, loss="cross_entropy", penalty=penalty,
+                                 solver=PRGD(num_steps=n), linear_solver=GMRES(max_steps=10, restart=10),
+                                 throw=False))
+    if name == "loop":
+        return Loop(model)
+    return Learn2Learn(import_l2l(args.l2l_path)[0], model)
+
+
+def child(args) -> None:
+    import warnings
+
+    # VmHWM, not ru_maxrss: a subprocess's ru_maxrss is floored by its parent's (see memory_hypergradient.py)
+    from memory_hypergradient import peak_rss_bytes, reset_peak_rss
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    method = build(args.child, args)
+    batch = make_batch(1)
+    reset_peak_rss()
+    before, counter = peak_rss_bytes()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        method.opt.zero_grad()
+        method.forward_backward(batch)
+        method.opt.step()
+    seconds = (time.perf_counter() - t0) / args.iters
+    peak, _ = peak_rss_bytes()
+    print(json.dumps({"method": args.child, "rss_before_mb": before / 2**20, "peak_rss_mb": peak / 2**20,
+                      "training_peak_mb": (peak - before) / 2**20, "sec_per_iteration": seconds, "counter": counter}))
+
+
+def memory(name: str, args) -> Dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", name, "--iters", str(args.iters)]
+    if args.l2l_path:
+        cmd += ["--l2l-path", args.l2l_path]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  {name:16s} peak RSS {row['peak_rss_mb']:8.1f} MB, training's own {row['training_peak_mb']:8.1f} MB "
+          f"({row['sec_per_iteration']:.2f} s/iteration in the subprocess)", flush=True)
+    return row
+
+
+def check_gradients(peer: str, args) -> float:
+    size = args.check_size
+    batch = make_batch(0, torch.float64, size)
+    grads = {}
+    for name in ("ours", peer):
+        m = build(name, args, torch.float64, size)
+        m.forward_backward(batch)
+        grads[name] = {k: p.grad.detach().clone() for k, p in m.params.items()}
+    diff = max(float((grads["ours"][k] - grads[peer][k]).abs().max()) for k in grads["ours"])
+    scale = max(float(g.abs().max()) for g in grads[peer].values())
+    return diff / scale
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peer", choices=["learn2learn", "loop"], default="learn2learn")
+    p.add_argument("--l2l-path", help="folder holding the learn2learn package (the unpacked 0.2.0 sdist)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--implicit-steps", type=int, nargs="+", default=[5, 50])
+    p.add_argument("--unrolled-steps", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--check-size", type=int, default=84, help="image size of the float64 gradient check")
+    p.add_argument("--rtol", type=float, default=1e-8)
+    p.add_argument("--skip-steps", action="store_true", help="skip the memory-against-steps rows")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--child")
+    args = p.parse_args()
+    if args.child:
+        child(args)
+        return
+    if args.quick:
+        args.reps, args.iters, args.implicit_steps, args.unrolled_steps, args.check_size = 1, 1, [5], [5], 16
+    torch.set_num_threads(1)
+    peer = args.peer
+    how = "the loop learn2learn performs, written here (learn2learn not used)"
+    if peer == "learn2learn":
+        _, how = import_l2l(args.l2l_path)
+    rel = check_gradients(peer, args)
+    print(f"meta-gradient check (float64, {args.check_size}x{args.check_size}): max relative difference {rel:.2e}",
+          flush=True)
+    if rel > args.rtol:
+        raise SystemExit(f"the meta-gradients differ by {rel:.2e} > {args.rtol}: not the same computation")
+    methods = {"ours": build("ours", args), peer: build(peer, args)}
+    init = {k: v.detach().clone() for k, v in methods["ours"].params.items()}
+    times = {k: [] for k in methods}
+    rng = random.Random(0)
+    for rep in range(args.reps + 1):  # repetition 0 is a warm-up
+        batch = make_batch(rep)
+        order = list(methods)
+        rng.shuffle(order)
+        for name in order:
+            m = methods[name]
+            with torch.no_grad():
+                for k, v in m.params.items():
+                    v.copy_(init[k])
+            m.opt = torch.optim.Adam(list(m.params.values()), lr=OUTER_LR)
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                m.opt.zero_grad()
+                m.forward_backward(batch)
+                m.opt.step()
+            if rep:
+                times[name].append((time.perf_counter() - t0) / args.iters)
+        if rep:
+            print(f"  rep {rep}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in methods), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("memory (fresh subprocess per method)")
+    mem = {name: memory(name, args) for name in ("ours", peer)}
+    scaling = {}
+    if args.skip_steps:
+        args.unrolled_steps, args.implicit_steps = [], []
+    for n in args.unrolled_steps:
+        scaling[f"maml-{n}"] = memory(f"maml-{n}", args)
+    for n in args.implicit_steps:
+        scaling[f"imaml-{n}"] = memory(f"imaml-{n}", args)
+        scaling[f"nash-imaml-{n}"] = memory(f"nash-imaml-{n}", args)
+    env = C.environment(threads=1, reps=args.reps, iters=args.iters)
+    speed = med[peer] / med["ours"]
+    mem_ratio = mem["ours"]["training_peak_mb"] / mem[peer]["training_peak_mb"]
+    data = {"env": env, "peer": peer, "peer_import": how, "gradient_check_rel": rel, "times": times, "median": med,
+            "speedup_vs_peer": speed, "memory": mem, "memory_ratio_ours_over_peer": mem_ratio, "steps_memory": scaling}
+    peer_name = "learn2learn MAML" if peer == "learn2learn" else "per-task unrolled loop (learn2learn's method)"
+    lines = ["# Second-order MAML on conv-4, 84×84, 5-way 5-shot, 5 inner steps, meta-batch 2 (CPU)", "",
+             f"Command: `{env['command']}`", "", f"Date: {env['date']}; torch {env['torch']}; CPU {env['cpu_model']}; "
+             f"1 thread; {args.reps} repetitions of {args.iters} meta-iterations (median), float32.", "",
+             f"Peer: {peer_name}; {how}.", "",
+             f"Meta-gradients agree (float64, {args.check_size}×{args.check_size}): max relative difference {rel:.1e}.", "",
+             "| method | s / meta-iteration (median) | peak RSS (MB) | training's own peak (MB) |", "|---|---|---|---|"]
+    for name, label in (("ours", "implicit_nash MAML (vmapped tasks)"), (peer, peer_name)):
+        lines.append(f"| {label} | {med[name]:.2f} | {mem[name]['peak_rss_mb']:.0f} | {mem[name]['training_peak_mb']:.0f} |")
+    lines += ["", f"Speed: implicit_nash is **{speed:.2f}×** the peer's speed (goal ≥ 2×); memory: **{mem_ratio:.2f}×** "
+              "the peer's training peak (goal ≤ 1×).", "", "## Memory against forward steps (one process per row)", "",
+              "| method | forward steps | training's own peak (MB) | s / meta-iteration |", "|---|---|---|---|"]
+    for name, row in scaling.items():
+        kind, n = name.rsplit("-", 1)
+        label = {"maml": "MAML, unrolled", "imaml": "iMAML, implicit", "nash-imaml": "Nash-iMAML + p_C, implicit"}[kind]
+        lines.append(f"| {label} | {n} | {row['training_peak_mb']:.0f} | {row['sec_per_iteration']:.2f} |")
+    paths = C.write_results("meta_images_vs_peers", args.quick, data, lines)
+    print(f"speed {speed:.2f}x, memory {mem_ratio:.2f}x; wrote {paths['md']}")
+
+
+if __name__ == "__main__":
+    main()
