@@ -44,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--context-dim", type=int, help="CAVIA context parameters")
     train.add_argument("--task-lr", type=float, help="TR-MAML task-probability learning rate")
     train.add_argument("--lam", type=float, help="iMAML proximal weight")
+    train.add_argument("--inner-solver", choices=["newton", "prgd"],
+                       help="iMAML's inner solver (default newton: Newton-Krylov)")
+    train.add_argument("--inner-budget", type=int,
+                       help="iMAML: a fixed number of Newton steps (default: solve to tolerance)")
+    train.add_argument("--cg-budget", type=int,
+                       help="iMAML: a fixed number of backward Krylov iterations (default: to tolerance)")
+    train.add_argument("--hypergrad-check-every", type=int,
+                       help="budgeted iMAML: measure the meta-gradient's error against a tight solve every "
+                            "K iterations (default 100; 0: never)")
     train.add_argument("--lr-init", type=float, nargs=2, metavar=("LO", "HI"),
                        help="Meta-SGD: draw the initial step sizes uniformly from [LO, HI) (default: --inner-lr)")
     train.add_argument("--activation", choices=["relu", "tanh"])
@@ -97,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
-               "context_dim", "task_lr", "lam", "lr_init", "activation", "eval_every", "checkpoint_every", "val_tasks",
+               "context_dim", "task_lr", "lam", "inner_solver", "inner_budget", "cg_budget",
+               "hypergrad_check_every", "lr_init", "activation", "eval_every", "checkpoint_every", "val_tasks",
                "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
                "distributed")
 
