@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="iMAML: a fixed number of Newton steps (default: solve to tolerance)")
     train.add_argument("--cg-budget", type=int,
                        help="iMAML: a fixed number of backward Krylov iterations (default: to tolerance)")
+    train.add_argument("--krylov-steps", type=int,
+                       help="iMAML: Krylov iterations per Newton step (default 20; exactly this many when budgeted)")
     train.add_argument("--hypergrad-check-every", type=int,
                        help="budgeted iMAML: measure the meta-gradient's error against a tight solve every "
                             "K iterations (default 100; 0: never)")
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "inner_solver", "inner_budget", "cg_budget",
-               "hypergrad_check_every", "lr_init", "activation", "eval_every", "checkpoint_every", "val_tasks",
+               "krylov_steps", "hypergrad_check_every", "lr_init", "activation", "eval_every", "checkpoint_every", "val_tasks",
                "test_tasks", "device", "dtype", "threads", "data_root", "ways", "shots", "query_shots", "filters",
                "distributed")
 

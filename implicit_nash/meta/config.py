@@ -65,6 +65,7 @@ DEFAULTS: Dict[str, Any] = {
     "inner_solver": "newton",   # iMAML: "newton" (Newton-Krylov) or "prgd" (the core layer's PRGD)
     "inner_budget": None,       # iMAML: None (solve to tolerance) or a fixed number of Newton steps
     "cg_budget": None,          # iMAML: None (backward solve to tolerance) or fixed Krylov iterations
+    "krylov_steps": 20,         # iMAML: Krylov iterations per Newton step (at most; exactly when budgeted)
     "hypergrad_check_every": 100,  # budgeted iMAML: measure the meta-gradient's error every k iterations
     "throw": None,              # None: False for iMAML (see IMAML's docstring), True otherwise
     "hidden": [40, 40],
@@ -206,6 +207,7 @@ def _validate(c: Dict[str, Any]) -> None:
         _num(c, key, integer=True, allow_zero=True)
     if c["inner_solver"] not in ("newton", "prgd"):
         raise ConfigError(f"inner_solver must be newton or prgd, got {c['inner_solver']!r}")
+    _num(c, "krylov_steps", integer=True)
     for key in ("inner_budget", "cg_budget"):
         if c[key] is not None:
             _num(c, key, integer=True)
@@ -282,7 +284,7 @@ def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
         kwargs["lr_init"] = tuple(c["lr_init"])
     kwargs["throw"] = (name != "imaml") if c["throw"] is None else c["throw"]
     if name == "imaml" and c["inner_solver"] == "newton":
-        kwargs["newton"] = NewtonKrylov(max_steps=min(c["inner_max_steps"], 50))
+        kwargs["newton"] = NewtonKrylov(max_steps=min(c["inner_max_steps"], 50), krylov_steps=c["krylov_steps"])
         kwargs["budget"] = c["inner_budget"]
         kwargs["cg_budget"] = c["cg_budget"]
     else:

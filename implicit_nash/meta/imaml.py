@@ -112,7 +112,10 @@ class IMAML(Algorithm):
         options = self.newton if self.budget is None else dataclasses.replace(
             self.newton, max_steps=self.budget, budget=True)
         with torch.no_grad():
-            res = newton_krylov(F, flat.flatten(start).detach(), options, symmetric=symmetric)
+            # uncoupled tasks (plain iMAML): one CG and one line search per task
+            blocks = B if penalty is None or not penalty.coupled else 1
+            res = newton_krylov(F, flat.flatten(start).detach(), options, symmetric=symmetric,
+                                blocks=blocks if symmetric else 1)
         if not res.converged:
             msg = (f"Newton-Krylov stopped with status '{res.status}' after {res.steps} steps: residual "
                    f"{res.residual:.3g}, tolerance {res.tolerance:.3g}")

@@ -109,40 +109,60 @@ class NewtonResult:
         return self.status in ("converged", "completed")
 
 
-def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: float):
-    """CG on ``A x = b`` from 0, stopped at ``tol``, ``max_steps`` or non-positive curvature.
+def _rows(v: torch.Tensor, blocks: int) -> torch.Tensor:
+    return v.reshape(blocks, -1)
 
-    At non-positive curvature on the first iteration it returns ``b`` (the steepest-descent
-    direction of the merit); later, the iterate so far (Steihaug's rule).
+
+def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: torch.Tensor, blocks: int):
+    """CG on ``A x = b`` from 0, one independent CG per block (``A`` block diagonal when
+    ``blocks > 1``), each stopped at its ``tol``, ``max_steps`` or non-positive curvature.
+
+    A block that meets non-positive curvature on its first iteration returns its part of ``b`` (the
+    steepest-descent direction of the merit); later, its iterate so far (Steihaug's rule). With one
+    block and :mod:`implicit_nash.distributed` sharding, the inner products are all-reduced.
     """
-    x = torch.zeros_like(b)
-    r = b.clone()
+    B = _rows(b, blocks)
+    x = torch.zeros_like(B)
+    r = B.clone()
     p = r.clone()
-    rs = _collective.dot(r, r)
+    dot = (lambda u, v: torch.tensor([_collective.dot(u.reshape(-1), v.reshape(-1))], dtype=u.dtype)) \
+        if blocks == 1 else (lambda u, v: (u * v).sum(1))
+    rs = dot(r, r)
+    active = rs.sqrt() > tol
+    first = torch.ones_like(active)
     steps = 0
-    while steps < max_steps and math.sqrt(rs) > tol:
-        Ap = matvec(p)
-        curv = _collective.dot(p, Ap)
-        if not curv > 0:
-            return (b if steps == 0 else x), steps + 1
-        alpha = rs / curv
-        x = x + alpha * p
-        r = r - alpha * Ap
-        rs_new = _collective.dot(r, r)
-        p = r + (rs_new / rs) * p
-        rs = rs_new
+    while steps < max_steps and bool(active.any()):
+        Ap = _rows(matvec(p.reshape(-1)), blocks)
+        curv = dot(p, Ap)
+        bad = active & ~(curv > 0)
+        x = torch.where((bad & first)[:, None], B, x)
+        active = active & ~bad
+        alpha = torch.where(active, rs / torch.where(active, curv, torch.ones_like(curv)), torch.zeros_like(rs))
+        x = x + alpha[:, None] * p
+        r = r - alpha[:, None] * Ap
+        rs_new = dot(r, r)
+        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = torch.where(active[:, None], r + beta[:, None] * p, p)
+        rs = torch.where(active, rs_new, rs)
+        first = first & ~active
+        active = active & (rs.sqrt() > tol)
         steps += 1
-    return x, steps
+    return x.reshape(-1), steps
 
 
 def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, options: NewtonKrylov, *,
-                  symmetric: bool) -> NewtonResult:
+                  symmetric: bool, blocks: int = 1) -> NewtonResult:
     """Solve ``F(z) = 0`` from ``z0`` by globalised Newton--Krylov (see the module docstring).
 
     ``F`` maps a flat tensor to a flat tensor and must be differentiable by ``torch.autograd`` in
     its argument; its other inputs must not require grad. ``symmetric``: whether ``dF/dz`` is
-    symmetric (then one VJP is one Jacobian-vector product, and CG is used).
+    symmetric (then one VJP is one Jacobian-vector product, and CG is used). ``blocks > 1``: ``F``
+    is separable into that many equal contiguous blocks (uncoupled tasks: block ``i`` of ``F``
+    depends on block ``i`` of ``z`` only); each block then gets its own CG and its own line search,
+    so that one task's negative curvature or kink does not hold back the others.
     """
+    if blocks > 1 and (not symmetric or z0.numel() % blocks):
+        raise ValueError("blocks > 1 needs a symmetric, block-separable F with equal blocks")
     rtol = default_rtol(z0.dtype) if options.rtol is None else options.rtol
     counts = {"matvecs": 0, "evaluations": 0}
 
@@ -153,8 +173,14 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
         counts["evaluations"] += 1
         return z, Fz
 
+    def block_norms(v):
+        if blocks == 1:
+            return torch.tensor([_collective.norm(v.detach())], dtype=v.dtype)
+        return _rows(v.detach(), blocks).norm(dim=1)
+
     z, Fz = graph(z0)
-    r = _collective.norm(Fz.detach())
+    rb = block_norms(Fz)
+    r = float(rb.norm())
     r0 = r
     history = [r]
     tol = options.atol + 0.5 * rtol * _collective.norm(z.detach())
@@ -187,26 +213,33 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
         # forcing term: loose far from the root, tight near it (superlinear convergence)
         eta = 0.0 if options.budget else min(0.1, math.sqrt(r / max(r0, 1e-300)))
         if symmetric:
-            p, _ = _truncated_cg(matvec, b, options.krylov_steps, eta * r)
+            p, _ = _truncated_cg(matvec, b, options.krylov_steps, eta * rb, blocks)
         else:
             solver = GMRES(max_steps=options.krylov_steps, rtol=max(eta, 1e-30))
             p, _ = solver.solve(LinearOperator(matvec), b)
-        t = 1.0
-        accepted = False
+        # backtracking on |F| (per block): halve a block's step until its residual decreases
+        t = torch.ones_like(rb)
+        done = torch.zeros_like(rb, dtype=torch.bool)
+        base = z.detach()
         for _ in range(10):
-            z_new, F_new = graph(z.detach() + t * p)
-            r_new = _collective.norm(F_new.detach())
-            if math.isfinite(r_new) and r_new <= (1 - 1e-4 * t) * r:
-                accepted = True
+            z_new, F_new = graph((_rows(base, blocks) + t[:, None] * _rows(p, blocks)).reshape(-1))
+            rb_new = block_norms(F_new)
+            ok = torch.isfinite(rb_new) & (rb_new <= (1 - 1e-4 * t) * rb)
+            done = done | ok
+            if bool(done.all()):
                 break
-            t *= 0.5
-        if not accepted:
-            status = "stalled" if not options.budget else status
+            t = torch.where(done, t, 0.5 * t)
+        if not bool(done.any()):
             if not options.budget:
-                steps -= 1
+                status, steps = "stalled", steps - 1
                 break
             continue  # budget mode: keep the point, spend the step
-        z, Fz, r = z_new, F_new, r_new
+        if not bool(done.all()):  # blocks without a decrease stay where they were
+            t = torch.where(done, t, torch.zeros_like(t))
+            z_new, F_new = graph((_rows(base, blocks) + t[:, None] * _rows(p, blocks)).reshape(-1))
+            rb_new = block_norms(F_new)
+        z, Fz, rb = z_new, F_new, rb_new
+        r = float(rb.norm())
         history.append(r)
         tol = options.atol + 0.5 * rtol * _collective.norm(z.detach())
     else:
