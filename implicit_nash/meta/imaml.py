@@ -98,9 +98,17 @@ class IMAML(Algorithm):
         return self.linear_solver if self.cg_budget is None else FixedSteps(solver=self.linear_solver,
                                                                             steps=self.cg_budget)
 
-    def _implicit(self, game, theta, B, penalty):
+    @staticmethod
+    def _objective(game, flat, theta):
+        """Each task's own cost (its objective when the game is uncoupled), on flat points."""
+        def objective(v):
+            with torch.no_grad():
+                return game.costs(flat.unflatten(v), theta)
+        return objective
+
+    def _implicit(self, game, theta, B, penalty, own=None):
         if self.solver is not None:
-            return super()._implicit(game, theta, B, penalty)
+            return super()._implicit(game, theta, B, penalty, own)
         symmetric = penalty is None or bool(penalty.symmetric)
         start = self._start(theta, B)
         flat = Flattener(start, B, "phi")
@@ -111,11 +119,25 @@ class IMAML(Algorithm):
 
         options = self.newton if self.budget is None else dataclasses.replace(
             self.newton, max_steps=self.budget, budget=True)
+        z0 = flat.flatten(start).detach()
         with torch.no_grad():
+            if own is not None and penalty is not None and penalty.coupled and not penalty.symmetric:
+                # p_R: its Jacobian at phi = theta is of order w B / C (C = 1e-8: 5e7 for the
+                # sinusoid preset), a stiff start for any method. Warm start (valid: the equilibrium
+                # does not depend on the starting point) from the tasks' own proximal problems,
+                # where the distances to theta are far above C^(1/2r).
+                plain = own()
+
+                def F_own(v):
+                    return flat.flatten(plain.pseudo_gradient(flat.unflatten(v), detached))
+
+                z0 = newton_krylov(F_own, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
+                                   symmetric=True, blocks=B, objective=self._objective(plain, flat, detached)).value
             # uncoupled tasks (plain iMAML): one CG and one line search per task
             blocks = B if penalty is None or not penalty.coupled else 1
-            res = newton_krylov(F, flat.flatten(start).detach(), options, symmetric=symmetric,
-                                blocks=blocks if symmetric else 1)
+            uncoupled = symmetric and blocks > 1
+            res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=blocks if symmetric else 1,
+                                objective=self._objective(game, flat, detached) if uncoupled else None)
         if not res.converged:
             msg = (f"Newton-Krylov stopped with status '{res.status}' after {res.steps} steps: residual "
                    f"{res.residual:.3g}, tolerance {res.tolerance:.3g}")

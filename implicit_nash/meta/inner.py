@@ -85,8 +85,8 @@ class NewtonResult:
     Attributes:
         value: the flat solution.
         status: ``"converged"``, ``"completed"`` (budget mode), ``"stalled"`` (the line search found
-            no decrease of :math:`\\|F\\|`: a kink of a ReLU network, see the module docstring) or
-            ``"max_steps"``.
+            no decrease, or four Newton steps did not halve the best residual: a kink of a ReLU
+            network, see the module docstring) or ``"max_steps"``.
         steps: Newton steps taken.
         residual: :math:`\\|F\\|` at ``value``.
         tolerance: the threshold of the tolerance mode.
@@ -125,8 +125,8 @@ def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: torch.
     x = torch.zeros_like(B)
     r = B.clone()
     p = r.clone()
-    dot = (lambda u, v: torch.tensor([_collective.dot(u.reshape(-1), v.reshape(-1))], dtype=u.dtype)) \
-        if blocks == 1 else (lambda u, v: (u * v).sum(1))
+    dot = (lambda u, v: torch.tensor([_collective.dot(u.reshape(-1), v.reshape(-1))], dtype=u.dtype,
+                                     device=u.device)) if blocks == 1 else (lambda u, v: (u * v).sum(1))
     rs = dot(r, r)
     active = rs.sqrt() > tol
     first = torch.ones_like(active)
@@ -151,8 +151,9 @@ def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: torch.
 
 
 def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, options: NewtonKrylov, *,
-                  symmetric: bool, blocks: int = 1) -> NewtonResult:
-    """Solve ``F(z) = 0`` from ``z0`` by globalised Newton--Krylov (see the module docstring).
+                  symmetric: bool, blocks: int = 1,
+                  objective: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> NewtonResult:
+    r"""Solve ``F(z) = 0`` from ``z0`` by globalised Newton--Krylov (see the module docstring).
 
     ``F`` maps a flat tensor to a flat tensor and must be differentiable by ``torch.autograd`` in
     its argument; its other inputs must not require grad. ``symmetric``: whether ``dF/dz`` is
@@ -160,6 +161,12 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
     is separable into that many equal contiguous blocks (uncoupled tasks: block ``i`` of ``F``
     depends on block ``i`` of ``z`` only); each block then gets its own CG and its own line search,
     so that one task's negative curvature or kink does not hold back the others.
+
+    ``objective`` (with ``blocks > 1``): each block's objective, ``z -> (blocks,)``, of which ``F``
+    is the gradient (uncoupled minimisations). The line search then asks for Armijo's decrease of
+    the objective instead of a decrease of :math:`\|F\|` (which an indefinite Hessian can refuse
+    along every direction), and a block whose direction is not a descent direction takes
+    :math:`-F` instead: a minimisation method, which does not stop at a non-convex region.
     """
     if blocks > 1 and (not symmetric or z0.numel() % blocks):
         raise ValueError("blocks > 1 needs a symmetric, block-separable F with equal blocks")
@@ -175,7 +182,7 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
 
     def block_norms(v):
         if blocks == 1:
-            return torch.tensor([_collective.norm(v.detach())], dtype=v.dtype)
+            return torch.tensor([_collective.norm(v.detach())], dtype=v.dtype, device=v.device)
         return _rows(v.detach(), blocks).norm(dim=1)
 
     z, Fz = graph(z0)
@@ -217,18 +224,36 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
         else:
             solver = GMRES(max_steps=options.krylov_steps, rtol=max(eta, 1e-30))
             p, _ = solver.solve(LinearOperator(matvec), b)
-        # backtracking on |F| (per block): halve a block's step until its residual decreases
+        # backtracking (per block): halve a block's step until its residual (or objective) decreases
         t = torch.ones_like(rb)
         done = torch.zeros_like(rb, dtype=torch.bool)
         base = z.detach()
+        if objective is not None:
+            slope = (_rows(Fz.detach(), blocks) * _rows(p, blocks)).sum(1)
+            ascent = ~(slope < 0)
+            p = torch.where(ascent[:, None], -_rows(Fz.detach(), blocks), _rows(p, blocks)).reshape(-1)
+            slope = torch.where(ascent, -rb * rb, slope)
+            f0 = objective(base)
+            counts["evaluations"] += 1
         for _ in range(10):
-            z_new, F_new = graph((_rows(base, blocks) + t[:, None] * _rows(p, blocks)).reshape(-1))
-            rb_new = block_norms(F_new)
-            ok = torch.isfinite(rb_new) & (rb_new <= (1 - 1e-4 * t) * rb)
+            trial = (_rows(base, blocks) + t[:, None] * _rows(p, blocks)).reshape(-1)
+            if objective is not None:
+                f_new = objective(trial)
+                counts["evaluations"] += 1
+                ok = torch.isfinite(f_new) & (f_new <= f0 + 1e-4 * t * slope) & (t * slope < 0)
+            else:
+                z_new, F_new = graph(trial)
+                rb_new = block_norms(F_new)
+                ok = torch.isfinite(rb_new) & (rb_new <= (1 - 1e-4 * t) * rb)
             done = done | ok
             if bool(done.all()):
                 break
             t = torch.where(done, t, 0.5 * t)
+        if objective is not None and bool(done.any()):
+            t = torch.where(done, t, torch.zeros_like(t))
+            z_new, F_new = graph((_rows(base, blocks) + t[:, None] * _rows(p, blocks)).reshape(-1))
+            rb_new = block_norms(F_new)
+            done = torch.ones_like(done)
         if not bool(done.any()):
             if not options.budget:
                 status, steps = "stalled", steps - 1
@@ -241,6 +266,10 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
         z, Fz, rb = z_new, F_new, rb_new
         r = float(rb.norm())
         history.append(r)
+        if not options.budget and len(history) > 8 and min(history[-4:]) > 0.5 * min(history[:-4]):
+            # four Newton steps without halving the best residual: a kink (ReLU), not a smooth root
+            status = "stalled"
+            break
         tol = options.atol + 0.5 * rtol * _collective.norm(z.detach())
     else:
         if not options.budget and r <= tol:
