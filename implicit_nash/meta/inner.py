@@ -249,11 +249,21 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
             if bool(done.all()):
                 break
             t = torch.where(done, t, 0.5 * t)
-        if objective is not None and bool(done.any()):
-            t = torch.where(done, t, torch.zeros_like(t))
+        if objective is not None:
+            # near a root the objective's decrease falls below its rounding: a block without
+            # Armijo's decrease keeps the full step if its residual decreases
+            t = torch.where(done, t, torch.ones_like(t))
             z_new, F_new = graph((_rows(base, blocks) + t[:, None] * _rows(p, blocks)).reshape(-1))
             rb_new = block_norms(F_new)
-            done = torch.ones_like(done)
+            rescued = ~done & torch.isfinite(rb_new) & (rb_new <= (1 - 1e-4) * rb)
+            stay = ~done & ~rescued
+            done = done | rescued
+            if bool(done.any()) and bool(stay.any()):  # the others stay where they were
+                t = torch.where(stay, torch.zeros_like(t), t)
+                z_new, F_new = graph((_rows(base, blocks) + t[:, None] * _rows(p, blocks)).reshape(-1))
+                rb_new = block_norms(F_new)
+            if bool(done.any()):
+                done = torch.ones_like(done)
         if not bool(done.any()):
             if not options.budget:
                 status, steps = "stalled", steps - 1

@@ -248,7 +248,10 @@ class Run:
                 losses = reference.task_losses(model, theta_r, b)
                 outer = reference.outer_loss(losses, b, self.state_of(r))
                 found = torch.autograd.grad(outer, leaves, allow_unused=True)
-            entry["reference_not_converged"] += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+            notes = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+            entry["reference_not_converged"] += len(notes)
+            if notes:
+                entry.setdefault("reference_messages", []).extend(notes[:2])
             g_ref = torch.cat([g[r].reshape(-1) for g, t in zip(found, leaves) if t.grad is not None])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
