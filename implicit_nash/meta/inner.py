@@ -276,8 +276,10 @@ def newton_krylov(F: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, o
         z, Fz, rb = z_new, F_new, rb_new
         r = float(rb.norm())
         history.append(r)
-        if not options.budget and len(history) > 8 and min(history[-4:]) > 0.5 * min(history[:-4]):
-            # four Newton steps without halving the best residual: a kink (ReLU), not a smooth root
+        if (not options.budget and len(history) > 8 and r > 100 * tol
+                and min(history[-4:]) > 0.5 * min(history[:-4])):
+            # four Newton steps without halving the best residual, far above the tolerance: a kink
+            # (ReLU), not a smooth root (near the tolerance, rounding may slow the last steps)
             status = "stalled"
             break
         tol = options.atol + 0.5 * rtol * _collective.norm(z.detach())
