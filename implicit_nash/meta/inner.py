@@ -296,8 +296,8 @@ class FixedSteps(LinearSolver):
     It runs ``solver`` with ``max_steps=steps`` and no tolerance of its own and reports the solve as
     done (``converged=True``) whatever its residual: like ``num_steps`` of the forward solvers, a
     fixed budget is the contract, not a failure. The residual it reached is kept in the returned
-    info (``residual``, ``message``), and the error this
-    budget causes in the meta-gradient is measured by the trainer's hypergradient check.
+    info (``residual``, ``message``), and the error this budget causes in the meta-gradient is
+    measured by the trainer's hypergradient check.
 
     Args:
         solver: the Krylov solver (default :class:`~implicit_nash.GMRES`).
