@@ -41,7 +41,7 @@ from typing import Callable, List, Optional
 import torch
 
 from .. import _collective
-from ..linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver, default_rtol
+from ..linear_solve import GMRES, LinearOperator, LinearSolver, default_rtol
 
 __all__ = ["NewtonKrylov", "NewtonResult", "newton_krylov", "FixedSteps"]
 
@@ -312,11 +312,13 @@ class FixedSteps(LinearSolver):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"FixedSteps.steps must be an integer >= 1, got {self.steps!r}")
 
-    def solve(self, A, b):
+    def solve(self, A, b, *, groups: int = 1):
         base = GMRES() if self.solver is None else self.solver
-        inner = dataclasses.replace(base, max_steps=self.steps, rtol=1e-300, atol=0.0)
-        x, info = inner.solve(A, b)
-        out = LinearSolveInfo(True, info.steps, info.matvecs, info.residual, info.tolerance, info.history,
-                              f"fixed budget of {self.steps} steps: relative residual "
-                              f"{info.residual / max(_collective.norm(b), 1e-300):.3g}")
+        inner = dataclasses.replace(base, max_steps=self.steps, rtol=0.0, atol=0.0)
+        x, info = inner.solve(A, b, groups=groups)
+        if not bool(torch.isfinite(x).all()):  # a real failure, not the budget: report it as it is
+            return x, info
+        out = dataclasses.replace(info, converged=True, status="converged",
+                                  message=f"fixed budget of {self.steps} steps: relative residual "
+                                          f"{info.residual / max(_collective.norm(b), 1e-300):.3g}")
         return x, out
