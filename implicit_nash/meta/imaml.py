@@ -7,7 +7,8 @@ meta-gradient is implicit, :math:`-P^{-1}Q`, which for the proximal problem alon
 :math:`P = H + \\lambda I`, :math:`Q = -\\lambda I`).
 
 The inner game is solved by Newton--Krylov (:mod:`implicit_nash.meta.inner`) and its solution is
-handed to the core layer, which differentiates it implicitly. Two modes:
+handed to the core layer through :func:`~implicit_nash.custom_root`, which differentiates it
+implicitly through :math:`F(\\phi^*;\\theta) = 0`. Two modes:
 
 * tolerance (``budget=None``): Newton steps until :math:`\\|F\\|` meets the tolerance; a solve that
   does not is a :class:`~implicit_nash.ConvergenceWarning` (a ReLU network's inner minimiser sits on
