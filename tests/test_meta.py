@@ -466,3 +466,74 @@ def test_skipping_the_penalty_at_the_anchor_changes_nothing(pen_name, algo_cls, 
     g2 = torch.autograd.grad(l2.mean(), leaves(theta))
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------ iMAML's Newton-Krylov inner solver
+def _grad(algo, model, theta, batch):
+    return torch.cat([g.reshape(-1) for g in
+                      torch.autograd.grad(algo.task_losses(model, theta, batch).mean(), leaves(theta))])
+
+
+def test_imaml_newton_krylov_meta_gradient_equals_the_dense_formula(batch):
+    from implicit_nash.meta.inner import NewtonKrylov
+    algo = IMAML(lam=5.0, newton=NewtonKrylov(rtol=1e-12), linear_solver=inn.GMRES(rtol=1e-12))
+    model, theta = setup(algo)
+    g = _grad(algo, model, theta, batch)
+    assert torch.allclose(g, imaml_dense_meta_gradient(algo, model, theta, batch), rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("pen_name", ["centroid", "robust_mild"])
+def test_imaml_newton_krylov_and_prgd_agree_with_a_penalty(pen_name, batch):
+    from implicit_nash.meta.inner import NewtonKrylov
+    pen = RobustPenalty(weight=0.02, robustness=1.0, C=1e-2) if pen_name == "robust_mild" else PENALTIES[pen_name]
+    newton = IMAML(lam=5.0, penalty=pen, newton=NewtonKrylov(rtol=1e-12), linear_solver=inn.GMRES(rtol=1e-12))
+    prgd = IMAML(lam=5.0, penalty=pen, solver=inn.PRGD(rtol=1e-12, max_steps=20000),
+                 linear_solver=inn.GMRES(rtol=1e-12))
+    model, theta = setup(newton)
+    assert torch.allclose(_grad(newton, model, theta, batch), _grad(prgd, model, theta, batch), rtol=1e-7, atol=1e-10)
+
+
+def test_imaml_budgeted_error_shrinks_with_the_budget_and_does_not_warn(batch):
+    import warnings
+    exact = IMAML(lam=5.0, linear_solver=inn.GMRES(rtol=1e-12))
+    model, theta = setup(exact)
+    g_star = _grad(exact, model, theta, batch)
+    errors = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", inn.ConvergenceWarning)
+        for budget, cg in ((1, 1), (2, 3), (6, 30)):
+            algo = IMAML(lam=5.0, budget=budget, cg_budget=cg)
+            assert algo.budgeted and not algo.reference().budgeted
+            errors.append(float((_grad(algo, model, theta, batch) - g_star).norm() / g_star.norm()))
+    assert errors[0] > 1e-3 and errors[0] > errors[1] > errors[2] and errors[2] < 1e-8
+
+
+def test_newton_krylov_solves_monotone_linear_systems_and_stops_at_a_kink():
+    from implicit_nash.meta.inner import NewtonKrylov, newton_krylov
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(20, 20, generator=gen, dtype=torch.float64)
+    b = torch.randn(20, generator=gen, dtype=torch.float64)
+    for A, symmetric in ((M @ M.T / 20 + torch.eye(20, dtype=torch.float64), True),
+                         (torch.eye(20, dtype=torch.float64) + (M - M.T) / 4, False)):
+        res = newton_krylov(lambda z: A @ z - b, torch.zeros(20, dtype=torch.float64),
+                            NewtonKrylov(krylov_steps=40, rtol=1e-13), symmetric=symmetric)
+        assert res.status == "converged" and res.steps <= 8  # inexact Newton: superlinear
+        assert torch.allclose(res.value, torch.linalg.solve(A, b), rtol=1e-10, atol=1e-12)
+    # F = z + (1 if z > 0 else -1): the minimiser of |z| + z^2/2 sits on the kink, where |F| >= 1
+    res = newton_krylov(lambda z: z + 2.0 * (z > 0).to(z.dtype) - 1.0, torch.ones(1, dtype=torch.float64),
+                        NewtonKrylov(), symmetric=True)
+    assert res.status == "stalled" and not res.converged and res.residual >= 1.0
+
+
+def test_fixed_steps_runs_its_budget_and_reports_done():
+    from implicit_nash.meta.inner import FixedSteps
+    gen = torch.Generator().manual_seed(1)
+    M = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    A = M @ M.T + 0.1 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, generator=gen, dtype=torch.float64)
+    x, info = FixedSteps(steps=3).solve(A, b)
+    assert info.converged and info.steps == 3 and info.residual > 1e-3 * float(b.norm())
+    assert "fixed budget of 3 steps" in info.message
+    assert math.isclose(info.residual, float((A @ x - b).norm()), rel_tol=1e-8)
+    with pytest.raises(ValueError, match="steps"):
+        FixedSteps(steps=0)

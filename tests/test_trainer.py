@@ -211,3 +211,26 @@ def test_a_diverging_seed_is_recorded_and_does_not_disturb_the_others():
             v.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="every seed"):
         every.step()
+
+
+def test_a_finite_blow_up_is_flagged_with_its_iteration():
+    from implicit_nash.meta.trainer import Run
+    run = Run(tiny(seeds=[0, 1]))
+    for it, losses in enumerate(([1.0, 2.0], [5.0, 3.0], [900.0, 1e3], [5e20, 4.0]), start=1):
+        run.iteration = it
+        run.record(losses)
+    assert run.history["blowups"] == {"0": {"iteration": 4, "loss": 5e20, "initial_loss": 1.0}}
+
+
+def test_budgeted_imaml_reports_its_measured_meta_gradient_error(tmp_path):
+    base = dict(algorithm="imaml", activation="tanh", hypergrad_check_every=2, iterations=4, eval_every=4)
+    loose = train(tiny(inner_budget=1, cg_budget=1, **base), tmp_path / "loose", progress=False, log=lambda s: None)
+    tight = train(tiny(inner_budget=8, cg_budget=40, **base), tmp_path / "tight", progress=False, log=lambda s: None)
+    for m in (loose, tight):
+        h = m["hypergradient_error"]
+        assert h["checks"] == 2 and h["reference_not_converged"] == 0 and m["not_converged_solves"] == 0
+        assert m["blown_up_seeds"] == {}
+    assert loose["hypergradient_error"]["relative_median"] > 1e-3
+    assert tight["hypergradient_error"]["relative_max"] < 1e-8 and tight["hypergradient_error"]["inner_error_max"] < 1e-8
+    with pytest.raises(ConfigError, match="inner_budget"):
+        tiny(algorithm="maml", inner_budget=3)

@@ -194,10 +194,7 @@ class Algorithm:
         game = self._game(model, x, y, penalty)
         B = x.shape[0]
         if mode == "implicit":
-            solver = PRGD(max_steps=1000) if self.solver is None else self.solver
-            return vi_solution(game.pseudo_gradient, self._start(theta, B), theta, solver=solver,
-                               adjoint=Implicit(linear_solver=self.linear_solver),
-                               symmetric=game.symmetric, throw=self.throw).value
+            return self._implicit(game, theta, B, penalty, own=lambda: self._game(model, x, y, self.own_penalty()))
         # Every player starts at the anchor, where a penalty that vanishes there contributes nothing
         # (in value or derivative along the start): the first step uses the task losses alone.
         first = self._game(model, x, y, None) if penalty is not None and penalty.vanishes_at_anchor else game
@@ -209,6 +206,16 @@ class Algorithm:
             start = self._start(theta, B)
             return tree_map(lambda p, s: p.detach() + (s - s.detach()), phi, start)
         return self._algorithm_2(game, theta, B, first)
+
+    def _implicit(self, game, theta, B, penalty, own=None):
+        """The inner game solved to equilibrium and differentiated implicitly (the core layer).
+
+        ``own()`` builds the game without the Nash-GBML penalty (a subclass may warm-start from it).
+        """
+        solver = PRGD(max_steps=1000) if self.solver is None else self.solver
+        return vi_solution(game.pseudo_gradient, self._start(theta, B), theta, solver=solver,
+                           adjoint=Implicit(linear_solver=self.linear_solver),
+                           symmetric=game.symmetric, throw=self.throw).value
 
     def _algorithm_2(self, game, theta, B, first):
         """``inner_steps`` simultaneous gradient steps from phi_i = phi_0 (the paper's Algorithm 2).

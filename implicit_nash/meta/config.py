@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 from ..penalties import CentroidPenalty, ProximalPenalty, RobustPenalty
 from ..solvers import PRGD
 from . import ALGORITHMS
+from .inner import NewtonKrylov
 
 __all__ = ["ConfigError", "DEFAULTS", "PRESETS", "resolve", "build_algorithm", "load_config_file", "upgrade",
            "unused_options"]
@@ -62,6 +63,11 @@ DEFAULTS: Dict[str, Any] = {
     "lam": 10.0,
     "lr_init": None,            # Meta-SGD: None (inner_lr everywhere) or [lo, hi] (uniform draws)
     "inner_max_steps": 200,
+    "inner_solver": "newton",   # iMAML: "newton" (Newton-Krylov) or "prgd" (the core layer's PRGD)
+    "inner_budget": None,       # iMAML: None (solve to tolerance) or a fixed number of Newton steps
+    "cg_budget": None,          # iMAML: None (backward solve to tolerance) or fixed Krylov iterations
+    "krylov_steps": 20,         # iMAML: Krylov iterations per Newton step (at most; exactly when budgeted)
+    "hypergrad_check_every": 100,  # budgeted iMAML: measure the meta-gradient's error every k iterations
     "throw": None,              # None: False for iMAML (see IMAML's docstring), True otherwise
     "hidden": [40, 40],
     "activation": "relu",
@@ -231,6 +237,15 @@ def _validate(c: Dict[str, Any]) -> None:
         raise ConfigError(f"robustness must be >= 1, got {c['robustness']!r}")
     for key in ("seed", "val_seed", "test_seed"):
         _num(c, key, integer=True, allow_zero=True)
+    if c["inner_solver"] not in ("newton", "prgd"):
+        raise ConfigError(f"inner_solver must be newton or prgd, got {c['inner_solver']!r}")
+    _num(c, "krylov_steps", integer=True)
+    for key in ("inner_budget", "cg_budget"):
+        if c[key] is not None:
+            _num(c, key, integer=True)
+            if c["algorithm"] != "imaml":
+                raise ConfigError(f"{key} sets iMAML's fixed budget; {c['algorithm']} has none")
+    _num(c, "hypergrad_check_every", integer=True, allow_zero=True)
     for key in ("penalty_alpha", "num_tasks", "threads"):
         if c[key] is not None:
             _num(c, key, integer=key != "penalty_alpha")
@@ -306,7 +321,12 @@ def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
     if name == "metasgd" and c["lr_init"] is not None:
         kwargs["lr_init"] = tuple(c["lr_init"])
     kwargs["throw"] = (name != "imaml") if c["throw"] is None else c["throw"]
-    kwargs["solver"] = PRGD(max_steps=c["inner_max_steps"])
+    if name == "imaml" and c["inner_solver"] == "newton":
+        kwargs["newton"] = NewtonKrylov(max_steps=min(c["inner_max_steps"], 50), krylov_steps=c["krylov_steps"])
+        kwargs["budget"] = c["inner_budget"]
+        kwargs["cg_budget"] = c["cg_budget"]
+    else:
+        kwargs["solver"] = PRGD(max_steps=c["inner_max_steps"])
     try:
         return ALGORITHMS[name](**kwargs)
     except (TypeError, ValueError) as e:

@@ -132,9 +132,15 @@ class Run:
         self._eval_sets: Dict[Any, Dict[str, Any]] = {}
 
     LOG_EVERY = 50  # the history keeps the meta-loss averaged over blocks of this many iterations
+    BLOWUP = 1e3    # a finite meta-loss this many times the first iteration's is flagged as a blow-up
 
     def record(self, losses: list, final: bool = False) -> None:
         """Accumulate each run's meta-loss; log the block mean every ``LOG_EVERY`` iterations."""
+        first = self.history.setdefault("initial_loss", list(losses))
+        blown = self.history.setdefault("blowups", {})
+        for seed, v, v0 in zip(self.seeds, losses, first):
+            if str(seed) not in blown and math.isfinite(v) and v > self.BLOWUP * max(abs(v0), 1e-12):
+                blown[str(seed)] = {"iteration": self.iteration, "loss": v, "initial_loss": v0}
         acc = self.history.setdefault("block", {"sum": [0.0] * self.runs, "count": 0})
         acc["sum"] = [a + v for a, v in zip(acc["sum"], losses)]
         acc["count"] += 1
@@ -205,6 +211,12 @@ class Run:
                 self.optimizer.zero_grad(set_to_none=True)
                 outer.sum().backward()  # runs are independent: each run's leaves get its own gradient
         self._count(caught)
+        every = self.config.get("hypergrad_check_every") or 0
+        if every and getattr(algo, "budgeted", False) and self.iteration % every == 0 and not self.distributed:
+            t0 = time.perf_counter()
+            self._check_hypergradient(batch)
+            # a measurement, not training: train() leaves its time out of sec_per_iteration
+            self.check_seconds = getattr(self, "check_seconds", 0.0) + time.perf_counter() - t0
         values = [float(v) for v in outer.detach()]
         for seed, v in zip(self.seeds, values):
             if not math.isfinite(v) and seed not in self.diverged:
@@ -223,6 +235,46 @@ class Run:
             self.state = tree_map(lambda *xs: torch.stack(xs), *new)
         self.iteration += 1
         return values
+
+    def _check_hypergradient(self, batch) -> None:
+        """Measure a budgeted meta-gradient against a tight solve on the same batch (Theorem D.3:
+        the error is at most C delta + eps, delta the inner solution's error, eps the backward's).
+
+        Appends, per run, the relative error |g - g*| / |g*| of the meta-gradient just computed and
+        the inner error delta = |phi - phi*| / |phi* - theta| to ``history["hypergrad"]``, and how
+        many of the reference's solves did not reach their tolerance (with a ReLU network none can:
+        the reference is then the best solve within its larger budget, not an exact one).
+        """
+        algo, model = self.algorithm, self.model
+        reference = algo.reference()
+        leaves = tree_leaves(self.theta)
+        entry: Dict[str, Any] = {"iteration": self.iteration + 1, "relative_error": [], "inner_error": [],
+                                 "reference_not_converged": 0}
+        for r in range(self.runs):
+            b = {k: v[r] for k, v in batch.items()}
+            theta_r = self.theta_of(r)
+            g_hat = torch.cat([t.grad[r].reshape(-1) for t in leaves if t.grad is not None])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                losses = reference.task_losses(model, theta_r, b)
+                outer = reference.outer_loss(losses, b, self.state_of(r))
+                found = torch.autograd.grad(outer, leaves, allow_unused=True)
+            notes = [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
+            entry["reference_not_converged"] += len(notes)
+            if notes:
+                entry.setdefault("reference_messages", []).extend(notes[:2])
+            g_ref = torch.cat([g[r].reshape(-1) for g, t in zip(found, leaves) if t.grad is not None])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                with torch.no_grad():
+                    detached = tree_map(torch.Tensor.detach, theta_r)
+                    phi = algo.adapt(model, detached, b["x_support"], b["y_support"])
+                    phi_ref = reference.adapt(model, detached, b["x_support"], b["y_support"])
+                    start = algo._start(detached, b["x_support"].shape[0])
+                    flat = [torch.cat([x.reshape(-1) for x in tree_leaves(t)]) for t in (phi, phi_ref, start)]
+            entry["relative_error"].append(float((g_hat - g_ref).norm() / g_ref.norm().clamp_min(1e-300)))
+            entry["inner_error"].append(float((flat[0] - flat[1]).norm() / (flat[1] - flat[2]).norm().clamp_min(1e-300)))
+        self.history.setdefault("hypergrad", []).append(entry)
 
     def _sharded_step(self, batch):
         """One meta-iteration with this rank's block of the meta-batch (see implicit_nash.distributed)."""
@@ -489,8 +541,9 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
         _atomic_write_text(out / "progress.json", json.dumps({"iteration": run.iteration, "total": total}))
     while run.iteration < total:
         t0 = time.perf_counter()
+        checked = getattr(run, "check_seconds", 0.0)
         losses = run.step()
-        run.train_seconds += time.perf_counter() - t0
+        run.train_seconds += time.perf_counter() - t0 - (getattr(run, "check_seconds", 0.0) - checked)
         run.record(losses, final=run.iteration == total)
         done_here += 1
         if run.iteration % c["eval_every"] == 0 or run.iteration == total:
@@ -527,9 +580,22 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
     if run.diverged:
         log(f"warning: seed(s) {', '.join(map(str, run.diverged))} diverged (non-finite meta-loss) at iteration(s) "
             f"{', '.join(map(str, run.diverged.values()))}; the metrics average the other seeds")
+    for seed, b in metrics["blown_up_seeds"].items():
+        log(f"warning: seed {seed} blew up: meta-loss {b['loss']:.3g} at iteration {b['iteration']}, "
+            f"{b['loss'] / max(abs(b['initial_loss']), 1e-12):.3g} x its first value {b['initial_loss']:.3g}")
+    if "hypergradient_error" in metrics:
+        h = metrics["hypergradient_error"]
+        log(f"budgeted meta-gradient: relative error {h['relative_median']:.3g} (median; max "
+            f"{h['relative_max']:.3g}) against a tight solve over {h['checks']} checks")
     if run.warnings:
         log(f"warning: {run.warnings} inner or linear solves did not converge to tolerance (see metrics.json)")
     return metrics
+
+
+def _median(values: list) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
 
 
 def _summarise(run: Run, results: list, split: str) -> Dict[str, Any]:
@@ -570,6 +636,18 @@ def _finish(run: Run, out: Path) -> Dict[str, Any]:
     tests = run.evaluate("test")
     c = run.config
     metrics = _summarise(run, tests, "test")
+    # finite but exploding: the first iteration whose meta-loss exceeded BLOWUP x the first one's
+    metrics["blown_up_seeds"] = dict(run.history.get("blowups", {}))
+    checks = run.history.get("hypergrad")
+    if checks:
+        rel = [x for e in checks for x in e["relative_error"]]
+        inner = [x for e in checks for x in e["inner_error"]]
+        metrics["hypergradient_error"] = {
+            "every": c.get("hypergrad_check_every"), "checks": len(checks),
+            "relative_median": _median(rel), "relative_max": max(rel),
+            "inner_error_median": _median(inner), "inner_error_max": max(inner),
+            "reference_not_converged": sum(e["reference_not_converged"] for e in checks),
+            "history": checks}
     metrics.update({
         "sec_per_iteration": run.train_seconds / max(run.iteration, 1),
         "runs_trained_together": run.runs,
