@@ -188,7 +188,8 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
     ``out_dir`` may hold this reproduction already: the same budget and rows resume it; another
     budget or set of rows would overwrite its report, which needs ``force=True``.  With
     ``report_only`` nothing trains: the outputs are rebuilt from the rows that have finished with
-    this configuration (the others are listed as not finished).
+    this configuration (the others are listed as not finished), replacing the report in ``out_dir``
+    (an explicit rebuild, so no ``force`` is needed).
     """
     if name not in ROWSETS:
         raise ConfigError(f"unknown reproduction {name!r}; choose from {', '.join(ROWSETS)}")
@@ -208,7 +209,7 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
     out = Path(out_dir)
     budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
     _refuse_overwrite(out / f"{name}.json", {"budget": budget, "overrides": overrides or {},
-                                             "rows": [r["key"] for r in rows]}, force)
+                                             "rows": [r["key"] for r in rows]}, force or report_only)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     configs = {}
     for r in rows:
