@@ -63,12 +63,7 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         c = constraint.with_parameters(dict(zip(set_names, sp))) if set_names else constraint
         return flat.flatten(tree_map(lambda x: c.project(x, batch_dims), flat.unflatten(v)))
 
-    def F(v: torch.Tensor, th) -> torch.Tensor:
-        out = operator(flat.unflatten(v), tree_unflatten(list(th), theta_def))
-        try:
-            return flat.flatten(out)
-        except (ValueError, AttributeError, TypeError) as err:
-            raise ValueError(f"the operator must return a pytree shaped like {z_name}: {err}") from None
+    F = _flat_call(operator, flat, theta_def, f"the operator must return a pytree shaped like {z_name}")
 
     record = Solution(None, "", 0, math.nan, [], {"adjoint": type(adjoint).__name__})
     params = theta_leaves + set_leaves
@@ -96,7 +91,9 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         problem = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
                           players=flat.players, block=flat.block, linear_solver=adjoint.linear_solver,
                           symmetric=symmetric, throw=throw, record=record, solver=solver, name=name, z_name=z_name,
-                          forward=None if forward is None else _flat_forward(forward, flat, theta_def),
+                          forward=None if forward is None else _flat_call(
+                              forward, flat, theta_def, "the forward solver must return a pytree shaped like the "
+                              "initial point"),
                           check_root=None if forward is None else _root_check(root_tol, z_name))
         # The implicit gradient does not depend on the initial point: the start is detached.
         start = flat.flatten(tree_map(torch.Tensor.detach, z0))
@@ -105,14 +102,15 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
     return record
 
 
-def _flat_forward(forward: Callable, flat: Flattener, theta_def) -> Callable:
-    def run(start: torch.Tensor, th) -> torch.Tensor:
-        out = forward(flat.unflatten(start), tree_unflatten(list(th), theta_def))
+def _flat_call(fn: Callable, flat: Flattener, theta_def, what: str) -> Callable:
+    """``fn(z, theta)`` on pytrees as a function of a flat ``z`` and theta's leaves, returning flat."""
+    def call(v: torch.Tensor, th) -> torch.Tensor:
+        out = fn(flat.unflatten(v), tree_unflatten(list(th), theta_def))
         try:
             return flat.flatten(out)
         except (ValueError, AttributeError, TypeError) as err:
-            raise ValueError(f"the forward solver must return a pytree shaped like the initial point: {err}") from None
-    return run
+            raise ValueError(f"{what}: {err}") from None
+    return call
 
 
 def _root_check(tol, z_name: str) -> Callable:
