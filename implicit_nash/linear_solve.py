@@ -194,6 +194,7 @@ class _Monitor:
         self.eps = torch.finfo(b.dtype).eps
         self.matvecs = 0
         self._pairs: List[torch.Tensor] = []
+        self._known = 0.0
         self.estimate = torch.zeros(groups, dtype=torch.float64)
         self.bnorm = _gnorm(b, groups)
         self.best_x = torch.zeros_like(b)
@@ -202,14 +203,23 @@ class _Monitor:
         self.res = self.bnorm.clone()
         self.tol = self.tolerance_for(self.best_x)
 
-    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, v: torch.Tensor, track: bool = True) -> torch.Tensor:
+        """``A v``; ``track=False`` leaves the norm estimate to the caller (:meth:`note_norm`)."""
         w = self.op(v)
         self.matvecs += 1
+        if not track:
+            return w
         with torch.no_grad():  # ||v||^2 and ||Av||^2 per block in one reduction, read at the next check
             self._pairs.append((torch.stack((v.detach(), w.detach())).reshape(2, self.groups, -1).to(torch.float64) ** 2).sum(2))
         return w
 
+    def note_norm(self, ratio: float) -> None:
+        """A known ``||A v|| / ||v||`` (one block), e.g. from the Arnoldi process."""
+        self._known = max(self._known, ratio) if math.isfinite(ratio) else self._known
+
     def _update_estimate(self) -> None:
+        if self._known > 0:
+            self.estimate = torch.maximum(self.estimate, torch.tensor([self._known], dtype=torch.float64))
         if not self._pairs:
             return
         pairs = torch.stack(self._pairs)  # (k, 2, groups)
@@ -419,8 +429,9 @@ class GMRES(LinearSolver):
             g = [beta] + [0.0] * m
             k = 0
             status = None
+            single = mon.groups == 1
             for j in range(m):
-                w = mon(V[j])
+                w = mon(V[j], track=not single)
                 steps += 1
                 basis = V[: j + 1]
                 h = _collective.allsum(basis @ w)
@@ -432,6 +443,8 @@ class GMRES(LinearSolver):
                 if not (_finite(hn) and all(map(_finite, col))):
                     status = "non_finite"
                     break
+                if single:  # ||A v_j|| from the orthogonal decomposition A v_j = V (h + h2) + w, ||v_j|| = 1
+                    mon.note_norm(math.sqrt(sum(c * c for c in col) + hn * hn))
                 for i in range(j):  # apply the earlier rotations to the new column
                     a, c = col[i], col[i + 1]
                     col[i], col[i + 1] = cs[i] * a + sn[i] * c, -sn[i] * a + cs[i] * c
