@@ -290,66 +290,64 @@ class Problem:
     def pairing_grad(self, a: torch.Tensor, c: torch.Tensor, z: torch.Tensor,
                      params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """:math:`-\\partial_{(z,p)} \\langle a, A(z,p)\\,c \\rangle`, a second-order product of ``G``."""
-        params = list(params)
-        idx = [i for i, p in enumerate(params) if p.is_floating_point()]
+        floats = _Floating(params)
 
-        def pairing(zz, *floats):
-            pp = list(params)
-            for i, f in zip(idx, floats):
-                pp[i] = f
+        def pairing(zz, *values):
+            pp = floats.fill(values)
             _, f = vjp(lambda z_: self.G(z_, pp), zz)
             return (f(a)[0] * c).sum()
 
-        _, f = vjp(pairing, z, *[params[i] for i in idx])
+        _, f = vjp(pairing, z, *floats.values)
         found = f(torch.ones((), dtype=z.dtype, device=z.device).neg())
-        grads: List[Optional[torch.Tensor]] = [None] * len(params)
-        for i, g in zip(idx, found[1:]):
-            grads[i] = g
-        return (found[0], *grads)
+        return (found[0], *floats.scatter(found[1:]))
 
     def theta_vjp(self, u: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """:math:`-(\\partial_p G)^\\top u`."""
-        params = list(params)
-        idx = [i for i, p in enumerate(params) if p.is_floating_point()]  # integer data has no gradient
-        grads: List[Optional[torch.Tensor]] = [None] * len(params)
-        if not idx:
-            return tuple(grads)
+        floats = _Floating(params)
+        if not floats.idx:
+            return floats.scatter(())
         if not torch.is_grad_enabled() and not functorch_active():
             # a first-order backward: plain autograd on detached copies (torch.func's wrapping costs more)
             with torch.enable_grad():
-                pp = [p.detach() for p in params]
-                for i in idx:
-                    pp[i].requires_grad_(True)
-                out = self.G(z.detach(), pp)
-                found = (torch.autograd.grad(out, [pp[i] for i in idx], -u, allow_unused=True) if out.requires_grad
-                         else [None] * len(idx))
+                leaves = [v.detach().requires_grad_(True) for v in floats.values]
+                out = self.G(z.detach(), floats.fill(leaves, detach_rest=True))
+                found = (torch.autograd.grad(out, leaves, -u, allow_unused=True) if out.requires_grad
+                         else [None] * len(leaves))
         else:
-            def partial(*floats):
-                pp = list(params)
-                for i, f in zip(idx, floats):
-                    pp[i] = f
-                return self.G(z, pp)
-            _, f = vjp(partial, *[params[i] for i in idx])
+            _, f = vjp(lambda *values: self.G(z, floats.fill(values)), *floats.values)
             found = f(-u)
-        for i, g in zip(idx, found):
-            grads[i] = torch.zeros_like(params[i]) if g is None else g
-        return tuple(grads)
+        return floats.scatter([torch.zeros_like(v) if g is None else g for v, g in zip(floats.values, found)])
 
     def theta_jvp(self, tangents: Sequence[torch.Tensor], z: torch.Tensor,
                   params: Sequence[torch.Tensor]) -> torch.Tensor:
         """:math:`\\partial_p G\\,\\dot p` as the VJP of the linear map :math:`w \\mapsto (\\partial_p G)^\\top w`."""
-        params = list(params)
-        idx = [i for i, p in enumerate(params) if p.is_floating_point()]
-
-        def partial(*floats):
-            pp = list(params)
-            for i, f in zip(idx, floats):
-                pp[i] = f
-            return self.G(z, pp)
-
-        _, f = vjp(partial, *[params[i] for i in idx])
+        floats = _Floating(params)
+        _, f = vjp(lambda *values: self.G(z, floats.fill(values)), *floats.values)
         _, g = vjp(lambda w: f(w), torch.zeros_like(z))
-        return g(tuple(tangents[i] for i in idx))[0]
+        return g(tuple(tangents[i] for i in floats.idx))[0]
+
+
+class _Floating:
+    """The floating-point entries of ``params`` (integer leaves are data, with no derivative): their
+    indices and values, ``fill`` to put replacements back in the full list, ``scatter`` to place
+    per-entry results (``None`` for the integer entries)."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = list(params)
+        self.idx = [i for i, p in enumerate(self.params) if p.is_floating_point()]
+        self.values = [self.params[i] for i in self.idx]
+
+    def fill(self, values: Sequence[torch.Tensor], detach_rest: bool = False) -> List[torch.Tensor]:
+        out = [p.detach() for p in self.params] if detach_rest else list(self.params)
+        for i, v in zip(self.idx, values):
+            out[i] = v
+        return out
+
+    def scatter(self, results: Sequence[Optional[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], ...]:
+        out: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        for i, r in zip(self.idx, results):
+            out[i] = r
+        return tuple(out)
 
 
 def _move(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:
