@@ -509,24 +509,23 @@ class BiCGSTAB(LinearSolver):
             rho_new = _dot(r_hat, r)
             if not _finite(rho_new):
                 return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            broke = None
             if abs(rho_new) <= tiny or omega == 0:
+                broke = "r_hat'r = 0 or a zero stabilisation step"
+            else:
+                beta = (rho_new / rho) * (alpha / omega)
+                p = r + beta * (p - omega * v)
+                v = mon(p)
+                denom = _dot(r_hat, v)
+                if not _finite(denom):
+                    return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+                if abs(denom) <= tiny:
+                    broke = "r_hat'Ap = 0: the operator may be skew-symmetric or indefinite"
+            if broke is not None:
                 restarts_without_progress += 1
                 if restarts_without_progress > 1:
-                    return mon.finish(steps, "breakdown", "BiCGSTAB broke down (r_hat'r = 0 or a zero "
-                                      "stabilisation step) twice without progress; use GMRES")
-                r_hat, rho, alpha, omega, v, p = fresh()
-                continue
-            beta = (rho_new / rho) * (alpha / omega)
-            p = r + beta * (p - omega * v)
-            v = mon(p)
-            denom = _dot(r_hat, v)
-            if not _finite(denom):
-                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
-            if abs(denom) <= tiny:
-                restarts_without_progress += 1
-                if restarts_without_progress > 1:
-                    return mon.finish(steps, "breakdown", "BiCGSTAB broke down (r_hat'Ap = 0) twice without "
-                                      "progress: the operator may be skew-symmetric or indefinite; use GMRES")
+                    return mon.finish(steps, "breakdown", f"BiCGSTAB broke down ({broke}) twice without "
+                                      "progress; use GMRES")
                 r_hat, rho, alpha, omega, v, p = fresh()
                 continue
             alpha = rho_new / denom
