@@ -3,7 +3,7 @@ from .equilibrium import (NashLayer, custom_fixed_point, custom_root, nash_equil
                           vi_solution)
 from .errors import ConvergenceError, ConvergenceWarning
 from .games import AggregativeGame, CostGame, Game, residual
-from .implicit import Adjoint, Implicit, Unrolled
+from .implicit import Adjoint, Implicit, Unrolled, WarmStart
 from .penalties import (CentroidPenalty, Penalty, ProximalPenalty, RobustPenalty, SumPenalty, centroid_penalty,
                         proximal_penalty, robust_penalty)
 from .linear_solve import (CG, GMRES, BiCGSTAB, Dense, LinearOperator, LinearSolveInfo, LinearSolver,
@@ -18,7 +18,7 @@ __all__ = [
     "custom_fixed_point",
     "Game", "CostGame", "AggregativeGame", "residual",
     "Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
-    "Adjoint", "Implicit", "Unrolled",
+    "Adjoint", "Implicit", "Unrolled", "WarmStart",
     "LinearSolver", "LinearOperator", "LinearSolveInfo", "CG", "GMRES", "BiCGSTAB", "NormalCG",
     "Neumann", "Dense",
     "StrategySet", "Reals", "Box", "Ball", "NonNegative", "Simplex",

@@ -91,6 +91,7 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         problem = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
                           players=flat.players, block=flat.block, linear_solver=adjoint.linear_solver,
                           symmetric=symmetric, throw=throw, record=record, solver=solver, name=name, z_name=z_name,
+                          warm_start=adjoint.warm_start,
                           forward=None if forward is None else _flat_call(
                               forward, flat, theta_def, "the forward solver must return a pytree shaped like the "
                               "initial point"),
@@ -294,7 +295,7 @@ nash_equilibrium.__doc__ = nash_equilibrium.__doc__.replace("{common}", _COMMON_
 
 def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[LinearSolver] = None,
                 symmetric: Optional[bool] = None, throw: bool = True, rtol: Optional[float] = None,
-                atol: float = 0.0, check: bool = True) -> Callable[[Callable], Callable]:
+                atol: float = 0.0, check: bool = True, warm_start=None) -> Callable[[Callable], Callable]:
     r"""Give any forward solver an implicit backward: a decorator.
 
     ``custom_root(residual)(forward)`` returns ``solve(z0, theta) -> z*`` that runs
@@ -318,6 +319,8 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
         throw, rtol, atol: as above.
         check: ``False`` skips the root check (three evaluations of the residual per call): you
             vouch that ``forward`` returns a root, as JAXopt's ``custom_root`` assumes.
+        warm_start: a :class:`~implicit_nash.WarmStart` (or ``True`` for one owned by this solve):
+            each implicit linear solve starts from the previous call's solution.
 
     Example:
         >>> import torch
@@ -339,7 +342,7 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
     from .linear_solve import _check_nonneg
     _check_nonneg("rtol", rtol, allow_none=True)
     _check_nonneg("atol", atol)
-    adjoint = Implicit(linear_solver=linear_solver)
+    adjoint = Implicit(linear_solver=linear_solver, warm_start=warm_start)
 
     def decorate(forward: Callable) -> Callable:
         if not callable(forward):

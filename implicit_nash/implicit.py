@@ -47,7 +47,7 @@ from .errors import ConvergenceError, ConvergenceWarning
 from .linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver
 from .solvers import FlatProblem, Solution, Solver, iterate
 
-__all__ = ["Adjoint", "Implicit", "Unrolled"]
+__all__ = ["Adjoint", "Implicit", "Unrolled", "WarmStart"]
 
 
 class Adjoint:
@@ -58,6 +58,47 @@ class Adjoint:
 class Unrolled(Adjoint):
     """Differentiate by back-propagating through the forward iterations (first and higher order,
     through autograd; does not compose with ``torch.func.vmap``)."""
+
+
+class WarmStart:
+    """Warm starts for the implicit linear solves: each solve starts from the solution of the last
+    converged solve of the same kind (the same system orientation, size, dtype, device and batch).
+
+    A warm start changes how many products a solve makes, never its answer: the stopping rule does not
+    depend on the start, and a start whose residual is not below :math:`\\|b\\|` is discarded (the
+    solve then starts from zero, having spent one product to find out).  It pays when consecutive
+    calls solve nearby systems, e.g. the same data as the outer parameter moves a little (bilevel
+    optimisation with a fixed data set), or a repeated solve of the same problem.  It does nothing
+    under ``torch.func`` transforms, whose tensors cannot be kept between calls.
+
+    Hold one and pass it to every call that should share it: ``Implicit(warm_start=ws)``,
+    ``custom_root(..., warm_start=ws)``; ``warm_start=True`` there creates one for that adjoint.
+    ``solves`` and ``warm`` count the solves seen and those that started warm; ``clear()`` forgets.
+    """
+
+    def __init__(self):
+        self._last = {}
+        self.solves = 0
+        self.warm = 0
+
+    def clear(self) -> None:
+        self._last.clear()
+
+    @staticmethod
+    def _key(transpose: bool, b: torch.Tensor, groups: int):
+        return (transpose, b.numel(), b.dtype, b.device, groups)
+
+    def start(self, transpose: bool, b: torch.Tensor, groups: int) -> Optional[torch.Tensor]:
+        return self._last.get(self._key(transpose, b, groups))
+
+    def remember(self, transpose: bool, x: torch.Tensor, groups: int, info: LinearSolveInfo) -> None:
+        self.solves += 1
+        self.warm += bool(info.warm)
+        if info.converged:
+            self._last[self._key(transpose, x, groups)] = x.detach()
+
+    def __repr__(self) -> str:
+        return f"WarmStart(solves={self.solves}, warm={self.warm}, kept={len(self._last)})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,18 +112,32 @@ class Implicit(Adjoint):
         symmetric: deprecated; declare symmetry once, on the game (``Game.symmetric``) or with
             ``solve_vi(..., symmetric=...)``.  Still honoured when the game does not declare it,
             and an error when it contradicts the game's declaration.
+        warm_start: a :class:`WarmStart` shared by the calls that use this adjoint, ``True`` for a
+            new one, or ``None`` (every solve starts from zero).
     """
 
     linear_solver: LinearSolver = field(default_factory=GMRES)
     symmetric: Optional[bool] = None
+    warm_start: Optional[WarmStart] = field(default=None, compare=False)
 
     def __post_init__(self):
         if not isinstance(self.linear_solver, LinearSolver):
             raise TypeError(f"linear_solver must be a LinearSolver (CG, GMRES, ...), got "
                             f"{type(self.linear_solver).__name__}")
+        object.__setattr__(self, "warm_start", _as_warm_start(self.warm_start))
         if self.symmetric is not None:
             warnings.warn("Implicit(symmetric=...) is deprecated: declare symmetry once, on the game "
                           "(Game.symmetric) or with solve_vi(..., symmetric=...)", DeprecationWarning, stacklevel=3)
+
+
+def _as_warm_start(value) -> Optional[WarmStart]:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return WarmStart()
+    if isinstance(value, WarmStart):
+        return value
+    raise TypeError(f"warm_start must be a WarmStart, True or None, got {type(value).__name__}")
 
 
 def _fmt_reason(status: str) -> str:
@@ -107,7 +162,8 @@ class Problem:
     def __init__(self, *, F: Callable, project: Callable, unconstrained: bool, n_theta: int, players: int,
                  block: int, linear_solver: LinearSolver, symmetric: Optional[bool], throw: bool,
                  record: Solution, solver: Optional[Solver] = None, forward: Optional[Callable] = None,
-                 check_root: Optional[Callable] = None, name: str = "", z_name: str = "", groups: int = 1):
+                 check_root: Optional[Callable] = None, name: str = "", z_name: str = "", groups: int = 1,
+                 warm_start: Optional[WarmStart] = None):
         self.F = F
         self.project = project
         self.unconstrained = unconstrained
@@ -124,6 +180,7 @@ class Problem:
         self.name = name
         self.z_name = z_name
         self.groups = groups
+        self.warm_start = warm_start
 
     # ------------------------------------------------------------------ functions of (z, params)
     def G(self, z: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -155,7 +212,7 @@ class Problem:
                        block=self.block, linear_solver=self.linear_solver, symmetric=self.symmetric,
                        throw=self.throw, record=self.record, solver=self.solver, forward=forward,
                        check_root=self.check_root, name=self.name, z_name=self.z_name,
-                       groups=self.groups * nb)
+                       groups=self.groups * nb, warm_start=self.warm_start)
 
     # ------------------------------------------------------------------ the forward solve
     def solve(self, start: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -270,7 +327,12 @@ class Problem:
                                    "is not finite", "non_finite")
             x = torch.zeros_like(b)
         else:
-            x, info = self.linear_solver.solve(self.operator(z, params, transpose), b, groups=self.groups)
+            warm = self.warm_start if not functorch_active() else None
+            x0 = None if warm is None else warm.start(transpose, b, self.groups)
+            kw = {} if x0 is None else {"x0": x0}
+            x, info = self.linear_solver.solve(self.operator(z, params, transpose), b, groups=self.groups, **kw)
+            if warm is not None:
+                warm.remember(transpose, x, self.groups, info)
         self.record.backward.append(info)
         if not info.converged:
             msg = (f"the implicit {'backward' if transpose else 'forward-mode'} linear solve "

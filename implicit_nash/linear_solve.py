@@ -117,6 +117,8 @@ class LinearSolveInfo:
         status: one of :data:`STATUSES`.
         norm_estimate: the estimate :math:`\\hat A` of :math:`\\|A\\|` used by the stopping rule.
         group_residuals, group_tolerances: per block, with ``groups > 1``.
+        warm: how many blocks started from the given ``x0`` (the others from zero: a start whose
+            residual is not below :math:`\\|b\\|` is discarded); ``0`` without ``x0``.
     """
 
     converged: bool
@@ -130,6 +132,7 @@ class LinearSolveInfo:
     norm_estimate: float = float("nan")
     group_residuals: List[float] = field(default_factory=list)
     group_tolerances: List[float] = field(default_factory=list)
+    warm: int = 0
 
 
 def _check_b(b: torch.Tensor) -> None:
@@ -180,7 +183,8 @@ class _Monitor:
     """The shared machinery of every solver: counts products, estimates ``||A||`` from them, applies
     the stopping rule per block, keeps the best iterate and builds the :class:`LinearSolveInfo`."""
 
-    def __init__(self, solver: "LinearSolver", A, b: torch.Tensor, groups: int):
+    def __init__(self, solver: "LinearSolver", A, b: torch.Tensor, groups: int,
+                 x0: Optional[torch.Tensor] = None):
         _check_b(b)
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or b.numel() % groups:
             raise ValueError(f"groups must be a positive integer dividing len(b) = {b.numel()}, got {groups!r}")
@@ -202,6 +206,33 @@ class _Monitor:
         self.history: List[float] = [float(self.bnorm.norm())]
         self.res = self.bnorm.clone()
         self.tol = self.tolerance_for(self.best_x)
+        # where the iteration starts: x0 and its residual r0 = b - A x0 (zero and b without a warm start)
+        self.x0, self.r0, self.warm = torch.zeros_like(b), b, 0
+        if x0 is not None and not self.zero_rhs:
+            self._start_from(x0)
+
+    def _start_from(self, x0: torch.Tensor) -> None:
+        """A warm start: one product for its residual; a block whose start is no better than zero
+        (residual not below ``||b_g||``, or not finite) starts from zero instead."""
+        b = self.b
+        if not isinstance(x0, torch.Tensor) or x0.shape != b.shape or x0.dtype != b.dtype or x0.device != b.device:
+            what = (f"shape {tuple(x0.shape)}, {x0.dtype}, {x0.device}" if isinstance(x0, torch.Tensor)
+                    else type(x0).__name__)
+            raise ValueError(f"x0 must be a tensor like b (shape {tuple(b.shape)}, {b.dtype}, {b.device}), got {what}")
+        x0 = x0.detach()
+        r = b - self(x0)
+        res = _gnorm(r, self.groups)
+        use = torch.isfinite(res) & (res < self.bnorm)
+        self.warm = int(use.sum())
+        if not self.warm:
+            return
+        if self.groups == 1:
+            self.x0, self.r0 = x0, r
+        else:
+            mask = use.to(b.device).unsqueeze(1)
+            self.x0 = torch.where(mask, x0.reshape(self.groups, -1), 0.0).reshape(-1)
+            self.r0 = torch.where(mask, r.reshape(self.groups, -1), b.reshape(self.groups, -1)).reshape(-1)
+        self.accept(self.x0, self.r0)
 
     def __call__(self, v: torch.Tensor, track: bool = True) -> torch.Tensor:
         """``A v``; ``track=False`` leaves the norm estimate to the caller (:meth:`note_norm`)."""
@@ -292,7 +323,8 @@ class _Monitor:
         self.history.append(float(res.norm()))
         info = LinearSolveInfo(status == "converged", steps, self.matvecs, float(res[k]), float(tol[k]),
                                self.history, message, status, float(self.estimate.max()),
-                               res.tolist() if self.groups > 1 else [], tol.tolist() if self.groups > 1 else [])
+                               res.tolist() if self.groups > 1 else [], tol.tolist() if self.groups > 1 else [],
+                               self.warm)
         return x, info
 
     def zero(self) -> Tuple[torch.Tensor, LinearSolveInfo]:
@@ -311,6 +343,9 @@ class LinearSolver:
     atol: float = 0.0
     max_steps: Optional[int] = None
 
+    #: whether the method can use a starting guess (a direct solve cannot: it ignores ``x0``)
+    iterative = True
+
     def __post_init__(self):
         _check_nonneg("rtol", self.rtol, allow_none=True)
         _check_nonneg("atol", self.atol)
@@ -320,10 +355,16 @@ class LinearSolver:
     def steps_limit(self) -> int:
         return DEFAULT_MAX_STEPS if self.max_steps is None else self.max_steps
 
-    def solve(self, A, b: torch.Tensor, *, groups: int = 1) -> Tuple[torch.Tensor, LinearSolveInfo]:
-        mon = _Monitor(self, A, b, groups)
+    def solve(self, A, b: torch.Tensor, *, groups: int = 1,
+              x0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        """Solve ``A x = b``; ``x0`` (optional) is a starting guess, e.g. the solution of a nearby
+        system (a warm start).  The stopping rule does not depend on it: a warm start changes how many
+        products the solve makes, not what it returns (to the tolerance)."""
+        mon = _Monitor(self, A, b, groups, x0 if self.iterative else None)
         if mon.zero_rhs:
             return mon.zero()
+        if mon.warm and bool((mon.res <= mon.tol).all()):  # the start already meets the tolerance
+            return mon.finish(0, verify=False)
         return self._solve(mon)
 
     def _solve(self, mon: _Monitor) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover
@@ -372,8 +413,8 @@ class CG(LinearSolver):
                     f"CG needs a symmetric operator, but u'Av - v'Au = {gap:.3g} (relative "
                     f"{gap / scale:.3g}) for random u, v: the system is not symmetric (not a potential "
                     f"game, or constraints are active); use GMRES or BiCGSTAB")
-        x = torch.zeros_like(b)
-        r = b.clone()
+        x = mon.x0
+        r = mon.r0.clone()
         p = r.clone()
         rs = _dot(r, r)
         steps = 0
@@ -415,8 +456,8 @@ class GMRES(LinearSolver):
 
     def _solve(self, mon):
         b = mon.b
-        x = torch.zeros_like(b)
-        r = b
+        x = mon.x0
+        r = mon.r0
         beta = _norm(r)
         steps = 0
         while steps < self.steps_limit:
@@ -495,8 +536,8 @@ class BiCGSTAB(LinearSolver):
 
     def _solve(self, mon):
         b = mon.b
-        x = torch.zeros_like(b)
-        r = b.clone()
+        x = mon.x0
+        r = mon.r0.clone()
         steps = 0
         restarts_without_progress = 0
 
@@ -559,8 +600,8 @@ class NormalCG(LinearSolver):
     def _solve(self, mon):
         b = mon.b
         opT = mon.op.T
-        x = torch.zeros_like(b)
-        r = b.clone()
+        x = mon.x0
+        r = mon.r0.clone()
 
         def transposed(u):
             mon.matvecs += 1
@@ -609,8 +650,8 @@ class Neumann(LinearSolver):
 
     def _solve(self, mon):
         b = mon.b
-        x = torch.zeros_like(b)
-        r = b.clone()
+        x = mon.x0
+        r = mon.r0.clone()
         bnorm = float(mon.bnorm.norm())
         steps = 0
         while steps < self.steps_limit:
@@ -634,6 +675,8 @@ class Dense(LinearSolver):
     only decide whether the measured residual counts as converged; a direct solve has no
     ``max_steps`` (setting it is an error).  A singular matrix gives status ``"singular"``.
     """
+
+    iterative = False
 
     def __post_init__(self):
         super().__post_init__()

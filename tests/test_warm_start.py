@@ -1,0 +1,194 @@
+"""Warm starts of the implicit linear solves (issue 16): a start changes how many products a solve
+makes, never what it returns.  Every solver from x0 against a dense solve; bad starts discarded per
+block; the layer's WarmStart across calls, under torch.func (where it must stay out of the way) and
+at second order."""
+import pytest
+import torch
+
+import implicit_nash as inn
+
+
+def _system(n=12, seed=0, symmetric=True):
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(n, n, generator=g)
+    A = K @ K.T / n + torch.eye(n) if symmetric else torch.eye(n) * 2 + (K - K.T) / 3
+    b = torch.randn(n, generator=g)
+    return A, b, torch.linalg.solve(A, b), g
+
+
+SOLVERS = [inn.CG(rtol=1e-12), inn.GMRES(rtol=1e-12), inn.BiCGSTAB(rtol=1e-12), inn.NormalCG(rtol=1e-12)]
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_a_near_start_saves_products_and_changes_nothing(solver):
+    A, b, x_star, g = _system()
+    x_cold, cold = solver.solve(A, b)
+    x0 = x_star + 1e-6 * torch.randn(x_star.shape, generator=g)
+    x_warm, warm = solver.solve(A, b, x0=x0)
+    assert cold.converged and warm.converged and warm.warm == 1 and cold.warm == 0
+    assert warm.matvecs < cold.matvecs, (warm.matvecs, cold.matvecs)
+    assert torch.allclose(x_warm, x_star, atol=1e-9) and torch.allclose(x_cold, x_star, atol=1e-9)
+    assert (A @ x_warm - b).norm() <= warm.tolerance
+
+
+def test_neumann_from_a_warm_start():
+    A, b, x_star, g = _system()
+    solver = inn.Neumann(step_size=1.0 / torch.linalg.matrix_norm(A, 2).item(), rtol=1e-10, max_steps=5000)
+    _, cold = solver.solve(A, b)
+    x, warm = solver.solve(A, b, x0=x_star + 1e-5 * torch.randn(x_star.shape, generator=g))
+    assert cold.converged and warm.converged and warm.matvecs < cold.matvecs
+    assert torch.allclose(x, x_star, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_the_exact_solution_as_start_costs_one_product(solver):
+    A, b, x_star, _ = _system()
+    x, info = solver.solve(A, b, x0=x_star)
+    assert info.converged and info.steps == 0 and info.matvecs == 1 and info.warm == 1
+    assert torch.equal(x, x_star)
+
+
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
+def test_a_start_worse_than_zero_is_discarded(solver):
+    A, b, x_star, g = _system(symmetric=not isinstance(solver, inn.CG) or True)
+    x_cold, cold = solver.solve(A, b)
+    x, info = solver.solve(A, b, x0=100 * torch.randn(x_star.shape, generator=g))
+    assert info.converged and info.warm == 0
+    assert info.matvecs == cold.matvecs + 1          # the one product that judged the start
+    assert torch.allclose(x, x_cold, atol=1e-12)
+    x, info = solver.solve(A, b, x0=torch.full_like(b, float("nan")))
+    assert info.converged and info.warm == 0 and torch.allclose(x, x_star, atol=1e-9)
+
+
+def test_groups_judge_their_starts_one_by_one():
+    A, b, x_star, g = _system(n=6)
+    A2 = torch.block_diag(A, 2 * A)
+    b2 = torch.cat([b, b])
+    x2 = torch.linalg.solve(A2, b2)
+    good, bad = x2[:6] + 1e-7, 50 * torch.randn(6, generator=g)
+    x, info = inn.GMRES(rtol=1e-12).solve(A2, b2, groups=2, x0=torch.cat([good, bad]))
+    assert info.converged and info.warm == 1
+    assert torch.allclose(x, x2, atol=1e-9)
+
+
+def test_a_start_of_the_wrong_shape_or_dtype_is_refused():
+    A, b, _, _ = _system()
+    with pytest.raises(ValueError, match="x0 must be a tensor like b"):
+        inn.GMRES().solve(A, b, x0=torch.zeros(5))
+    with pytest.raises(ValueError, match="x0 must be a tensor like b"):
+        inn.GMRES().solve(A, b, x0=torch.zeros(12, dtype=torch.float32))
+
+
+def test_dense_ignores_the_start():
+    A, b, x_star, _ = _system()
+    _, cold = inn.Dense().solve(A, b)
+    x, info = inn.Dense().solve(A, b, x0=x_star)
+    assert info.matvecs == cold.matvecs and info.warm == 0 and torch.allclose(x, x_star, atol=1e-12)
+
+
+# ----------------------------------------------------------------- the layer
+def _game(seed=1, n=40, p=3):
+    g = torch.Generator().manual_seed(seed)
+    K = torch.randn(n, n, generator=g)
+    A = 2 * torch.eye(n) + (K - K.T) / n ** 0.5 + K @ K.T / n   # strongly monotone, not symmetric
+    W = torch.randn(n, p, generator=g)
+    c = torch.randn(n, generator=g)
+
+    def F(z, th):
+        return A @ z + 0.1 * torch.tanh(z) - W @ th
+
+    return F, W, c
+
+
+def _loss(F, c, th, adjoint):
+    z = inn.solve_vi(F, torch.zeros(c.shape[0]), th, solver=inn.PRGD(rtol=1e-13), adjoint=adjoint)
+    return z @ c
+
+
+def test_the_layer_warm_starts_across_calls_with_unchanged_gradients():
+    F, W, c = _game()
+    ws = inn.WarmStart()
+    warm = inn.Implicit(linear_solver=inn.GMRES(rtol=1e-12), warm_start=ws)
+    cold = inn.Implicit(linear_solver=inn.GMRES(rtol=1e-12))
+    th0 = torch.tensor([0.2, -0.1, 0.4])
+    products = {"warm": [], "cold": []}
+    for k in range(4):
+        th = (th0 + 1e-4 * k).requires_grad_(True)
+        grads = {}
+        for name, adjoint in (("warm", warm), ("cold", cold)):
+            sol = inn.vi_solution(F, torch.zeros(c.shape[0]), th, solver=inn.PRGD(rtol=1e-13), adjoint=adjoint)
+            (grads[name],) = torch.autograd.grad(sol.value @ c, th)
+            products[name].append(sum(i.matvecs for i in sol.backward))
+        assert torch.allclose(grads["warm"], grads["cold"], atol=1e-10, rtol=0)
+    assert ws.solves == 4 and ws.warm == 3
+    assert all(w < c for w, c in zip(products["warm"][1:], products["cold"][1:])), products
+    # the gradient against finite differences of the exact solution
+    th = th0.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_loss(F, c, th, warm), th)
+    fd = torch.autograd.functional.jacobian(lambda t: _loss(F, c, t, cold), th0)  # implicit, cold: independent
+    assert torch.allclose(g, fd, atol=1e-10)
+
+
+def _plain(ws):
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(not wrapped(x) for x in ws._last.values())
+
+
+def test_warm_start_under_torch_func_and_at_second_order_changes_nothing():
+    F, W, c = _game()
+    ws = inn.WarmStart()
+    warm = inn.Implicit(linear_solver=inn.GMRES(rtol=1e-12), warm_start=ws)
+    cold = inn.Implicit(linear_solver=inn.GMRES(rtol=1e-12))
+    th = torch.tensor([0.2, -0.1, 0.4])
+    g_func = torch.func.grad(lambda t: _loss(F, c, t, warm))(th)
+    g_func2 = torch.func.grad(lambda t: _loss(F, c, t, warm))(th)
+    assert ws.warm == 1 and _plain(ws)          # one level of grad: the backward runs on plain tensors
+    assert torch.allclose(g_func, g_func2, atol=1e-12)
+    # nested transforms: the inner solves see wrapped tensors and skip the store
+    H_func = torch.func.hessian(lambda t: _loss(F, c, t, warm))(th)
+    assert _plain(ws)
+    # vmap: the batch is one stacked problem with its own entry in the store
+    ths = th + 0.01 * torch.arange(3.0).unsqueeze(1)
+    gv = [torch.func.vmap(torch.func.grad(lambda t: _loss(F, c, t, warm)))(ths) for _ in range(2)]
+    gv_cold = torch.func.vmap(torch.func.grad(lambda t: _loss(F, c, t, cold)))(ths)
+    assert _plain(ws) and torch.allclose(gv[1], gv_cold, atol=1e-10) and torch.allclose(gv[0], gv_cold, atol=1e-10)
+    H_warm = torch.autograd.functional.hessian(lambda t: _loss(F, c, t, warm), th)
+    H_warm2 = torch.autograd.functional.hessian(lambda t: _loss(F, c, t, warm), th)  # now from warm starts
+    H_cold = torch.autograd.functional.hessian(lambda t: _loss(F, c, t, cold), th)
+    assert ws.warm > 0
+    assert torch.allclose(H_warm, H_cold, atol=1e-9) and torch.allclose(H_warm2, H_cold, atol=1e-9)
+    g_cold = torch.func.grad(lambda t: _loss(F, c, t, cold))(th)
+    assert torch.allclose(g_func, g_cold, atol=1e-10)
+    assert torch.allclose(H_func, H_cold, atol=1e-9)
+    # finite differences of the gradient: the Hessian is the derivative of what the layer returns
+    h = 1e-5
+    rows = []
+    for k in range(3):
+        e = torch.zeros(3)
+        e[k] = h
+        gp = torch.func.grad(lambda t: _loss(F, c, t, cold))(th + e)
+        gm = torch.func.grad(lambda t: _loss(F, c, t, cold))(th - e)
+        rows.append((gp - gm) / (2 * h))
+    assert torch.allclose(H_warm2, torch.stack(rows), atol=1e-6)
+
+
+def test_custom_root_takes_a_warm_start():
+    @inn.custom_root(lambda z, th: z ** 3 + z - th, linear_solver=inn.GMRES(rtol=1e-12), warm_start=True)
+    def solve(z0, th):
+        z = z0.clone()
+        for _ in range(60):
+            z = z - (z ** 3 + z - th) / (3 * z ** 2 + 1)
+        return z
+
+    th = torch.tensor([0.5, 2.0, -1.0], requires_grad=True)
+    for _ in range(2):
+        z = solve(torch.zeros(3), th)
+        (g,) = torch.autograd.grad(z.sum(), th)
+        assert torch.allclose(g, 1 / (3 * z.detach() ** 2 + 1), atol=1e-12)
+
+
+def test_bad_warm_start_values_are_refused():
+    with pytest.raises(TypeError, match="warm_start must be a WarmStart"):
+        inn.Implicit(warm_start="yes")
+    assert inn.Implicit(warm_start=True).warm_start is not None
+    assert inn.Implicit().warm_start is None
