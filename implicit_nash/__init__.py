@@ -7,7 +7,7 @@ from .implicit import Adjoint, Implicit, Unrolled, WarmStart
 from .penalties import (CentroidPenalty, Penalty, ProximalPenalty, RobustPenalty, SumPenalty, centroid_penalty,
                         proximal_penalty, robust_penalty)
 from .linear_solve import (CG, GMRES, BiCGSTAB, Dense, LinearOperator, LinearSolveInfo, LinearSolver,
-                           Neumann, NormalCG)
+                           Neumann, NormalCG, Refined)
 from .sets import Ball, Box, NonNegative, Reals, Simplex, StrategySet
 from .solvers import PRGD, Extragradient, GaussSeidel, SimultaneousGradient, Solution, Solver
 
@@ -20,7 +20,7 @@ __all__ = [
     "Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
     "Adjoint", "Implicit", "Unrolled", "WarmStart",
     "LinearSolver", "LinearOperator", "LinearSolveInfo", "CG", "GMRES", "BiCGSTAB", "NormalCG",
-    "Neumann", "Dense",
+    "Neumann", "Dense", "Refined",
     "StrategySet", "Reals", "Box", "Ball", "NonNegative", "Simplex",
     "ConvergenceError", "ConvergenceWarning",
     "Penalty", "CentroidPenalty", "RobustPenalty", "ProximalPenalty", "SumPenalty",

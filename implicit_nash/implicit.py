@@ -73,13 +73,15 @@ class WarmStart:
 
     Hold one and pass it to every call that should share it: ``Implicit(warm_start=ws)``,
     ``custom_root(..., warm_start=ws)``; ``warm_start=True`` there creates one for that adjoint.
-    ``solves`` and ``warm`` count the solves seen and those that started warm; ``clear()`` forgets.
+    ``solves``, ``warm`` and ``products`` count the solves seen, those that started warm and the
+    products they made; ``clear()`` forgets the solutions.
     """
 
     def __init__(self):
         self._last = {}
         self.solves = 0
         self.warm = 0
+        self.products = 0
 
     def clear(self) -> None:
         self._last.clear()
@@ -94,11 +96,13 @@ class WarmStart:
     def remember(self, transpose: bool, x: torch.Tensor, groups: int, info: LinearSolveInfo) -> None:
         self.solves += 1
         self.warm += bool(info.warm)
+        self.products += info.matvecs
         if info.converged:
             self._last[self._key(transpose, x, groups)] = x.detach()
 
     def __repr__(self) -> str:
-        return f"WarmStart(solves={self.solves}, warm={self.warm}, kept={len(self._last)})"
+        return (f"WarmStart(solves={self.solves}, warm={self.warm}, products={self.products}, "
+                f"kept={len(self._last)})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -292,13 +296,28 @@ class Problem:
 
         return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric)
 
-    def _autograd_operator(self, z: torch.Tensor, params: List[torch.Tensor], transpose: bool) -> LinearOperator:
+    def _autograd_operator(self, z: torch.Tensor, params: List[torch.Tensor], transpose: bool,
+                           precision: Optional[torch.dtype] = None) -> Optional[LinearOperator]:
         """The same products through plain autograd on one cached graph of ``G`` (no torch.func
         transform is active: the products inside a linear solve's forward need no derivative of
-        their own), which saves torch.func's per-call overhead on every Krylov product."""
+        their own), which saves torch.func's per-call overhead on every Krylov product.
+
+        ``precision``: the graph built at ``(z, params)`` cast to that dtype (:class:`Refined`'s
+        lower-precision products); ``None`` if ``G`` does not run in it: a residual that closes over
+        tensors of a higher precision fails on mixed dtypes or promotes back (pass such tensors in
+        ``theta`` so that they are cast too)."""
         with torch.enable_grad():
-            zz = z.detach().requires_grad_(True)
-            G = self.G(zz, [p.detach() for p in params])
+            if precision is None:
+                zz = z.detach().requires_grad_(True)
+                G = self.G(zz, [p.detach() for p in params])
+            else:  # a residual that closes over tensors of a higher precision either fails or promotes
+                zz = z.detach().to(precision).requires_grad_(True)
+                try:
+                    G = self.G(zz, [p.detach().to(precision) if p.is_floating_point() else p.detach() for p in params])
+                except (RuntimeError, TypeError):
+                    return None
+                if G.dtype != precision:
+                    return None
         if not G.requires_grad:  # G does not depend on z: A = 0
             return LinearOperator(torch.zeros_like, torch.zeros_like, self.symmetric)
 
@@ -316,7 +335,11 @@ class Problem:
             w, gw = lazy[0]
             return torch.autograd.grad(gw, w, u, retain_graph=True)[0]
 
-        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric)
+        lowered = None
+        if precision is None:
+            def lowered(dtype):
+                return self._autograd_operator(z, params, transpose, dtype)
+        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric, lowered=lowered)
 
     def linear_solve(self, b: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor],
                      transpose: bool) -> torch.Tensor:

@@ -192,3 +192,116 @@ def test_bad_warm_start_values_are_refused():
         inn.Implicit(warm_start="yes")
     assert inn.Implicit(warm_start=True).warm_start is not None
     assert inn.Implicit().warm_start is None
+
+
+# ----------------------------------------------------------------- mixed-precision refinement
+def _spd(n=60, cond=50.0, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    A = (Q * torch.linspace(1, cond, n)) @ Q.T
+    return (A + A.T) / 2, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize("inner", [inn.CG(), inn.GMRES(), inn.BiCGSTAB()], ids=lambda s: type(s).__name__)
+def test_refinement_meets_the_float64_tolerance_with_float32_products(inner):
+    A, b = _spd()
+    x_star = torch.linalg.solve(A, b)
+    seen = []
+
+    def low(dtype):
+        M = A.to(dtype)
+
+        def mv(v):
+            seen.append(v.dtype)
+            return M @ v
+        return inn.LinearOperator(mv, mv, True)
+
+    op = inn.LinearOperator(lambda v: A @ v, lambda v: A @ v, True, lowered=low)
+    x, info = inn.Refined(solver=inner, rtol=1e-12).solve(op, b)
+    assert info.converged and x.dtype == torch.float64
+    assert (A @ x - b).norm() <= info.tolerance
+    assert torch.allclose(x, x_star, atol=1e-9)
+    assert seen and set(seen) == {torch.float32} and "mixed-precision" in info.message
+    assert info.matvecs > len(seen)          # the float64 residual products are counted too
+
+
+def test_refinement_of_a_dense_matrix_and_per_block():
+    A, b = _spd()
+    x, info = inn.Refined(solver=inn.CG(), rtol=1e-12).solve(A, b)
+    assert info.converged and torch.allclose(x, torch.linalg.solve(A, b), atol=1e-9)
+    A2, b2 = torch.block_diag(A, 3 * A), torch.cat([b, 1e-4 * b])   # each block on its own tolerance
+    x2, info2 = inn.Refined(rtol=1e-12).solve(A2, b2, groups=2)
+    assert info2.converged and torch.allclose(x2, torch.linalg.solve(A2, b2), rtol=1e-8, atol=0)
+    # blocks of very different scales share float32 Krylov vectors: right, or a loud failure
+    A3 = torch.block_diag(A, 1e3 * A)
+    x3, info3 = inn.Refined(rtol=1e-12).solve(A3, b2, groups=2)
+    ok = torch.allclose(x3, torch.linalg.solve(A3, b2), rtol=1e-8, atol=0)
+    assert info3.converged == ok and (ok or info3.status == "max_steps")
+
+
+def test_refinement_hands_over_to_float64_when_float32_cannot_resolve_the_system():
+    A, b = _spd(cond=1e9)                  # kappa * eps32 >> 1: float32 rounds cannot make progress
+    x, info = inn.Refined(solver=inn.GMRES(), rtol=1e-10, max_steps=3000).solve(A, b)
+    ref, cold = inn.GMRES(rtol=1e-10, max_steps=3000).solve(A, b)
+    assert info.status == cold.status
+    if info.converged:
+        assert (A @ x - b).norm() <= info.tolerance
+    assert "float64" in info.message
+
+
+def test_refinement_without_a_lower_form_runs_in_the_working_precision():
+    A, b = _spd()
+    x, info = inn.Refined(rtol=1e-12).solve(lambda v: A @ v, b)
+    assert info.converged and "no lower-precision form" in info.message
+    assert torch.allclose(x, torch.linalg.solve(A, b), atol=1e-9)
+
+
+def test_refined_layer_backward_equals_float64_to_the_tolerance():
+    _, W, c = _game()
+    n = c.shape[0]
+    g = torch.Generator().manual_seed(5)
+    K = torch.randn(n, n, generator=g)
+    M = 2 * torch.eye(n) + (K - K.T) / n ** 0.5 + K @ K.T / n
+
+    def F(z, args):                          # the matrices travel in theta, so they are cast too
+        th, M_, W_ = args
+        return M_ @ z + 0.1 * torch.tanh(z) - W_ @ th
+
+    def value(t, solver):
+        return inn.solve_vi(F, torch.zeros(n), (t, M, W), solver=inn.PRGD(rtol=1e-13),
+                            adjoint=inn.Implicit(linear_solver=solver)) @ c
+
+    th = torch.tensor([0.2, -0.1, 0.4], requires_grad=True)
+    grads, infos = [], []
+    for solver in (inn.GMRES(rtol=1e-12), inn.Refined(rtol=1e-12)):
+        sol = inn.vi_solution(F, torch.zeros(n), (th, M, W), solver=inn.PRGD(rtol=1e-13),
+                              adjoint=inn.Implicit(linear_solver=solver))
+        grads.append(torch.autograd.grad(sol.value @ c, th)[0])
+        infos.append(sol.backward[-1])
+    assert infos[1].converged and "mixed-precision" in infos[1].message, infos[1].message
+    assert torch.allclose(grads[0], grads[1], atol=1e-10, rtol=0)
+    # second order: Refined inside LinearSolveFn like any other solver
+    H = [torch.autograd.functional.hessian(lambda t: value(t, s), th.detach())
+         for s in (inn.GMRES(rtol=1e-12), inn.Refined(rtol=1e-12))]
+    assert torch.allclose(H[0], H[1], atol=1e-9)
+
+
+def test_a_residual_that_keeps_float64_tensors_is_not_lowered():
+    A64 = torch.eye(5) * 3
+
+    def F(z, th):
+        return A64 @ z - th                  # A64 stays float64: promotion would defeat float32 products
+
+    th = torch.randn(5, requires_grad=True)
+    sol = inn.vi_solution(F, torch.zeros(5), th, solver=inn.PRGD(rtol=1e-13),
+                          adjoint=inn.Implicit(linear_solver=inn.Refined(rtol=1e-12)))
+    (g,) = torch.autograd.grad(sol.value.sum(), th)
+    assert torch.allclose(g, torch.full((5,), 1 / 3), atol=1e-12)
+    assert "no lower-precision form" in sol.backward[-1].message
+
+
+def test_bad_refined_settings_are_refused():
+    with pytest.raises(TypeError, match="iterative LinearSolver"):
+        inn.Refined(solver=inn.Dense())
+    with pytest.raises(ValueError, match="floating dtype"):
+        inn.Refined(precision=torch.int32)

@@ -41,7 +41,7 @@ from .. import _collective
 from .._compat import tree_map
 from ..equilibrium import vi_solution
 from ..games import AggregativeGame
-from ..implicit import Implicit
+from ..implicit import Implicit, WarmStart
 from ..linear_solve import GMRES, LinearSolver
 from ..penalties import Penalty
 from ..solvers import PRGD, Solver
@@ -77,6 +77,9 @@ class Algorithm:
         throw: in implicit mode, raise :class:`~implicit_nash.ConvergenceError` when the inner
             solve or the backward's linear solve does not converge (``False``: a
             :class:`~implicit_nash.ConvergenceWarning`, which the trainer counts and reports).
+        warm_start: in implicit mode, start each meta-iteration's backward linear solve from the
+            previous one's solution (:class:`~implicit_nash.WarmStart`; the answer is unchanged, only
+            the number of products differs).  ``warm.solves``/``warm.warm``/``warm.products`` count.
     """
 
     inner_steps: int = 3
@@ -88,6 +91,7 @@ class Algorithm:
     loss: str = "mse"
     throw: bool = True
     fast_penalty: bool = True
+    warm_start: bool = False
 
     name = "base"
 
@@ -107,6 +111,13 @@ class Algorithm:
                             f"{type(self.linear_solver).__name__}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
+        object.__setattr__(self, "warm", WarmStart())  # the implicit backward's memory between iterations
+
+    def implicit_adjoint(self) -> Implicit:
+        """The adjoint of the implicit mode: this algorithm's linear solver, warm-started if asked."""
+        return Implicit(linear_solver=self.linear_solver, warm_start=self.warm if self.warm_start else None)
 
     # ----------------------------------------------------------------- per-algorithm hooks
     def input_extra(self) -> int:
@@ -214,7 +225,7 @@ class Algorithm:
         """
         solver = PRGD(max_steps=1000) if self.solver is None else self.solver
         return vi_solution(game.pseudo_gradient, self._start(theta, B), theta, solver=solver,
-                           adjoint=Implicit(linear_solver=self.linear_solver),
+                           adjoint=self.implicit_adjoint(),
                            symmetric=game.symmetric, throw=self.throw).value
 
     def _algorithm_2(self, game, theta, B, first):

@@ -153,5 +153,6 @@ class IMAML(Algorithm):
         # its own tolerance and reports, and a budgeted solve is not a root by design (the trainer
         # measures the error it causes instead).
         solve = custom_root(game.pseudo_gradient, linear_solver=self._backward_solver(),
-                            symmetric=True if symmetric else None, throw=self.throw, check=False)(forward)
+                            symmetric=True if symmetric else None, throw=self.throw, check=False,
+                            warm_start=self.implicit_adjoint().warm_start)(forward)
         return solve(start, theta)
