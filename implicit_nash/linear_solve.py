@@ -30,6 +30,8 @@ anything else; :class:`GMRES` (the default) and :class:`BiCGSTAB` handle non-sym
 ``groups``: ``solve(A, b, groups=g)`` treats ``b`` as ``g`` independent blocks of equal size (a batch
 of systems stacked into one block-diagonal system, as the ``vmap`` rule of the implicit backward
 does) and requires the stopping rule of every block, with its own :math:`\|b_g\|` and :math:`\|x_g\|`.
+:class:`CG` also takes its step lengths per block (the operator must then be block-diagonal, as a
+``vmap`` stack is), so that each block converges at its own rate.
 """
 from __future__ import annotations
 
@@ -426,6 +428,8 @@ class CG(LinearSolver):
                     f"CG needs a symmetric operator, but u'Av - v'Au = {gap:.3g} (relative "
                     f"{gap / scale:.3g}) for random u, v: the system is not symmetric (not a potential "
                     f"game, or constraints are active); use GMRES or BiCGSTAB")
+        if mon.groups > 1:
+            return self._solve_blocks(mon)
         x = mon.x0
         r = mon.r0.clone()
         p = r.clone()
@@ -447,6 +451,48 @@ class CG(LinearSolver):
                 break
             rs_new = _dot(r, r)
             p = r + (rs_new / rs) * p
+            rs = rs_new
+        return mon.finish(steps)
+
+    def _solve_blocks(self, mon):
+        """CG on a stack of independent systems (``groups``): one product for all blocks per
+        iteration, but each block with its own step lengths, so each converges at its own rate (a
+        single recurrence over the stack would have to resolve the union of the blocks' spectra).
+        A block that has met its tolerance stops moving."""
+        G = mon.groups
+        x = mon.x0
+        r = mon.r0.clone()
+        p = r.clone()
+
+        def per(u, v):
+            return (u.reshape(G, -1) * v.reshape(G, -1)).sum(1)
+
+        def scaled(c, v):
+            return (c.unsqueeze(1) * v.reshape(G, -1)).reshape(-1)
+
+        rs = per(r, r)
+        active = torch.ones(G, dtype=torch.bool, device=r.device)
+        steps = 0
+        while steps < self.steps_limit:
+            Ap = mon(p)
+            curv = per(p, Ap)
+            if not bool(torch.isfinite(curv).all()):
+                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            bad = active & (curv <= 0)
+            if bool(bad.any()):
+                k = int(bad.nonzero()[0])
+                return mon.finish(steps, "breakdown", f"non-positive curvature p'Ap = {float(curv[k]):.3g} in block "
+                                  f"{k}: the operator is not positive definite; use GMRES")
+            alpha = torch.where(active, rs / torch.where(active, curv, 1.0), 0.0)
+            x = x + scaled(alpha, p)
+            r = r - scaled(alpha, Ap)
+            steps += 1
+            if mon.accept(x, r):
+                break
+            active = (mon.res > mon.tol).to(r.device)
+            rs_new = per(r, r)
+            beta = torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0)
+            p = scaled(active.to(r.dtype), r + scaled(beta, p))
             rs = rs_new
         return mon.finish(steps)
 
