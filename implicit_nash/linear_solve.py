@@ -30,8 +30,8 @@ anything else; :class:`GMRES` (the default) and :class:`BiCGSTAB` handle non-sym
 ``groups``: ``solve(A, b, groups=g)`` treats ``b`` as ``g`` independent blocks of equal size (a batch
 of systems stacked into one block-diagonal system, as the ``vmap`` rule of the implicit backward
 does) and requires the stopping rule of every block, with its own :math:`\|b_g\|` and :math:`\|x_g\|`.
-:class:`CG` also takes its step lengths per block (the operator must then be block-diagonal, as a
-``vmap`` stack is), so that each block converges at its own rate.
+:class:`CG` and :class:`GMRES` also build their Krylov spaces per block (the operator must then be
+block-diagonal, as a ``vmap`` stack is), so that each block converges at its own rate.
 """
 from __future__ import annotations
 
@@ -514,6 +514,8 @@ class GMRES(LinearSolver):
         _check_positive("restart", self.restart, integer=True)
 
     def _solve(self, mon):
+        if mon.groups > 1:
+            return self._solve_blocks(mon)
         b = mon.b
         x = mon.x0
         r = mon.r0
@@ -579,6 +581,74 @@ class GMRES(LinearSolver):
                            "breakdown": "GMRES broke down (a zero pivot in the Arnoldi process): the operator "
                                         "is singular on the Krylov space"}.get(status, "no progress")
                 return mon.finish(steps, status or "breakdown", message)
+        return mon.finish(steps, verify=False)
+
+    def _solve_blocks(self, mon):
+        """GMRES on a stack of independent systems (``groups``): one Arnoldi process per block, run
+        side by side (one product for all blocks per step, the orthogonalisation and the Givens
+        rotations batched over blocks), so each block's Krylov space is its own and each converges at
+        its own rate.  A block whose Arnoldi process ends exactly (a zero new direction: its solution
+        lies in the space already built) keeps its solution from that space."""
+        b, G = mon.b, mon.groups
+        n = b.numel() // G
+        opts = {"dtype": b.dtype, "device": b.device}
+        x, r = mon.x0, mon.r0
+        steps = 0
+        while steps < self.steps_limit:
+            m = min(self.restart, self.steps_limit - steps)
+            tol = mon.tolerance_for(x).to(b.device, b.dtype)
+            beta = r.reshape(G, n).norm(dim=1)
+            if not bool(torch.isfinite(beta).all()):
+                return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            live = beta > 0
+            V = torch.zeros((m + 1, G, n), **opts)
+            V[0] = r.reshape(G, n) / torch.where(live, beta, 1.0).unsqueeze(1)
+            H = torch.zeros((G, m, m), **opts)
+            cs, sn = torch.zeros((G, m), **opts), torch.zeros((G, m), **opts)
+            g = torch.zeros((G, m + 1), **opts)
+            g[:, 0] = beta
+            size = torch.zeros(G, dtype=torch.long, device=b.device)  # each block's Krylov dimension
+            k = 0
+            for j in range(m):
+                w = mon(V[j].reshape(-1)).reshape(G, n)
+                steps += 1
+                basis = V[: j + 1]
+                h = torch.einsum("jgn,gn->gj", basis, w)
+                w = w - torch.einsum("gj,jgn->gn", h, basis)
+                h2 = torch.einsum("jgn,gn->gj", basis, w)  # second pass: the basis stays orthogonal
+                w = w - torch.einsum("gj,jgn->gn", h2, basis)
+                col = h + h2
+                hn = w.norm(dim=1)
+                if not (bool(torch.isfinite(hn).all()) and bool(torch.isfinite(col).all())):
+                    return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+                for i in range(j):  # the earlier rotations, every block at once
+                    a, c = col[:, i].clone(), col[:, i + 1].clone()
+                    col[:, i], col[:, i + 1] = cs[:, i] * a + sn[:, i] * c, -sn[:, i] * a + cs[:, i] * c
+                denom = torch.hypot(col[:, j], hn)
+                grow = live & (denom > 0)
+                safe = torch.where(grow, denom, 1.0)
+                cs[:, j] = torch.where(grow, col[:, j] / safe, 1.0)
+                sn[:, j] = torch.where(grow, hn / safe, 0.0)
+                col[:, j] = torch.where(grow, denom, 1.0)   # a finished block gets a unit pivot, y_j = 0
+                g[:, j + 1] = torch.where(grow, -sn[:, j] * g[:, j], 0.0)
+                g[:, j] = torch.where(grow, cs[:, j] * g[:, j], 0.0)
+                H[:, : j + 1, j] = col
+                size = torch.where(grow, j + 1, size)
+                k = j + 1
+                est = g[:, j + 1].abs()
+                mon.history.append(float(est.norm()))
+                live = grow & (hn > 0) & (est > tol)
+                if not bool(live.any()):
+                    break
+                V[j + 1] = w / torch.where(live, hn, 1.0).unsqueeze(1) * live.unsqueeze(1)
+            if bool((size == 0).all()):
+                return mon.finish(steps, "breakdown", "GMRES broke down (a zero pivot in the Arnoldi process): "
+                                  "the operator is singular on the Krylov space")
+            y = torch.linalg.solve_triangular(H[:, :k, :k], g[:, :k].unsqueeze(2), upper=True).squeeze(2)
+            x = x + torch.einsum("gk,kgn->gn", y, V[:k]).reshape(-1)
+            r = b - mon(x)  # the true residual, not the recurrences' estimates
+            if mon.accept(x, r):
+                break
         return mon.finish(steps, verify=False)
 
 

@@ -229,3 +229,32 @@ def test_cg_takes_its_steps_per_block_of_a_stack():
     bad = torch.block_diag(sym[:30, :30], -torch.eye(30, dtype=torch.float64), sym[60:, 60:])
     _, info = inn.CG().solve(bad, b, groups=3)
     assert info.status == "breakdown" and "block 1" in info.message
+
+
+def test_gmres_builds_one_krylov_space_per_block_of_a_stack():
+    torch.manual_seed(1)
+    blocks, rhs = [], []
+    for spread in (0.1, 1.0, 30.0):
+        K = torch.randn(25, 25, dtype=torch.float64)
+        blocks.append(torch.eye(25, dtype=torch.float64) * (1 + spread) + spread * (K - K.T) / 5
+                      + torch.diag(torch.linspace(0, spread, 25, dtype=torch.float64)))
+        rhs.append(torch.randn(25, dtype=torch.float64) * 10 ** len(rhs))
+    A, b = torch.block_diag(*blocks), torch.cat(rhs)
+    for restart in (50, 7):
+        x, info = inn.GMRES(rtol=1e-12, restart=restart).solve(A, b, groups=3)
+        assert info.converged and torch.allclose(x, torch.linalg.solve(A, b), rtol=1e-9, atol=1e-12), restart
+        assert all(r <= t for r, t in zip(info.group_residuals, info.group_tolerances))
+    alone = max(inn.GMRES(rtol=1e-12).solve(B, c)[1].matvecs for B, c in zip(blocks, rhs))
+    joint = inn.GMRES(rtol=1e-12).solve(A, b)[1].matvecs
+    _, info = inn.GMRES(rtol=1e-12).solve(A, b, groups=3)
+    assert info.matvecs <= alone + 1 < joint
+    # a zero block and a block solved exactly by its first direction
+    b0 = torch.cat([torch.zeros(25, dtype=torch.float64), rhs[1], rhs[2]])
+    x, info = inn.GMRES(rtol=1e-12).solve(torch.block_diag(torch.eye(25, dtype=torch.float64) * 3, *blocks[1:]),
+                                          b0, groups=3)
+    assert info.converged and torch.equal(x[:25], torch.zeros(25, dtype=torch.float64))
+    # a product that is NaN in one block is reported, not hidden
+    A_nan = A.clone()
+    A_nan[30, 31] = float("nan")
+    _, info = inn.GMRES().solve(A_nan, b, groups=3)
+    assert info.status == "non_finite" and not info.converged
