@@ -35,7 +35,7 @@ def _symmetry(declared: Optional[bool], adjoint: Adjoint) -> Optional[bool]:
 
 def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], symmetric: Optional[bool],
            solver: Optional[Solver], adjoint: Optional[Adjoint], constraint: Optional[StrategySet],
-           throw: bool, z_name: str, forward: Optional[Callable] = None, root_tol=None) -> Solution:
+           throw: bool, z_name: str, forward: Optional[Callable] = None, root_tol=None, blocks: int = 1) -> Solution:
     solver = PRGD() if solver is None else solver
     adjoint = Implicit() if adjoint is None else adjoint
     constraint = Reals() if constraint is None else constraint
@@ -89,9 +89,9 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         z = sol.value
     else:
         problem = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
-                          players=flat.players, block=flat.block, linear_solver=adjoint.linear_solver,
+                          players=flat.players // blocks, block=flat.block, linear_solver=adjoint.linear_solver,
                           symmetric=symmetric, throw=throw, record=record, solver=solver, name=name, z_name=z_name,
-                          warm_start=adjoint.warm_start,
+                          warm_start=adjoint.warm_start, groups=blocks,
                           forward=None if forward is None else _flat_call(
                               forward, flat, theta_def, "the forward solver must return a pytree shaped like the "
                               "initial point"),
@@ -295,7 +295,8 @@ nash_equilibrium.__doc__ = nash_equilibrium.__doc__.replace("{common}", _COMMON_
 
 def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[LinearSolver] = None,
                 symmetric: Optional[bool] = None, throw: bool = True, rtol: Optional[float] = None,
-                atol: float = 0.0, check: bool = True, warm_start=None) -> Callable[[Callable], Callable]:
+                atol: float = 0.0, check: bool = True, warm_start=None,
+                blocks: int = 1) -> Callable[[Callable], Callable]:
     r"""Give any forward solver an implicit backward: a decorator.
 
     ``custom_root(residual)(forward)`` returns ``solve(z0, theta) -> z*`` that runs
@@ -321,6 +322,12 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
             vouch that ``forward`` returns a root, as JAXopt's ``custom_root`` assumes.
         warm_start: a :class:`~implicit_nash.WarmStart` (or ``True`` for one owned by this solve):
             each implicit linear solve starts from the previous call's solution.
+        blocks: ``k > 1`` declares ``z`` a stack of ``k`` independent problems: every leaf of ``z``
+            has leading dimension ``k``, and block ``i`` of the residual depends on block ``i`` of
+            ``z`` only (e.g. tasks that do not interact).  The Jacobian is then block-diagonal:
+            every block gets its own tolerance, and :class:`~implicit_nash.CG` and
+            :class:`~implicit_nash.GMRES` their own Krylov space, so each converges at its own rate.
+            Declaring blocks that the residual couples gives wrong derivatives.
 
     Example:
         >>> import torch
@@ -342,6 +349,8 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
     from .linear_solve import _check_nonneg
     _check_nonneg("rtol", rtol, allow_none=True)
     _check_nonneg("atol", atol)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
     adjoint = Implicit(linear_solver=linear_solver, warm_start=warm_start)
 
     def decorate(forward: Callable) -> Callable:
@@ -349,8 +358,9 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
             raise TypeError(f"custom_root decorates a forward solver forward(z0, theta); got {type(forward).__name__}")
 
         def solve(z0: Any, theta: Any) -> Any:
-            return _solve(residual, z0, theta, players=None, symmetric=symmetric, solver=None, adjoint=adjoint,
-                          constraint=None, throw=throw, z_name="z0", forward=forward, root_tol=(rtol, atol, check)).value
+            return _solve(residual, z0, theta, players=blocks if blocks > 1 else None, symmetric=symmetric, solver=None, adjoint=adjoint,
+                          constraint=None, throw=throw, z_name="z0", forward=forward, root_tol=(rtol, atol, check),
+                          blocks=blocks).value
 
         solve.__name__ = getattr(forward, "__name__", "solve")
         solve.__doc__ = getattr(forward, "__doc__", None)

@@ -305,3 +305,43 @@ def test_bad_refined_settings_are_refused():
         inn.Refined(solver=inn.Dense())
     with pytest.raises(ValueError, match="floating dtype"):
         inn.Refined(precision=torch.int32)
+
+
+# ----------------------------------------------------------------- separable residuals
+def test_custom_root_with_blocks_solves_each_block_on_its_own():
+    g = torch.Generator().manual_seed(7)
+    mats = torch.stack([torch.eye(6) * s + 0.3 * torch.randn(6, 6, generator=g) for s in (1.0, 5.0, 40.0, 2.0)])
+
+    def residual(z, th):                      # four independent blocks: z["a"][i], z["b"][i] for block i
+        u = torch.cat([z["a"], z["b"]], 1)
+        r = torch.einsum("bij,bj->bi", mats, u) + 0.05 * u ** 3 - th
+        return {"a": r[:, :2], "b": r[:, 2:]}
+
+    def flat(z):
+        return torch.cat([z["a"], z["b"]], 1).reshape(-1)
+
+    def newton(z0, th):
+        u = torch.cat([z0["a"], z0["b"]], 1)
+        for _ in range(50):
+            F = lambda v: flat(residual({"a": v.reshape(4, 6)[:, :2], "b": v.reshape(4, 6)[:, 2:]}, th))
+            J = torch.func.jacrev(F)(u.reshape(-1))
+            u = (u.reshape(-1) - torch.linalg.solve(J, F(u.reshape(-1)))).reshape(4, 6)
+        return {"a": u[:, :2], "b": u[:, 2:]}
+
+    th = torch.randn(4, 6, generator=g, requires_grad=True)
+    c = torch.randn(4, 6, generator=g)
+    z0 = {"a": torch.zeros(4, 2), "b": torch.zeros(4, 4)}
+    out, infos = {}, {}
+    for blocks in (1, 4):
+        solve = inn.custom_root(residual, linear_solver=inn.GMRES(rtol=1e-12), blocks=blocks)(newton)
+        z = solve(z0, th)
+        out[blocks] = torch.autograd.grad((flat(z) * c.reshape(-1)).sum(), th)[0]
+    z = newton(z0, th.detach())
+    F = lambda v: flat(residual({"a": v.reshape(4, 6)[:, :2], "b": v.reshape(4, 6)[:, 2:]}, th.detach()))
+    J = torch.func.jacrev(F)(flat(z))
+    exact = torch.linalg.solve(J.T, c.reshape(-1)).reshape(4, 6)   # dr/dth = -I: the gradient is J^{-T} c
+    assert torch.allclose(out[1], exact, atol=1e-10) and torch.allclose(out[4], exact, atol=1e-10)
+    with pytest.raises(ValueError, match="5"):
+        inn.custom_root(residual, blocks=5)(newton)(z0, th)
+    with pytest.raises(ValueError, match="blocks must be a positive integer"):
+        inn.custom_root(residual, blocks=0)

@@ -154,5 +154,6 @@ class IMAML(Algorithm):
         # measures the error it causes instead).
         solve = custom_root(game.pseudo_gradient, linear_solver=self._backward_solver(),
                             symmetric=True if symmetric else None, throw=self.throw, check=False,
-                            warm_start=self.implicit_adjoint().warm_start)(forward)
+                            warm_start=self.implicit_adjoint().warm_start,
+                            blocks=B if penalty is None or not penalty.coupled else 1)(forward)
         return solve(start, theta)
