@@ -386,9 +386,11 @@ class Problem:
         found = f(torch.ones((), dtype=z.dtype, device=z.device).neg())
         return (found[0], *floats.scatter(found[1:]))
 
-    def theta_vjp(self, u: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-        """:math:`-(\\partial_p G)^\\top u`."""
-        floats = _Floating(params)
+    def theta_vjp(self, u: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor],
+                  needed: Optional[Sequence[bool]] = None) -> Tuple[torch.Tensor, ...]:
+        """:math:`-(\\partial_p G)^\\top u`; ``needed`` (optional, per entry of ``params``) skips the
+        entries whose gradient nobody asked for (data that travels in ``theta``)."""
+        floats = _Floating(params, needed)
         if not floats.idx:
             return floats.scatter(())
         if not torch.is_grad_enabled() and not functorch_active():
@@ -413,13 +415,14 @@ class Problem:
 
 
 class _Floating:
-    """The floating-point entries of ``params`` (integer leaves are data, with no derivative): their
+    """The floating-point entries of ``params`` (integer leaves are data, with no derivative; so are
+    the entries ``needed`` marks False): their
     indices and values, ``fill`` to put replacements back in the full list, ``scatter`` to place
     per-entry results (``None`` for the integer entries)."""
 
-    def __init__(self, params: Sequence[torch.Tensor]):
+    def __init__(self, params: Sequence[torch.Tensor], needed: Optional[Sequence[bool]] = None):
         self.params = list(params)
-        self.idx = [i for i, p in enumerate(self.params) if p.is_floating_point()]
+        self.idx = [i for i, p in enumerate(self.params) if p.is_floating_point() and (needed is None or needed[i])]
         self.values = [self.params[i] for i in self.idx]
 
     def fill(self, values: Sequence[torch.Tensor], detach_rest: bool = False) -> List[torch.Tensor]:
@@ -466,7 +469,7 @@ class EquilibriumFn(torch.autograd.Function):
         if not any(ctx.needs_input_grad[2:]):
             return (None, None) + (None,) * len(params)
         u = LinearSolveFn.apply(problem, True, v, z, *params)
-        grads = problem.theta_vjp(u, z, params)
+        grads = problem.theta_vjp(u, z, params, ctx.needs_input_grad[2:])
         return (None, None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])])
 
     @staticmethod
