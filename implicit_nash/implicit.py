@@ -43,6 +43,7 @@ import torch
 from torch.func import vjp, vmap
 
 from ._compat import functorch_active
+from ._tree import all_finite
 from .errors import ConvergenceError, ConvergenceWarning
 from .linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver
 from .solvers import FlatProblem, Solution, Solver, iterate
@@ -224,14 +225,14 @@ class Problem:
         start = start.detach()
         th, sp = params[: self.n_theta], params[self.n_theta:]
         for i, t in enumerate(params):
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 name = "theta" if i < self.n_theta else "a parameter of the strategy set"
                 raise ValueError(f"{name} contains NaN or inf")
         problem = FlatProblem(lambda v: self.F(v, th), lambda v: self.project(v, sp), self.players * self.groups,
                               self.block, self.unconstrained, groups=self.groups)
         problem.name = self.z_name
         problem.check_closure = True
-        if not bool(torch.isfinite(start).all()):
+        if not all_finite(start):
             raise ValueError(f"{self.z_name or 'the initial point'} contains NaN or inf")
         if not self.unconstrained:
             with torch.enable_grad():
@@ -344,7 +345,7 @@ class Problem:
     def linear_solve(self, b: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor],
                      transpose: bool) -> torch.Tensor:
         with torch.no_grad():
-            bad = not bool(torch.isfinite(b).all()) or not bool(torch.isfinite(z).all())
+            bad = not all_finite(b) or not all_finite(z)
         if bad:
             info = LinearSolveInfo(False, 0, 0, math.nan, math.nan, [], "the right-hand side or the solution "
                                    "is not finite", "non_finite")

@@ -42,6 +42,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 
 from . import _collective
+from ._tree import all_finite
 
 __all__ = [
     "LinearOperator", "LinearSolveInfo", "LinearSolver", "CG", "GMRES", "BiCGSTAB", "NormalCG",
@@ -156,7 +157,7 @@ class LinearSolveInfo:
 def _check_b(b: torch.Tensor) -> None:
     if not isinstance(b, torch.Tensor) or b.dim() != 1:
         raise ValueError("b must be a 1-D tensor")
-    if not bool(torch.isfinite(b).all()):
+    if not all_finite(b):
         raise ValueError("the right-hand side b contains NaN or inf")
 
 
