@@ -450,6 +450,7 @@ class CG(LinearSolver):
             if not _finite(curv):
                 return mon.finish(steps, "non_finite", "a product returned NaN or inf")
             if curv <= 0:
+                mon.accept(x, r)  # the last iterate competes for the best one
                 return mon.finish(steps, "breakdown", f"non-positive curvature p'Ap = {curv:.3g}: the operator "
                                   "is not positive definite; use GMRES")
             mon.note_norm(curv / _dot(p, p))  # a Rayleigh quotient: a lower bound of ||A||
@@ -468,6 +469,8 @@ class CG(LinearSolver):
                 mon.history.append(math.sqrt(rs_new))
             p = r + (rs_new / rs) * p
             rs = rs_new
+        else:  # the budget ran out between two full checks: the last iterate competes for the best one
+            mon.accept(x, r)
         return mon.finish(steps)
 
     def _solve_blocks(self, mon):

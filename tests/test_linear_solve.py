@@ -258,3 +258,20 @@ def test_gmres_builds_one_krylov_space_per_block_of_a_stack():
     A_nan[30, 31] = float("nan")
     _, info = inn.GMRES().solve(A_nan, b, groups=3)
     assert info.status == "non_finite" and not info.converged
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5, 11])
+def test_cg_with_a_small_budget_returns_its_last_iterate(steps):
+    """A fixed budget (iMAML's) between two of CG's full checks must not lose the iterate."""
+    torch.manual_seed(2)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
+    A = (Q * torch.linspace(1, 50, 40, dtype=torch.float64)) @ Q.T
+    A = (A + A.T) / 2
+    b = torch.randn(40, dtype=torch.float64)
+    x, info = inn.CG(rtol=0.0, max_steps=steps, check_symmetry=False).solve(A, b)
+    # exact CG iterates in exact arithmetic: compare with a dense Krylov projection of the same size
+    K = torch.stack([torch.linalg.matrix_power(A, k) @ b for k in range(steps)], 1)
+    Qk, _ = torch.linalg.qr(K)
+    y = Qk @ torch.linalg.solve(Qk.T @ A @ Qk, Qk.T @ b)
+    assert info.status == "max_steps" and torch.allclose(x, y, rtol=1e-6, atol=1e-8)
+    assert (A @ x - b).norm() < b.norm()
