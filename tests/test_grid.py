@@ -119,3 +119,15 @@ def test_run_rows_with_grid_on_equals_off(tmp_path):
         assert on[k]["test_mse_mean"] == pytest.approx(off[k]["test_mse_mean"], rel=1e-10)
     again, _ = run_rows(configs, tmp_path / "on", progress=False, grid="on")  # cached
     assert again == on
+
+
+def test_step_size_study_trains_one_grid_per_algorithm(tmp_path):
+    from implicit_nash.cli import main
+    out = tmp_path / "ss"
+    assert main(["reproduce", "step-size", "--algorithms", "cavia", "--values", "0.001", "0.01", "--iterations", "2",
+                 "--seeds", "2", "--eval-every", "2", "--val-tasks", "490", "--test-tasks", "490", "--no-progress",
+                 "--grid", "on", "--out", str(out)]) == 0
+    rep = json.loads((out / "step-size.json").read_text())
+    assert len(rep["rows"]) == 6
+    for r in rep["rows"]:  # plain, p_C and p_R at both step sizes: one grid of 6 rows x 2 seeds
+        assert json.loads((out / "runs" / r["key"] / "metrics.json").read_text())["trained_in_grid"] == 6
