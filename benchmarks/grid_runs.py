@@ -20,7 +20,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from _common import ensure_importable, environment, finish_environment, interleaved_steps, step_timing_args, report_head, write_results
+from _common import (ensure_importable, environment, finish_environment, interleaved_steps, report_head,
+                     step_timing_args, write_results)
 
 ensure_importable()
 

@@ -240,8 +240,8 @@ class Run:
         # elementwise in the run dimension), so one diverging seed does not stop the rest.
         self.optimizer.step()
         if self.state:
-            new = [self.algorithm_of(r).update_state(self.state_of(r), losses[r].detach(), {k: v[r] for k, v in batch.items()})
-                   for r in range(self.runs)]
+            new = [self.algorithm_of(r).update_state(self.state_of(r), losses[r].detach(),
+                                                     {k: v[r] for k, v in batch.items()}) for r in range(self.runs)]
             self.state = tree_map(lambda *xs: torch.stack(xs), *new)
         self.iteration += 1
         return values
