@@ -110,8 +110,9 @@ def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: i
               "seeds": list(range(seeds)), "overrides": overrides or {}, "report_only": report_only,
               "stable_settings": STABLE_SETTINGS, "wall_seconds_this_call": time.time() - t0,
               "command": f"implicit-nash reproduce {name} --iterations {iterations} --seeds {seeds}"
-                         f"{algos_flag} --values {' '.join(f'{v:g}' for v in values)}{flags}",
-              "rows": table}
+                         f"{algos_flag} --values {' '.join(f'{v:g}' for v in values)}{flags}"
+                         f"{'' if grid == 'auto' else f' --grid {grid}'}",
+              "grid": grid, "rows": table}
     write_outputs(out, name, report, _study_markdown(report), lambda path: _study_figure(report, path), log)
     return report
 
