@@ -209,3 +209,43 @@ def fmt_bytes(n: Optional[float]) -> str:
     if abs(n) < 2 ** 20:
         return f"{n / 2 ** 10:.1f} KiB"
     return f"{n / 2 ** 20:.1f} MiB"
+
+
+def interleaved_steps(runs: Dict[str, Sequence[Any]], reps: int, steps: int) -> Dict[str, List[float]]:
+    """Seconds per meta-iteration of each method: ``runs[name]`` is a list of trainer runs stepped one
+    after another ``steps`` times per timed block; the methods alternate in a shuffled order in each
+    of ``reps`` repetitions, after one untimed step (warm-up)."""
+    import random
+    import time
+
+    for group in runs.values():
+        for r in group:
+            r.step()
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        order = list(runs)
+        random.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                for r in runs[name]:
+                    r.step()
+            times[name].append((time.perf_counter() - t0) / steps)
+    return times
+
+
+def step_timing_args(default_reps: int):
+    """The options of the meta-iteration timing benchmarks (``--reps``, ``--steps``, ``--quick``);
+    returns the parsed arguments and the repetitions to run (3 with ``--quick``). Sets one torch thread."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=default_reps)
+    parser.add_argument("--steps", type=int, default=5, help="meta-iterations per timed block")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    return args, 3 if args.quick else args.reps
+

@@ -11,10 +11,8 @@ Usage: ``python benchmarks/vectorised_runs.py [--reps 15] [--quick]``; writes
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import environment  # noqa: E402
+from _common import environment, interleaved_steps, step_timing_args  # noqa: E402
 
 from implicit_nash.meta.config import resolve  # noqa: E402
 from implicit_nash.meta.trainer import Run  # noqa: E402
@@ -38,13 +36,7 @@ ROWS = [("MAML", {"algorithm": "maml"}),
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=5, help="meta-iterations per timed block")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    reps = 3 if args.quick else args.reps
-    torch.set_num_threads(1)
+    args, reps = step_timing_args(15)
     seeds = [0, 1, 2, 3, 4]
     load0 = os.getloadavg()
     t_start = time.time()
@@ -52,22 +44,7 @@ def main() -> int:
     for label, opts in ROWS:
         together = Run(resolve({**opts, "seeds": seeds}))
         alone = [Run(resolve({**opts, "seed": s})) for s in seeds]
-        together.step()
-        for r in alone:
-            r.step()
-        times = {"together": [], "one after another": []}
-        for _ in range(reps):
-            order = list(times)
-            random.shuffle(order)
-            for name in order:
-                t0 = time.perf_counter()
-                for _ in range(args.steps):
-                    if name == "together":
-                        together.step()
-                    else:
-                        for r in alone:
-                            r.step()
-                times[name].append((time.perf_counter() - t0) / args.steps)
+        times = interleaved_steps({"together": [together], "one after another": alone}, reps, args.steps)
         med = {k: statistics.median(v) for k, v in times.items()}
         paired = statistics.median(a / b for a, b in zip(times["one after another"], times["together"]))
         rows.append({"row": label, "together_ms": 1e3 * med["together"],

@@ -156,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch-size, step-size: the grid (default: B 5 10 15 20 25; alpha 1e-4 3e-4 1e-3 3e-3 1e-2)")
     rep.add_argument("--source", default="results",
                      help="trajectories: the directory of the Table 2 runs")
+    rep.add_argument("--grid", choices=["auto", "on", "off"], default="auto",
+                     help="train the rows that differ only in penalty weights and inner step sizes as one grid "
+                          "(one vmap over rows and seeds, one job): on, off, or auto (where it measured faster: "
+                          "CAVIA; see benchmarks/results/grid_runs.md)")
     rep.add_argument("--report-only", action="store_true",
                      help="train nothing: rebuild the table, JSON and figure from the rows already finished")
 
@@ -295,11 +299,11 @@ def _reproduce(args) -> int:
             from .studies import study
             study(args.name, out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
                   algorithms=args.algorithms, values=args.values, progress=not args.no_progress,
-                  overrides=overrides or None, report_only=args.report_only)
+                  overrides=overrides or None, report_only=args.report_only, grid=args.grid)
         else:
             reproduce(args.name, out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
                       algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,
-                      data_root=args.data_root, force=args.force, report_only=args.report_only)
+                      data_root=args.data_root, force=args.force, report_only=args.report_only, grid=args.grid)
     except (ConfigError, DataError, FloatingPointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

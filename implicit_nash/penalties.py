@@ -150,10 +150,14 @@ class CentroidPenalty(Penalty):
         _check_positive("CentroidPenalty.inner_lr", self.inner_lr)
 
     def scale(self, num_players: int) -> float:
-        """:math:`w (B/(\\alpha N))^2`, or :math:`w` without the scale."""
+        """:math:`w (B/(\\alpha N))^2`, or :math:`w` without the scale (a tensor when ``weight`` or
+        ``inner_lr`` is one)."""
+        # a tensor weight or inner_lr (one per run of a grid trained together, see
+        # implicit_nash.meta.grid) stays a tensor; a number is taken as a Python float
+        w = self.weight if isinstance(self.weight, torch.Tensor) else float(self.weight)
         if self.num_tasks is None or self.inner_lr is None:
-            return float(self.weight)
-        return float(self.weight) * (num_players / (self.inner_lr * self.num_tasks)) ** 2
+            return w
+        return w * (num_players / (self.inner_lr * self.num_tasks)) ** 2
 
     def contribution(self, phi_i, anchor):
         return phi_i

@@ -102,6 +102,49 @@ def _run_row(config: Dict[str, Any], out: str) -> Dict[str, Any]:
     return train(config, out, resume=resume, progress=False, log=lambda s: None)
 
 
+def _run_grid(configs: Dict[str, Dict[str, Any]], runs_dir: str) -> Dict[str, Dict[str, Any]]:
+    """Train rows that share shapes as one grid (:mod:`implicit_nash.meta.grid`) in this process (one
+    row: alone); the rows that have finished are cached, and rows whose checkpoints are at different
+    iterations are resumed one by one instead. Returns each row's metrics."""
+    from .meta.grid import train_grid
+    done = {k: finished_run(c, str(Path(runs_dir) / k)) for k, c in configs.items()}
+    todo = [k for k, v in done.items() if v is None]
+    results = {k: v for k, v in done.items() if v is not None}
+    at = {_saved_iteration(Path(runs_dir) / k) for k in todo}
+    if len(todo) >= 2 and len(at) == 1:
+        metrics = train_grid([configs[k] for k in todo], [str(Path(runs_dir) / k) for k in todo])
+        results.update(zip(todo, metrics))
+    else:
+        results.update({k: _run_row(configs[k], str(Path(runs_dir) / k)) for k in todo})
+    return {k: results[k] for k in configs}
+
+
+def _saved_iteration(out: Path) -> int:
+    """The iteration of the checkpoint in ``out`` (0 without one)."""
+    if not (out / "checkpoint.pt").is_file():
+        return 0
+    from .meta.trainer import load_checkpoint
+    return load_checkpoint(out / "checkpoint.pt", "resume")["iteration"]
+
+
+GRID_CHOICES = ("auto", "on", "off")
+
+
+def grid_jobs(configs: Dict[str, Dict[str, Any]], grid: str) -> List[List[str]]:
+    """The rows of ``configs`` in jobs: one row each (``off``), or the rows that share shapes together
+    (``on``: :func:`~implicit_nash.meta.grid.grid_groups`; ``auto``: only for the algorithms where one
+    vmap over the grid measured faster than separate runs, :data:`~implicit_nash.meta.grid.GRID_PAYS`)."""
+    if grid not in GRID_CHOICES:
+        raise ConfigError(f"--grid must be one of {', '.join(GRID_CHOICES)}, got {grid!r}")
+    if grid == "off":
+        return [[k] for k in configs]
+    from .meta.grid import GRID_PAYS, grid_groups
+    if grid == "on":
+        return grid_groups(configs)
+    pays = {k: c for k, c in configs.items() if c["algorithm"] in GRID_PAYS}
+    return grid_groups(pays) + [[k] for k in configs if k not in pays]
+
+
 def _progress(runs_dir: Path, key: str, cap: int) -> int:
     """Iterations on disk of the run ``runs_dir/key``, up to ``cap`` (the budget asked for)."""
     p = runs_dir / key / "progress.json"
@@ -119,8 +162,14 @@ def failure_message(e: BaseException) -> str:
 
 
 def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 1, progress: bool = True,
-             desc: str = "runs", train: bool = True) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+             desc: str = "runs", train: bool = True,
+             grid: str = "off") -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
     """Train every configuration (``runs_dir/<key>``; cached, resumed or extended) on ``jobs`` processes.
+
+    ``grid``: ``off`` trains each row alone (its seeds vmapped); ``on`` trains the rows that differ only
+    in penalty weights and inner step sizes as one grid (one vmap over rows and seeds, in one job;
+    :func:`grid_jobs`); ``auto`` does so where it measured faster (``benchmarks/results/grid_runs.md``).
+    A row's directory is the same either way.
 
     Returns the metrics of the runs that finished and a one-line message for each that failed (the
     others go on). The progress bar counts the iterations on disk (each run's ``progress.json``), so it
@@ -152,26 +201,30 @@ def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 
             bar.n = on_disk()
             bar.refresh()
 
+    groups = grid_jobs(configs, grid)
+
     if jobs == 1:
-        for k in keys:
+        for group in groups:
             try:
-                results[k] = _run_row(configs[k], str(runs_dir / k))
+                results.update(_run_grid({k: configs[k] for k in group}, str(runs_dir)))
             except (FloatingPointError, RuntimeError, ValueError) as e:  # reported; the other runs go on
-                failures[k] = failure_message(e)
+                failures.update({k: failure_message(e) for k in group})
             show()
     else:
         import multiprocessing as mp
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_row, configs[k], str(runs_dir / k)): k for k in keys}
+            futures = {pool.submit(_run_grid, {k: configs[k] for k in group}, str(runs_dir)): group
+                       for group in groups}
             pending = set(futures)
             while pending:
                 # wakes on every finished run, and every 2 s to move the progress bar
                 finished, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
                 for f in finished:
+                    group = futures[f]
                     try:
-                        results[futures[f]] = f.result()
+                        results.update(f.result())
                     except Exception as e:  # reported; the other runs go on
-                        failures[futures[f]] = failure_message(e)
+                        failures.update({k: failure_message(e) for k in group})
                 show()
     if bar is not None:
         bar.n = total
@@ -182,8 +235,10 @@ def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 
 def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: int = 5, jobs: int = 1,
               algorithms: Optional[List[str]] = None, progress: bool = True, data_root: Optional[str] = None,
               overrides: Optional[Dict[str, Any]] = None, force: bool = False,
-              log: Callable[[str], None] = print, report_only: bool = False) -> Dict[str, Any]:
+              log: Callable[[str], None] = print, report_only: bool = False, grid: str = "auto") -> Dict[str, Any]:
     """Run (or finish) a reproduction and write its table, JSON and figure; returns the JSON.
+
+    ``grid``: whether rows that differ only in penalty weights train as one grid (see :func:`run_rows`).
 
     ``out_dir`` may hold this reproduction already: the same budget and rows resume it; another
     budget or set of rows would overwrite its report, which needs ``force=True``.  With
@@ -221,7 +276,7 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
     log(f"reproduce {name}: {budget}; runs in {out / 'runs'}")
     t0 = time.time()
     results, failures = train_rows(name, configs, out, budget, jobs=jobs, progress=progress,
-                                   report_only=report_only, log=log)
+                                   report_only=report_only, log=log, grid=grid)
     report = _report(name, rows, results, budget, iterations, seeds, time.time() - t0, overrides, failures, scale)
     report["report_only"] = report_only
     if algorithms:
@@ -239,12 +294,13 @@ def check_counts(seeds: int, jobs: int) -> None:
 
 
 def train_rows(name: str, configs: Dict[str, Dict[str, Any]], out: Path, budget: str, *, jobs: int, progress: bool,
-               report_only: bool, log: Callable[[str], None]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+               report_only: bool, log: Callable[[str], None],
+               grid: str = "auto") -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
     """:func:`run_rows` for a reproduction in ``out/runs``: logs the budget and each failed row, and raises a
     :class:`ConfigError` when no row has a result."""
     log(f"reproduce {name}: {budget}; runs in {out / 'runs'}")
     results, failures = run_rows(configs, out / "runs", jobs=jobs, progress=progress, desc=f"reproduce {name}",
-                                 train=not report_only)
+                                 train=not report_only, grid=grid)
     for key, msg in failures.items():
         log(f"row {key} failed: {msg}")
     if not results:

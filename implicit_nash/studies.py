@@ -59,8 +59,12 @@ def _variant(row: Dict[str, Any]) -> str:
 def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: int = 5, jobs: int = 1,
           algorithms: Optional[Sequence[str]] = None, values: Optional[Sequence[float]] = None,
           progress: bool = True, overrides: Optional[Dict[str, Any]] = None, report_only: bool = False,
-          log: Callable[[str], None] = print) -> Dict[str, Any]:
+          log: Callable[[str], None] = print, grid: str = "auto") -> Dict[str, Any]:
     """Run (or finish, or only report) the ``batch-size`` or ``step-size`` study of Appendix F.
+
+    ``grid``: whether the rows that share shapes (every row of one algorithm in the step-size study;
+    the rows of one B in the batch-size study) train as one grid, one vmap over rows and seeds
+    (:func:`implicit_nash.reproduce.run_rows`; ``auto``: where it measured faster).
 
     Writes ``DIR/<name>.json``, ``.md`` (the budget, the grid, every row and its paired verdict against
     the plain row at the same value) and ``.png`` (mean and worst-case test MSE with 95% t-intervals
@@ -96,7 +100,7 @@ def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: i
     budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
     t0 = time.time()
     results, failures = train_rows(name, configs, out, budget, jobs=jobs, progress=progress,
-                                   report_only=report_only, log=log)
+                                   report_only=report_only, log=log, grid=grid)
     table = _table(rows, results, failures)
     paired_comparisons(table, results, "mse")
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (overrides or {}).items())
@@ -106,8 +110,9 @@ def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: i
               "seeds": list(range(seeds)), "overrides": overrides or {}, "report_only": report_only,
               "stable_settings": STABLE_SETTINGS, "wall_seconds_this_call": time.time() - t0,
               "command": f"implicit-nash reproduce {name} --iterations {iterations} --seeds {seeds}"
-                         f"{algos_flag} --values {' '.join(f'{v:g}' for v in values)}{flags}",
-              "rows": table}
+                         f"{algos_flag} --values {' '.join(f'{v:g}' for v in values)}{flags}"
+                         f"{'' if grid == 'auto' else f' --grid {grid}'}",
+              "grid": grid, "rows": table}
     write_outputs(out, name, report, _study_markdown(report), lambda path: _study_figure(report, path), log)
     return report
 

@@ -240,10 +240,10 @@ class Algorithm:
         step = self.step_size(theta)
         for k in range(self.inner_steps):
             F = (first if k == 0 else game).pseudo_gradient(phi, theta)
-            if isinstance(step, (int, float)):
-                phi = tree_map(lambda p, f: p - step * f, phi, F)
-            else:
+            if isinstance(step, dict):  # Meta-SGD: a learned step per parameter
                 phi = tree_map(lambda p, f, a: p - a * f, phi, F, step)
+            else:  # a number, or a 0-dim tensor (one per run of a grid: implicit_nash.meta.grid)
+                phi = tree_map(lambda p, f: p - step * f, phi, F)
         return phi
 
     # ----------------------------------------------------------------- the outer level

@@ -124,6 +124,7 @@ class Run:
                                   f"ranks: every rank needs a task; use --meta-batch {dist.get_world_size()} or "
                                   "more, or fewer ranks")
         self.vectorised = len(self.seeds) > 1 and self.algorithm.meta_gradient != "implicit"
+        self.hyper: Dict[str, torch.Tensor] = {}  # per-run hyperparameters (a grid: implicit_nash.meta.grid)
         self.iteration = 0
         self.history: Dict[str, list] = {"iteration": [], "train_loss": [], "val": []}
         self.train_seconds = 0.0
@@ -148,6 +149,14 @@ class Run:
             self.history["iteration"].append(self.iteration)
             self.history["train_loss"].append([a / acc["count"] for a in acc["sum"]])
             self.history["block"] = {"sum": [0.0] * self.runs, "count": 0}
+
+    def algorithm_for(self, hyper: Dict[str, torch.Tensor]):
+        """The algorithm of one run inside the vmap over runs, given its slice of ``self.hyper``."""
+        return self.algorithm
+
+    def algorithm_of(self, r: int):
+        """The algorithm of run ``r`` (evaluation adapts each run's tasks with it)."""
+        return self.algorithm
 
     @property
     def runs(self) -> int:
@@ -193,18 +202,19 @@ class Run:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             if self.vectorised:
-                def one(theta, b, state):
-                    losses = algo.task_losses(model, theta, b)
-                    return algo.outer_loss(losses, b, state), losses
-                outer, losses = torch.func.vmap(one)(self.theta, batch, self.state)
+                def one(theta, b, state, hyper):
+                    a = self.algorithm_for(hyper)
+                    losses = a.task_losses(model, theta, b)
+                    return a.outer_loss(losses, b, state), losses
+                outer, losses = torch.func.vmap(one)(self.theta, batch, self.state, self.hyper)
             elif self.distributed:
                 outer, losses = self._sharded_step(batch)
             else:
                 pairs = []
                 for r in range(self.runs):
                     b = {k: v[r] for k, v in batch.items()}
-                    losses_r = algo.task_losses(model, self.theta_of(r), b)
-                    pairs.append((algo.outer_loss(losses_r, b, self.state_of(r)), losses_r))
+                    losses_r = self.algorithm_of(r).task_losses(model, self.theta_of(r), b)
+                    pairs.append((self.algorithm_of(r).outer_loss(losses_r, b, self.state_of(r)), losses_r))
                 outer = torch.stack([p[0] for p in pairs])
                 losses = torch.stack([p[1] for p in pairs])
             if not self.distributed:
@@ -230,8 +240,8 @@ class Run:
         # elementwise in the run dimension), so one diverging seed does not stop the rest.
         self.optimizer.step()
         if self.state:
-            new = [algo.update_state(self.state_of(r), losses[r].detach(), {k: v[r] for k, v in batch.items()})
-                   for r in range(self.runs)]
+            new = [self.algorithm_of(r).update_state(self.state_of(r), losses[r].detach(),
+                                                     {k: v[r] for k, v in batch.items()}) for r in range(self.runs)]
             self.state = tree_map(lambda *xs: torch.stack(xs), *new)
         self.iteration += 1
         return values
@@ -318,7 +328,7 @@ class Run:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             for r in range(self.runs):
-                results.append(evaluate(self.algorithm, self.model, self.theta_of(r), test, device=self.device,
+                results.append(evaluate(self.algorithm_of(r), self.model, self.theta_of(r), test, device=self.device,
                                         nash=c["eval_penalty"], family=self.tasks, chunk=c["eval_batch"]))
         self._count(caught)
         return results
