@@ -129,10 +129,10 @@ def make_data(seed: int) -> Dict[str, torch.Tensor]:
             "amplitude": batch["amplitude"]}
 
 
-def torch_residual(data: Dict[str, torch.Tensor], workload: str) -> Callable:
+def torch_residual(data: Dict[str, torch.Tensor], workload: str, activation: str = ACT) -> Callable:
     """``F(phi, theta)`` on ``phi`` of shape (B, 1761): the pseudo-gradient of the inner game."""
     x, y = data["x"], data["y"]
-    task_grad = tvmap(tgrad(lambda p, xi, yi: mse(p, xi, yi, ACT)))
+    task_grad = tvmap(tgrad(lambda p, xi, yi: mse(p, xi, yi, activation)))
     k = 2.0 * PR_WEIGHT * B * PR_ROBUSTNESS
 
     def F(phi, theta):
@@ -208,7 +208,7 @@ def check_against_library(data, workload: str, phi: torch.Tensor) -> float:
     return float((ours - ref).norm() / ref.norm())
 
 
-def solve_root(data, workload: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
+def solve_root(data, workload: str, activation: str = ACT) -> Tuple[torch.Tensor, Dict[str, Any]]:
     """phi* by Newton--Krylov from phi_i = theta (nash_pr: warm-started from the iMAML root)."""
     theta = data["theta"]
     t0 = time.perf_counter()
@@ -216,13 +216,13 @@ def solve_root(data, workload: str) -> Tuple[torch.Tensor, Dict[str, Any]]:
     opts = NewtonKrylov(max_steps=60, krylov_steps=100, rtol=1e-14)
     steps = 0
     for w in (["imaml"] if workload == "imaml" else ["imaml", "nash_pr"]):
-        F = torch_residual(data, w)
+        F = torch_residual(data, w, activation)
         res = newton_krylov(lambda v: F(v.reshape(B, -1), theta).reshape(-1), z0, opts,
                             symmetric=w == "imaml", blocks=B if w == "imaml" else 1)
         z0, steps = res.value, steps + res.steps
     seconds = time.perf_counter() - t0
     phi = z0.reshape(B, -1)
-    resid = float(torch_residual(data, workload)(phi, theta).norm())
+    resid = float(torch_residual(data, workload, activation)(phi, theta).norm())
     return phi, {"newton_steps": steps, "status": res.status, "residual": resid,
                  "relative_residual": resid / float(phi.norm()), "seconds": seconds}
 
@@ -380,7 +380,9 @@ def jax_solver(kind: str, tol: float, counter=None) -> Callable:
             "normal_cg": jaxopt.linear_solve.solve_normal_cg}[kind]
     kw = {"tol": tol, "maxiter": MAX_ITER}
     if kind == "gmres":
-        kw.update(restart=RESTART, maxiter=MAX_ITER // RESTART)  # jax's maxiter counts restarts
+        # jax's maxiter counts restarts; 'incremental' (Givens rotations, as implicit_nash's GMRES) may stop
+        # inside a cycle, the default 'batched' always completes the cycle of `restart` products
+        kw.update(restart=RESTART, maxiter=MAX_ITER // RESTART, solve_method="incremental")
     if counter is None:
         return partial(base, **kw)
 
@@ -504,6 +506,10 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
     data = make_data(args.seed)
     phi_star, forward = solve_root(data, workload)
     print(f"  root: {forward}", flush=True)
+    relu = None
+    if workload == "imaml":  # ReLU's situation, for the record: no root to differentiate at
+        _, relu = solve_root(data, workload, "relu")
+        print(f"  the same with ReLU: {relu}", flush=True)
     library_gap = check_against_library(data, workload, phi_star)
     t0 = time.perf_counter()
     ref = dense_reference(data, workload, phi_star)
@@ -528,15 +534,35 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
                 make_torchopt(data, phi_star, workload, kind, tol, infos[name], count=True)()
             elif lib == "jaxopt":
                 infos[name]["products"] = count_jax_products(data, phi_star, workload, kind, tol)
+            if lib != "ours" and kind == "normal_cg":
+                # the counted matvec runs once per normal product A^T A x; A^T is its vjp (not counted)
+                infos[name]["normal_products"] = infos[name]["products"]
+                infos[name]["products"] = 2 * infos[name]["products"]
             print(f"  {name:28s} rel. error {errors[name]:.2e}  products {infos[name].get('products')}", flush=True)
     main_names = [n for n, *_ in methods][:3 if workload == "imaml" else 2]
     bad = {n: e for n, e in errors.items() if not e <= bounds[n]}
     if any(n in bad for n in main_names):
         raise SystemExit(f"inaccurate hypergradients: {bad}")
 
+    # A floor for the torch methods, timed with them: as many bare products as ours' main row makes,
+    # each one torch.autograd.grad through one cached graph of F (no Krylov arithmetic, no wrapping)
+    n_floor = sum(infos[main_names[0]]["products"])
+    with torch.enable_grad():
+        z_floor = phi_star.clone().requires_grad_(True)
+        G_floor = torch_residual(data, workload)(z_floor, data["theta"])
+    u_floor = torch.randn(phi_star.shape, generator=torch.Generator().manual_seed(7), dtype=phi_star.dtype)
+
+    def product_floor():
+        out = u_floor
+        for _ in range(n_floor):
+            out = torch.autograd.grad(G_floor, z_floor, u_floor, retain_graph=True)[0]
+        return out, {}
+
+    fns["floor"] = product_floor
+
     # timed runs, interleaved in a shuffled order
     rng = np.random.default_rng(args.seed)
-    names = [n for n, *_ in methods]
+    names = [n for n, *_ in methods] + ["floor"]
     totals: Dict[str, List[float]] = {n: [] for n in names}
     phases: Dict[str, Dict[str, List[float]]] = {n: {} for n in names}
     ours_products: Dict[str, List[Any]] = {n: [] for n in names if n.startswith("ours")}
@@ -562,7 +588,7 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "problem.pt")
             torch.save({"data": data, "phi_star": phi_star, "workload": workload}, path)
-            for n in names:
+            for n in names[:-1]:
                 memory[n] = measure_memory(n, path, json.dumps(options))
                 print(f"  memory {n:28s} +{fmt_bytes(memory[n]['peak_increase_bytes'])}", flush=True)
 
@@ -592,7 +618,10 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
                 "ours/jaxopt": ratio(o2, j2), "ours/jaxopt paired": paired(o2, j2),
                 "torchopt/ours": ratio(t2, o2), "torchopt/ours paired": paired(t2, o2),
                 "methods": {"ours": o2, "jaxopt": j2, "torchopt": t2}}
-    return {"workload": workload, "forward": forward, "dense_reference_s": ref_s,
+    floor = {"products": n_floor, "median_ms": med["floor"], "ms_per_product": med["floor"] / n_floor,
+             "method": "torch.autograd.grad(F(z), z, u, retain_graph=True) on one cached graph, in a Python loop"}
+    return {"workload": workload, "forward": forward, "relu_forward": relu, "dense_reference_s": ref_s,
+            "torch_product_floor": floor,
             "residual_gap_vs_implicit_nash_meta": library_gap,
             "reference": {k: v for k, v in ref.items() if k != "hypergradient"},
             "methods": {n: {"library": lib, "solver": kind, "tol": tol, "rel_error": errors[n],
@@ -618,6 +647,13 @@ def products_cell(m: Dict[str, Any]) -> str:
         note = "" if len(distinct) <= 1 else f" (varied over timed calls: {[list(c) for c in distinct]})"
         return f"{sum(p) if p else p}{note}"
     return str(p)
+
+
+def per_product(m: Dict[str, Any]) -> str:
+    """The whole call's median divided by its products (an upper bound on the cost of one product)."""
+    p = m["info"].get("products")
+    n = sum(p) if isinstance(p, list) else p
+    return f"{m['median_ms'] / n:.2f}" if n else "n/a"
 
 
 def render(result: Dict[str, Any]) -> List[str]:
@@ -654,6 +690,13 @@ def render(result: Dict[str, Any]) -> List[str]:
                   f"{w['dense_reference_s']:.0f} s; structured Jacobian vs torch.func.jvp of F: "
                   f"{ref['structure_gap']:.1e}; our torch residual vs implicit_nash.meta's game: "
                   f"{w['residual_gap_vs_implicit_nash_meta']:.1e}.", ""]
+        if w.get("relu_forward"):
+            rl = w["relu_forward"]
+            lines += [f"With ReLU instead of tanh (same tasks, same theta, same Newton--Krylov options) the inner "
+                      f"solve ends with status '{rl['status']}' at ||F|| = {rl['residual']:.2g} after "
+                      f"{rl['newton_steps']} Newton steps: the minimiser sits on a kink of the support loss, no root "
+                      f"exists, and an implicit hypergradient has no exact value to be checked against; the "
+                      f"workloads therefore use tanh.", ""]
         rows = []
         for n, m in w["methods"].items():
             ph = m["phase_median_ms"]
@@ -662,10 +705,14 @@ def render(result: Dict[str, Any]) -> List[str]:
                 LABEL[m["library"]], m["solver"], f"{m['tol']:g}", f"{m['median_ms']:.1f}",
                 f"{ph['forward']:.1f}" if "forward" in ph else "(one program)",
                 f"{ph['backward']:.1f}" if "backward" in ph else "(one program)",
-                products_cell(m), fmt_bytes(mem["peak_increase_bytes"]) if mem else "n/a",
+                products_cell(m), per_product(m), fmt_bytes(mem["peak_increase_bytes"]) if mem else "n/a",
                 f"{m['rel_error']:.1e}" + ("" if m["accurate"] else f" ✗ (> {m['error_bound']:.0e})")])
         lines += table(["method", "linear solver", "rtol", "ms / hypergradient", "fwd ms", "bwd ms",
-                        "products", "peak RSS +", "rel. error vs dense"], rows)
+                        "products", "ms / product", "peak RSS +", "rel. error vs dense"], rows)
+        fl = w["torch_product_floor"]
+        lines += ["", f"Floor of eager torch products (timed interleaved with the methods): {fl['products']} bare "
+                  f"products (as many as implicit_nash's main row makes), each `torch.autograd.grad` through one "
+                  f"cached graph of F, take {fl['median_ms']:.1f} ms, {fl['ms_per_product']:.2f} ms per product."]
         lines += ["", "| comparison | ours / JAXopt-jit | (paired) | torchopt / ours | (paired) | goals |",
                   "|---|---:|---:|---:|---:|---|"]
         for k, r in w["ratios"].items():
@@ -685,8 +732,13 @@ def render(result: Dict[str, Any]) -> List[str]:
         "`torch.autograd.grad` of the meta-loss (torch); JAX runs the whole `jax.grad` as one compiled program.",
         "- *products*: products with the Jacobian (or its transpose) inside the linear solve of one hypergradient. "
         "implicit_nash: `LinearSolveInfo.matvecs`; torchopt/JAXopt: counted wrappers around the `matvec` their "
-        "custom_root hands to the solve (JAXopt's through `jax.debug.callback` in a separate jitted program; normal-equation CG counts A and A^T products both). Besides these, each "
-        "library builds the vjp of F once and takes one vjp in theta.",
+        "custom_root hands to the solve (JAXopt's through `jax.debug.callback` in a separate jitted program). "
+        "Normal-equation CG: implicit_nash counts A and A^T products; the peers apply A^T as the vjp of the counted "
+        "matvec, so their column is twice the counted calls. Besides these, each library builds the vjp of F once "
+        "and takes one vjp in theta.",
+        "- JAXopt GMRES runs `solve_method='incremental'` (Givens rotations, may stop inside a restart cycle, as "
+        "implicit_nash's GMRES does); JAX's default 'batched' always completes a cycle of `restart` products "
+        f"(measured in a smoke run: 53 products and ~8x our time at restart {RESTART}).",
         "- Stopping rules differ at the same rtol: JAXopt/torchopt stop at ||r|| <= rtol ||b||, implicit_nash at "
         "||r|| <= rtol (Â ||x|| + ||b||) (Â a lower estimate of ||A||); the relative errors against the dense "
         "answer show what each reached.",
