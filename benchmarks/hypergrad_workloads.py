@@ -21,7 +21,9 @@ implicit gradient is then an approximation whatever the solver, and no dense ref
    the game to have an isolated equilibrium with an MLP): player ``i`` minimises
    ``MSE_i(phi_i) + lam/2 ||phi_i - theta||^2 + p_R(theta, phi_i, phi_-i)``.  Its Jacobian is not
    symmetric (p_R couples the tasks), so the backward uses GMRES where the library has one
-   (implicit_nash ``GMRES``, ``jaxopt.linear_solve.solve_gmres``; restart 50 in both); torchopt has
+   (implicit_nash ``GMRES`` at its default restart 50, ``jaxopt.linear_solve.solve_gmres`` at jax's
+   default restart 20 with ``solve_method="incremental"``, JAX's best setting here, see
+   ``JAX_GMRES_NOTE``); torchopt has
    no GMRES, so it runs ``torchopt.linear_solve.solve_normal_cg`` (CG on the normal equations), and
    for a like-for-like view all three libraries are also run with normal-equation CG and the two
    that have one with BiCGSTAB.
@@ -33,7 +35,9 @@ a residual ~1e-13 and every library's decorated solver returns its start, which 
 every timed call is the implicit backward plus the library's wrapping (the Newton--Krylov forward
 time is reported separately).  implicit_nash is called through its public ``custom_root`` on the
 stacked problem (one flat system of 44,025 unknowns, one stopping rule), like the peers;
-``check=False`` as JAXopt and torchopt do not check the root either.
+``check=False`` as JAXopt and torchopt do not check the root either.  For iMAML one more row calls
+it on one task's problem under ``torch.func.vmap`` over the 25 tasks (one block-diagonal solve
+whose blocks each stop on their own tolerance).
 
 Checked before timing: every hypergradient against a dense float64 reference, ``torch.linalg.solve``
 on the materialised Jacobian (``imaml``: the 25 blocks ``H_i + lam I``; ``nash_pr``: the 25 diagonal
@@ -111,7 +115,16 @@ B, SHOTS, QUERIES = 25, 10, 10
 LAM = 20.0
 PR_WEIGHT, PR_ROBUSTNESS, PR_C = 0.01, 2, 1e-8
 MAX_ITER = 5000        # product cap of every Krylov solve (generous: no solve should reach it)
-RESTART = 50           # GMRES restart, implicit_nash's default; JAXopt's set to the same
+RESTART = 50           # implicit_nash's GMRES restart (its default)
+JAX_RESTART = 20       # JAXopt's GMRES restart (jax.scipy's default)
+JAX_GMRES_NOTE = (
+    "JAXopt GMRES runs jax.scipy's default restart 20 with `solve_method='incremental'` (Givens rotations, may "
+    "stop inside a cycle, as implicit_nash's GMRES does), its best setting measured on this problem (smoke run at "
+    "load ~8, min of 3 calls, relative error vs a tight solve): incremental/20 66 ms (1.1e-10), batched/20 168 ms "
+    "(1.1e-10), batched/30 390 ms, batched/50 1,333 ms (the batched method always completes a cycle of `restart` "
+    "products), incremental/30 and /50 4,962 and 6,964 ms, stagnating at 3.8e-9 (above the 1e-7 acceptance "
+    "bound, but short of rtol 1e-10 after 400 products). implicit_nash keeps its default restart 50 (it "
+    "converges within the first cycle).")
 LAYERS = [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]  # as _sinusoid.LAYER_SHAPES
 ACT = "tanh"
 
@@ -340,6 +353,40 @@ def make_ours(data, phi_star, workload, kind, tol, options, info):
     return hypergradient
 
 
+def make_ours_vmap(data, phi_star, workload, kind, tol, options, info):
+    """iMAML only: custom_root of ONE task's problem, torch.func.vmap-ped over the tasks (the layer then
+    solves the 25 systems as one block-diagonal system whose blocks each stop on their own tolerance)."""
+    if workload != "imaml":
+        raise ValueError("the vmapped variant is for the uncoupled iMAML problem only")
+    loss = torch_meta_loss(data)
+    log: List = []
+    solver = ours_linear_solver(kind, tol, options, log)
+
+    def F1(z, args):
+        th, x, y = args
+        return tgrad(lambda p: mse(p, x, y, ACT))(z) + LAM * (z - th)
+
+    root_kw = {"linear_solver": solver, "symmetric": True, "check": False}
+    root_kw.update(options.get("custom_root", {}))
+    solve = torch.func.vmap(inn.custom_root(F1, **root_kw)(lambda z0, a: z0), in_dims=(0, (None, 0, 0)))
+    theta = data["theta"].clone().requires_grad_(True)
+    start = phi_star.clone()
+
+    def hypergradient():
+        log.clear()
+        t0 = time.perf_counter()
+        phi = solve(start, (theta, data["x"], data["y"]))
+        t1 = time.perf_counter()
+        (g,) = torch.autograd.grad(loss(phi), theta)
+        t2 = time.perf_counter()
+        info["products"] = [i.matvecs for i in log]
+        info["steps"] = [i.steps for i in log]
+        info["status"] = [i.status for i in log]
+        return g, {"forward": t1 - t0, "backward": t2 - t1}
+
+    return hypergradient
+
+
 def make_torchopt(data, phi_star, workload, kind, tol, info, count=False):
     F = torch_residual(data, workload)
     loss = torch_meta_loss(data)
@@ -380,9 +427,9 @@ def jax_solver(kind: str, tol: float, counter=None) -> Callable:
             "normal_cg": jaxopt.linear_solve.solve_normal_cg}[kind]
     kw = {"tol": tol, "maxiter": MAX_ITER}
     if kind == "gmres":
-        # jax's maxiter counts restarts; 'incremental' (Givens rotations, as implicit_nash's GMRES) may stop
-        # inside a cycle, the default 'batched' always completes the cycle of `restart` products
-        kw.update(restart=RESTART, maxiter=MAX_ITER // RESTART, solve_method="incremental")
+        # JAX's own default restart (20) and its faster solve_method on this problem (see JAX_GMRES_NOTE);
+        # jax's maxiter counts restarts
+        kw.update(restart=JAX_RESTART, maxiter=MAX_ITER // JAX_RESTART, solve_method="incremental")
     if counter is None:
         return partial(base, **kw)
 
@@ -441,7 +488,7 @@ def count_jax_products(data, phi_star, workload, kind, tol) -> int:
 def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]]:
     """(name, library, linear solver, tolerance) of every method of a workload."""
     if workload == "imaml":
-        rows = [(lib, "cg", 1e-10) for lib in ("ours", "torchopt", "jaxopt")]
+        rows = [(lib, "cg", 1e-10) for lib in ("ours", "torchopt", "jaxopt", "ours_vmap")]
         if loose:
             rows += [(lib, "cg", 1e-6) for lib in ("ours", "torchopt", "jaxopt")]
     else:
@@ -454,6 +501,8 @@ def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]
 def build(name: str, data, phi_star, workload, options, info):
     lib, kind, tol = name.split(":")
     tol = float(tol)
+    if lib == "ours_vmap":
+        return make_ours_vmap(data, phi_star, workload, kind, tol, options, info)
     if lib == "ours":
         return make_ours(data, phi_star, workload, kind, tol, options, info)
     if lib == "torchopt":
@@ -534,7 +583,7 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
                 make_torchopt(data, phi_star, workload, kind, tol, infos[name], count=True)()
             elif lib == "jaxopt":
                 infos[name]["products"] = count_jax_products(data, phi_star, workload, kind, tol)
-            if lib != "ours" and kind == "normal_cg":
+            if lib in ("torchopt", "jaxopt") and kind == "normal_cg":
                 # the counted matvec runs once per normal product A^T A x; A^T is its vjp (not counted)
                 infos[name]["normal_products"] = infos[name]["products"]
                 infos[name]["products"] = 2 * infos[name]["products"]
@@ -601,8 +650,7 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
     tol_groups = sorted({tol for *_, tol in methods}, reverse=True)
     ratios = {}
     for tol in tol_groups:
-        by_lib = {lib: n for n, lib, kind, t in methods if t == tol and kind in ("cg", "gmres", "normal_cg")
-                  and not (lib != "torchopt" and workload == "nash_pr" and kind == "normal_cg")}
+        by_lib = {lib: n for n, lib, kind, t in methods if t == tol and lib in ("ours", "torchopt", "jaxopt")}
         if workload == "nash_pr":
             by_lib = {"ours": f"ours:gmres:{tol:g}", "jaxopt": f"jaxopt:gmres:{tol:g}",
                       "torchopt": f"torchopt:normal_cg:{tol:g}"}
@@ -636,12 +684,12 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
 # Report
 # --------------------------------------------------------------------------------------------
 
-LABEL = {"ours": "implicit_nash custom_root", "torchopt": "torchopt custom_root", "jaxopt": "JAXopt custom_root, jit"}
+LABEL = {"ours": "implicit_nash custom_root", "ours_vmap": "implicit_nash custom_root, vmapped over tasks", "torchopt": "torchopt custom_root", "jaxopt": "JAXopt custom_root, jit"}
 
 
 def products_cell(m: Dict[str, Any]) -> str:
     p = m["info"].get("products")
-    if m["library"] == "ours":
+    if m["library"].startswith("ours"):
         per_call = m["products_per_timed_call"] or []
         distinct = sorted({tuple(c) for c in per_call})
         note = "" if len(distinct) <= 1 else f" (varied over timed calls: {[list(c) for c in distinct]})"
@@ -736,9 +784,7 @@ def render(result: Dict[str, Any]) -> List[str]:
         "Normal-equation CG: implicit_nash counts A and A^T products; the peers apply A^T as the vjp of the counted "
         "matvec, so their column is twice the counted calls. Besides these, each library builds the vjp of F once "
         "and takes one vjp in theta.",
-        "- JAXopt GMRES runs `solve_method='incremental'` (Givens rotations, may stop inside a restart cycle, as "
-        "implicit_nash's GMRES does); JAX's default 'batched' always completes a cycle of `restart` products "
-        f"(measured in a smoke run: 53 products and ~8x our time at restart {RESTART}).",
+        "- " + JAX_GMRES_NOTE,
         "- Stopping rules differ at the same rtol: JAXopt/torchopt stop at ||r|| <= rtol ||b||, implicit_nash at "
         "||r|| <= rtol (Â ||x|| + ||b||) (Â a lower estimate of ||A||); the relative errors against the dense "
         "answer show what each reached.",
