@@ -60,12 +60,14 @@ Usage (from the repository root; peers from benchmarks/requirements-peers.txt)::
 
 ``--ours-options`` (JSON) passes extra keyword options to implicit_nash: ``"linear_solver"`` to every
 linear solver it builds, ``"CG"``/``"GMRES"``/``"BiCGSTAB"``/``"NormalCG"`` to that class only,
-``"custom_root"`` to ``implicit_nash.custom_root``.
+``"custom_root"`` to ``implicit_nash.custom_root``; the same keys under ``"imaml"`` or ``"nash_pr"``
+apply to that workload only, e.g. ``'{"imaml": {"custom_root": {"warm_start": true}}}'``.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.metadata as _metadata
+import inspect
 import json
 import os
 import subprocess
@@ -127,6 +129,8 @@ JAX_GMRES_NOTE = (
     "converges within the first cycle).")
 LAYERS = [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]  # as _sinusoid.LAYER_SHAPES
 ACT = "tanh"
+#: whether this implicit_nash has custom_root(blocks=...) (a stack of independent problems)
+HAS_BLOCKS = "blocks" in inspect.signature(inn.custom_root).parameters
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,12 +331,18 @@ def ours_linear_solver(kind: str, tol: float, options: Dict[str, Any], log: List
     return Recorded(**kwargs)
 
 
-def make_ours(data, phi_star, workload, kind, tol, options, info):
+def make_ours(data, phi_star, workload, kind, tol, options, info, blocks=False):
+    """implicit_nash's custom_root on the stacked problem; ``blocks``: declare the B tasks independent
+    blocks (``custom_root(blocks=B)``: a Krylov space per block; iMAML only, its tasks are uncoupled)."""
     F = torch_residual(data, workload)
     loss = torch_meta_loss(data)
     log: List = []
     solver = ours_linear_solver(kind, tol, options, log)
     root_kw = {"linear_solver": solver, "symmetric": True if workload == "imaml" else False, "check": False}
+    if blocks:
+        if workload != "imaml":
+            raise ValueError("blocks=B declares the tasks independent: the p_R game couples them")
+        root_kw["blocks"] = B
     root_kw.update(options.get("custom_root", {}))
     solve = inn.custom_root(F, **root_kw)(lambda z0, th: z0)
     theta = data["theta"].clone().requires_grad_(True)
@@ -489,6 +499,8 @@ def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]
     """(name, library, linear solver, tolerance) of every method of a workload."""
     if workload == "imaml":
         rows = [(lib, "cg", 1e-10) for lib in ("ours", "torchopt", "jaxopt", "ours_vmap")]
+        if HAS_BLOCKS:
+            rows.append(("ours_blocks", "cg", 1e-10))
         if loose:
             rows += [(lib, "cg", 1e-6) for lib in ("ours", "torchopt", "jaxopt")]
     else:
@@ -501,6 +513,8 @@ def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]
 def build(name: str, data, phi_star, workload, options, info):
     lib, kind, tol = name.split(":")
     tol = float(tol)
+    if lib == "ours_blocks":
+        return make_ours(data, phi_star, workload, kind, tol, options, info, blocks=True)
     if lib == "ours_vmap":
         return make_ours_vmap(data, phi_star, workload, kind, tol, options, info)
     if lib == "ours":
@@ -550,8 +564,17 @@ def rel_err(x, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm())
 
 
+def options_for(options: Dict[str, Any], workload: str) -> Dict[str, Any]:
+    """The --ours-options of one workload: the common entries, updated by those under its name."""
+    merged = {k: dict(v) for k, v in options.items() if k not in ("imaml", "nash_pr")}
+    for k, v in options.get(workload, {}).items():
+        merged[k] = {**merged.get(k, {}), **v}
+    return merged
+
+
 def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]:
     print(f"== {workload}", flush=True)
+    options = options_for(options, workload)
     data = make_data(args.seed)
     phi_star, forward = solve_root(data, workload)
     print(f"  root: {forward}", flush=True)
@@ -660,6 +683,13 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
             "torchopt/ours": ratio(t, o), "torchopt/ours paired": paired(t, o),
             "goal ours/jaxopt <= 1": ratio(o, j) <= 1.0, "goal torchopt/ours >= 2": ratio(t, o) >= 2.0,
             "methods": by_lib}
+        ob = f"ours_blocks:cg:{tol:g}"
+        if ob in med:
+            ratios[f"tol {tol:g}, implicit_nash with custom_root(blocks={B})"] = {
+                "ours/jaxopt": ratio(ob, j), "ours/jaxopt paired": paired(ob, j),
+                "torchopt/ours": ratio(t, ob), "torchopt/ours paired": paired(t, ob),
+                "goal ours/jaxopt <= 1": ratio(ob, j) <= 1.0, "goal torchopt/ours >= 2": ratio(t, ob) >= 2.0,
+                "methods": {"ours": ob, "jaxopt": j, "torchopt": t}}
         if workload == "nash_pr":
             o3 = min((f"ours:{k}:{tol:g}" for k in ("gmres", "bicgstab")), key=med.get)
             j3 = min((f"jaxopt:{k}:{tol:g}" for k in ("gmres", "bicgstab")), key=med.get)
@@ -691,7 +721,8 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
 # Report
 # --------------------------------------------------------------------------------------------
 
-LABEL = {"ours": "implicit_nash custom_root", "ours_vmap": "implicit_nash custom_root, vmapped over tasks", "torchopt": "torchopt custom_root", "jaxopt": "JAXopt custom_root, jit"}
+LABEL = {"ours": "implicit_nash custom_root", "ours_vmap": "implicit_nash custom_root, vmapped over tasks",
+         "ours_blocks": f"implicit_nash custom_root(blocks={B})", "torchopt": "torchopt custom_root", "jaxopt": "JAXopt custom_root, jit"}
 
 
 def products_cell(m: Dict[str, Any]) -> str:
@@ -848,7 +879,8 @@ def main(argv=None) -> int:
            "implicit_nash": inn.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "load_average_at_start": list(os.getloadavg()), "reps": args.reps, "warmup": args.warmup,
-           "ours_options": args.ours_options}
+           "ours_options": args.ours_options, "ours_options_per_workload": {
+               w: options_for(options, w) for w in ("imaml", "nash_pr")}}
     workloads = ["imaml", "nash_pr"] if args.workload == "all" else [args.workload]
     result = {"env": env, "workloads": [run_workload(w, args, options) for w in workloads]}
     finish_environment(env)
