@@ -57,6 +57,10 @@ SINGULAR = 0.05
 
 DEFAULT_MAX_STEPS = 1000
 
+#: GMRES orthogonalises a second time when the first pass leaves less than this fraction of the norm
+#: (Daniel, Gragg, Kaufman and Stewart 1976: "twice is enough"; 1/sqrt(2) is the usual threshold).
+_REORTH = 0.7071
+
 #: CG refreshes its stopping threshold (and records its best iterate) every this many iterations.
 _CG_CHECK = 10
 
@@ -520,7 +524,8 @@ class CG(LinearSolver):
 class GMRES(LinearSolver):
     """Restarted GMRES (Saad and Schultz 1986) for general non-singular operators.
 
-    The Arnoldi basis is orthogonalised twice (classical Gram--Schmidt with reorthogonalisation);
+    The Arnoldi basis is orthogonalised by classical Gram--Schmidt, a second time when the first pass
+    cancels more than a factor :math:`1/\\sqrt 2` of the norm (the DGKS criterion);
     the small least-squares problem is updated with Givens rotations.  ``restart`` is the Krylov
     dimension before a restart; ``max_steps`` bounds the total number of products.  The true
     residual is measured at every restart and the best iterate is kept.
@@ -555,12 +560,16 @@ class GMRES(LinearSolver):
                 w = mon(V[j], track=not single)
                 steps += 1
                 basis = V[: j + 1]
+                wn = _norm(w)
                 h = _collective.allsum(basis @ w)
                 w = w - h @ basis
-                h2 = _collective.allsum(basis @ w)  # second pass: keeps the basis orthogonal to working precision
-                w = w - h2 @ basis
-                col = (h + h2).tolist()
                 hn = _norm(w)
+                if hn < _REORTH * wn:  # cancellation: a second pass restores orthogonality (DGKS criterion)
+                    h2 = _collective.allsum(basis @ w)
+                    w = w - h2 @ basis
+                    h = h + h2
+                    hn = _norm(w)
+                col = h.tolist()
                 if not (_finite(hn) and all(map(_finite, col))):
                     status = "non_finite"
                     break
