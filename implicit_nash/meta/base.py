@@ -35,6 +35,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as nnf
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, vmap
 
 from .. import _collective
@@ -295,7 +296,29 @@ class Algorithm:
         """Each task's query loss after adaptation on its support set, shape (B,).
 
         ``metric="accuracy"`` returns each task's query accuracy instead (evaluation).
+
+        When the tasks are looped over (``task_vectorisation``), uncoupled (no penalty) and the
+        meta-gradient is being recorded, each task's meta-gradient is computed as soon as its loss
+        is, and its graph freed: the returned losses carry these gradients to ``theta``'s leaves
+        (exact for any outer loss built from them, e.g. a mean or TR-MAML's weighting), so that one
+        task's graph is alive at a time instead of the whole batch's. They support one backward
+        pass (``.backward()`` or ``torch.autograd.grad``), not a second-order one.
         """
+        mode_ = self.meta_gradient if mode is None else mode
+        leaves = [t for t in tree_leaves(theta) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if (metric is None and leaves and torch.is_grad_enabled() and self.inner_penalty(nash) is None
+                and self._loops(model, batch["x_query"], mode_)
+                and not any(isinstance(v, torch.Tensor) and v.requires_grad for v in batch.values())):
+            out = []
+            for i in range(batch["x_query"].shape[0]):
+                one = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                loss = self._task_losses(model, theta, one, nash, mode, metric)[0]
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                out.append(_Precomputed.apply(loss.detach(), grads, *leaves))
+            return torch.stack(out)
+        return self._task_losses(model, theta, batch, nash, mode, metric)
+
+    def _task_losses(self, model, theta, batch, nash, mode, metric):
         phi = self.adapt(model, theta, batch["x_support"], batch["y_support"], nash=nash, mode=mode)
         kind = self.loss
 
@@ -351,3 +374,18 @@ class _LoopedGame:
         if self.rest is not None:
             F = tree_map(torch.add, F, self.rest.pseudo_gradient(phi, theta))
         return F
+
+
+class _Precomputed(torch.autograd.Function):
+    """A loss value whose gradients with respect to ``leaves`` were computed already (``grads``):
+    the backward scales them by the incoming gradient. First order only."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *leaves):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return (None, None) + tuple(None if gi is None else g * gi for gi in ctx.grads)
