@@ -328,10 +328,14 @@ class Algorithm:
                 return (pred.argmax(-1) == y_i).to(pred.dtype).mean()
             return _task_loss(kind, pred, y_i)
 
-        if self._loops(model, batch["x_query"], self.meta_gradient if mode is None else mode):
-            return torch.stack([query_loss(tree_map(lambda t: t[i], phi), batch["x_query"][i], batch["y_query"][i])
-                                for i in range(batch["x_query"].shape[0])])
-        return vmap(query_loss)(phi, batch["x_query"], batch["y_query"])
+        return self.map_tasks(model, query_loss, phi, batch["x_query"], batch["y_query"], mode=mode)
+
+    def map_tasks(self, model, fn, phi, *data, mode: Optional[str] = None):
+        """``fn(phi_i, *data_i)`` for every task, stacked: vmapped, or looped over the tasks when
+        ``task_vectorisation`` says so for this network (``mode`` as in :meth:`adapt`)."""
+        if self._loops(model, data[0], self.meta_gradient if mode is None else mode):
+            return torch.stack([fn(tree_map(lambda t: t[i], phi), *(d[i] for d in data)) for i in range(data[0].shape[0])])
+        return vmap(fn)(phi, *data)
 
     def init_state(self, num_tasks: int, like: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Outer-level state other than theta (TR-MAML's task probabilities); empty by default."""
