@@ -120,23 +120,12 @@ def time_methods(device, names, size, steps, meta_batch, reps, iters, l2l):
         order = list(names)
         rng.shuffle(order)
         for n in order:
-            m = methods[n]
-            with torch.no_grad():
-                for k, v in m.params.items():
-                    v.copy_(init[n][k])
-            m.opt = torch.optim.Adam(list(m.params.values()), lr=P.OUTER_LR)
             if device.type == "cuda" and rep == 0:
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                m.opt.zero_grad()
-                m.forward_backward(batch)
-                m.opt.step()
-            _sync(device)
+            seconds = P.restart_and_time(methods[n], init[n], batch, iters, sync=lambda: _sync(device))
             if rep:
-                times[n].append((time.perf_counter() - t0) / iters)
+                times[n].append(seconds)
             elif device.type == "cuda":
                 peak[n] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     med = {n: statistics.median(v) for n, v in times.items()}

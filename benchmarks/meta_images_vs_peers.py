@@ -144,6 +144,23 @@ class Loop:
         return loss.detach()
 
 
+def restart_and_time(m, init, batch, iters: int, sync=lambda: None) -> float:
+    """Reset ``m``'s parameters to ``init`` and its Adam, run ``iters`` meta-iterations; seconds per
+    iteration (``sync`` waits for the device)."""
+    with torch.no_grad():
+        for k, v in m.params.items():
+            v.copy_(init[k])
+    m.opt = torch.optim.Adam(list(m.params.values()), lr=OUTER_LR)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        m.opt.zero_grad()
+        m.forward_backward(batch)
+        m.opt.step()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
 def import_l2l(path):
     if path:
         sys.path.insert(0, path)
@@ -277,18 +294,9 @@ def main() -> None:
         order = list(methods)
         rng.shuffle(order)
         for name in order:
-            m = methods[name]
-            with torch.no_grad():
-                for k, v in m.params.items():
-                    v.copy_(init[k])
-            m.opt = torch.optim.Adam(list(m.params.values()), lr=OUTER_LR)
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                m.opt.zero_grad()
-                m.forward_backward(batch)
-                m.opt.step()
+            seconds = restart_and_time(methods[name], init, batch, args.iters)
             if rep:
-                times[name].append((time.perf_counter() - t0) / args.iters)
+                times[name].append(seconds)
         if rep:
             print(f"  rep {rep}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in methods), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
