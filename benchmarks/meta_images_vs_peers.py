@@ -9,8 +9,13 @@ preset), float32, CPU, one thread.
 
 Methods:
 
-* ``implicit_nash MAML``: ``MAML(inner_steps=5, inner_lr=0.01, loss="cross_entropy")``, both tasks at
-  once (vmapped); ``task_losses`` -> ``outer_loss`` -> ``backward`` -> ``Adam.step``;
+* ``implicit_nash MAML``: ``MAML(inner_steps=5, inner_lr=0.01, loss="cross_entropy")`` with its default
+  ``task_vectorisation="auto"``, which for a convolutional network on the CPU loops over the tasks with
+  plain autograd and computes each task's meta-gradient as soon as its query loss is known (one
+  task's graph alive at a time); ``task_losses`` -> ``outer_loss`` -> ``backward`` -> ``Adam.step``;
+* ``implicit_nash MAML, vmapped`` (``--with-vmap``): the same with ``task_vectorisation="vmap"``
+  (``torch.func.vmap`` over the tasks: per-task convolution weights become grouped convolutions),
+  the path that was the default before;
 * ``learn2learn MAML``: ``learn2learn.algorithms.MAML(model, lr=0.01, first_order=False)`` on the same
   ``Conv4`` module, a Python loop over the tasks (``clone()``, 5 x ``adapt(support_loss)``), the query
   losses averaged and back-propagated once (the idiom of learn2learn's MAML examples). learn2learn
@@ -139,6 +144,23 @@ class Loop:
         return loss.detach()
 
 
+def restart_and_time(m, init, batch, iters: int, sync=lambda: None) -> float:
+    """Reset ``m``'s parameters to ``init`` and its Adam, run ``iters`` meta-iterations; seconds per
+    iteration (``sync`` waits for the device)."""
+    with torch.no_grad():
+        for k, v in m.params.items():
+            v.copy_(init[k])
+    m.opt = torch.optim.Adam(list(m.params.values()), lr=OUTER_LR)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        m.opt.zero_grad()
+        m.forward_backward(batch)
+        m.opt.step()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
 def import_l2l(path):
     if path:
         sys.path.insert(0, path)
@@ -150,6 +172,9 @@ def build(name: str, args, dtype=torch.float32, size: int = SIZE):
     model = make_model(dtype, size)
     if name == "ours":
         return Ours(model, MAML(inner_steps=INNER_STEPS, inner_lr=INNER_LR, loss="cross_entropy"))
+    if name == "ours-vmap":
+        return Ours(model, MAML(inner_steps=INNER_STEPS, inner_lr=INNER_LR, loss="cross_entropy",
+                                task_vectorisation="vmap"))
     if name.startswith("maml-"):
         return Ours(model, MAML(inner_steps=int(name.split("-")[1]), inner_lr=INNER_LR, loss="cross_entropy"))
     if name.startswith("imaml-") or name.startswith("nash-imaml-"):
@@ -209,6 +234,23 @@ def check_gradients(peer: str, args) -> float:
     return diff / scale
 
 
+def profile(peer: str, args, size: int, rows: int = 12) -> Dict[str, Any]:
+    """Self CPU time per operator of one meta-iteration (torch.profiler), ours and the peer's."""
+    from torch.profiler import profile as torch_profile
+    out = {}
+    for name in ("ours", peer):
+        m = build(name, args, torch.float32, size)
+        batch = make_batch(0, torch.float32, size)
+        m.forward_backward(batch)  # warm-up
+        with torch_profile() as prof:
+            m.forward_backward(batch)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        out[name] = {"total_s": total / 1e6, "top": [(e.key, e.self_cpu_time_total / 1e6, e.count)
+                                                      for e in events[:rows]]}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peer", choices=["learn2learn", "loop"], default="learn2learn")
@@ -220,6 +262,9 @@ def main() -> None:
     p.add_argument("--check-size", type=int, default=84, help="image size of the float64 gradient check")
     p.add_argument("--rtol", type=float, default=1e-8)
     p.add_argument("--skip-steps", action="store_true", help="skip the memory-against-steps rows")
+    p.add_argument("--with-vmap", action="store_true", help="also time the vmapped tasks (the former default)")
+    p.add_argument("--profile-size", type=int, default=0,
+                   help="profile one meta-iteration of ours and the peer at this image size (0: no profile)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--child")
     args = p.parse_args()
@@ -239,6 +284,8 @@ def main() -> None:
     if rel > args.rtol:
         raise SystemExit(f"the meta-gradients differ by {rel:.2e} > {args.rtol}: not the same computation")
     methods = {"ours": build("ours", args), peer: build(peer, args)}
+    if args.with_vmap:
+        methods["ours-vmap"] = build("ours-vmap", args)
     init = {k: v.detach().clone() for k, v in methods["ours"].params.items()}
     times = {k: [] for k in methods}
     rng = random.Random(0)
@@ -247,23 +294,14 @@ def main() -> None:
         order = list(methods)
         rng.shuffle(order)
         for name in order:
-            m = methods[name]
-            with torch.no_grad():
-                for k, v in m.params.items():
-                    v.copy_(init[k])
-            m.opt = torch.optim.Adam(list(m.params.values()), lr=OUTER_LR)
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                m.opt.zero_grad()
-                m.forward_backward(batch)
-                m.opt.step()
+            seconds = restart_and_time(methods[name], init, batch, args.iters)
             if rep:
-                times[name].append((time.perf_counter() - t0) / args.iters)
+                times[name].append(seconds)
         if rep:
             print(f"  rep {rep}: " + ", ".join(f"{k} {times[k][-1]:.2f} s" for k in methods), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     print("memory (fresh subprocess per method)")
-    mem = {name: memory(name, args) for name in ("ours", peer)}
+    mem = {name: memory(name, args) for name in methods}
     scaling = {}
     if args.skip_steps:
         args.unrolled_steps, args.implicit_steps = [], []
@@ -283,9 +321,14 @@ def main() -> None:
              f"1 thread; {args.reps} repetitions of {args.iters} meta-iterations (median), float32.", "",
              f"Peer: {peer_name}; {how}.", "",
              f"Meta-gradients agree (float64, {args.check_size}×{args.check_size}): max relative difference {rel:.1e}.", "",
-             "| method | s / meta-iteration (median) | peak RSS (MB) | training's own peak (MB) |", "|---|---|---|---|"]
-    for name, label in (("ours", "implicit_nash MAML (vmapped tasks)"), (peer, peer_name)):
-        lines.append(f"| {label} | {med[name]:.2f} | {mem[name]['peak_rss_mb']:.0f} | {mem[name]['training_peak_mb']:.0f} |")
+             "| method | s / meta-iteration (median) | peak RSS (MB) | training's own peak (MB) | speed vs peer | "
+             "memory vs peer |", "|---|---|---|---|---|---|"]
+    labels = {"ours": "implicit_nash MAML (default: per-task loop)", peer: peer_name,
+              "ours-vmap": "implicit_nash MAML, vmapped tasks"}
+    for name in methods:
+        lines.append(f"| {labels[name]} | {med[name]:.2f} | {mem[name]['peak_rss_mb']:.0f} | "
+                     f"{mem[name]['training_peak_mb']:.0f} | {med[peer] / med[name]:.2f}× | "
+                     f"{mem[name]['training_peak_mb'] / mem[peer]['training_peak_mb']:.2f}× |")
     lines += ["", f"Speed: implicit_nash is **{speed:.2f}×** the peer's speed (goal ≥ 2×); memory: **{mem_ratio:.2f}×** "
               "the peer's training peak (goal ≤ 1×).", "", "## Memory against forward steps (one process per row)", "",
               "| method | forward steps | training's own peak (MB) | s / meta-iteration |", "|---|---|---|---|"]
@@ -293,6 +336,16 @@ def main() -> None:
         kind, n = name.rsplit("-", 1)
         label = {"maml": "MAML, unrolled", "imaml": "iMAML, implicit", "nash-imaml": "Nash-iMAML + p_C, implicit"}[kind]
         lines.append(f"| {label} | {n} | {row['training_peak_mb']:.0f} | {row['sec_per_iteration']:.2f} |")
+    if args.profile_size:
+        prof = profile(peer, args, args.profile_size)
+        data["profile"] = prof
+        lines += ["", f"## Where the time goes (torch.profiler, one meta-iteration at {args.profile_size}×"
+                  f"{args.profile_size}, self CPU time)", ""]
+        for name in ("ours", peer):
+            lines += [f"{labels[name]}: {prof[name]['total_s']:.2f} s profiled", "",
+                      "| operator | self CPU (s) | share | calls |", "|---|---|---|---|"]
+            lines += [f"| {k} | {t:.3f} | {100 * t / prof[name]['total_s']:.0f}% | {c} |" for k, t, c in prof[name]["top"]]
+            lines.append("")
     paths = C.write_results("meta_images_vs_peers", args.quick, data, lines)
     print(f"speed {speed:.2f}x, memory {mem_ratio:.2f}x; wrote {paths['md']}")
 

@@ -35,10 +35,11 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as nnf
+from torch.autograd.function import once_differentiable
 from torch.func import functional_call, vmap
 
 from .. import _collective
-from .._compat import tree_map
+from .._compat import functorch_active, tree_flatten, tree_leaves, tree_map, tree_unflatten
 from ..equilibrium import vi_solution
 from ..games import AggregativeGame
 from ..implicit import Implicit, WarmStart
@@ -46,10 +47,15 @@ from ..linear_solve import GMRES, LinearSolver
 from ..penalties import Penalty
 from ..solvers import PRGD, Solver
 
-__all__ = ["Algorithm", "META_GRADIENTS", "LOSSES"]
+__all__ = ["Algorithm", "META_GRADIENTS", "LOSSES", "TASK_VECTORISATIONS"]
 
 META_GRADIENTS = ("unrolled", "first_order", "implicit")
 LOSSES = ("mse", "cross_entropy")
+TASK_VECTORISATIONS = ("auto", "vmap", "loop")
+
+
+def _has_convolution(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
 
 
 def _task_loss(kind: str, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,16 @@ class Algorithm:
         loss: ``"mse"`` (regression) or ``"cross_entropy"`` (classification).
         fast_penalty: use the penalty's closed-form pseudo-gradient when it has one (``False``:
             autograd through its ``contribution`` and ``value``; the two agree, see the tests).
+        task_vectorisation: how the unrolled and first-order modes treat the tasks of a batch:
+            ``"vmap"`` (``torch.func.vmap`` over tasks), ``"loop"`` (a Python loop over tasks with
+            plain autograd, the penalty's pseudo-gradient still batched) or ``"auto"`` (the
+            default: ``"loop"`` for a network with convolutions on the CPU, ``"vmap"`` otherwise).
+            Both compute the same values and meta-gradients. Why: vmapping per-task convolution
+            weights turns every convolution into a grouped convolution, which is 3-4x slower on the
+            CPU than one convolution per task (conv-4 at 84x84, ``benchmarks/meta_images_vs_peers.py``);
+            on a GPU and for fully connected networks the vmapped path is the fast one. Inside a
+            ``torch.func`` transform (the trainer's vectorised seeds) and in implicit mode the tasks
+            are always vmapped.
         throw: in implicit mode, raise :class:`~implicit_nash.ConvergenceError` when the inner
             solve or the backward's linear solve does not converge (``False``: a
             :class:`~implicit_nash.ConvergenceWarning`, which the trainer counts and reports).
@@ -92,6 +108,7 @@ class Algorithm:
     throw: bool = True
     fast_penalty: bool = True
     warm_start: bool = False
+    task_vectorisation: str = "auto"
 
     name = "base"
 
@@ -111,6 +128,9 @@ class Algorithm:
                             f"{type(self.linear_solver).__name__}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.task_vectorisation not in TASK_VECTORISATIONS:
+            raise ValueError(f"task_vectorisation must be one of {TASK_VECTORISATIONS}, "
+                             f"got {self.task_vectorisation!r}")
         if not isinstance(self.warm_start, bool):
             raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}")
         object.__setattr__(self, "warm", WarmStart())  # the implicit backward's memory between iterations
@@ -209,6 +229,9 @@ class Algorithm:
         # Every player starts at the anchor, where a penalty that vanishes there contributes nothing
         # (in value or derivative along the start): the first step uses the task losses alone.
         first = self._game(model, x, y, None) if penalty is not None and penalty.vanishes_at_anchor else game
+        if self._loops(model, x, mode):
+            game = _LoopedGame(self, model, x, y, penalty, B)
+            first = _LoopedGame(self, model, x, y, None, B) if penalty is not None and penalty.vanishes_at_anchor else game
         if mode == "first_order":
             detached = tree_map(torch.Tensor.detach, theta)
             with torch.no_grad():
@@ -217,6 +240,27 @@ class Algorithm:
             start = self._start(theta, B)
             return tree_map(lambda p, s: p.detach() + (s - s.detach()), phi, start)
         return self._algorithm_2(game, theta, B, first)
+
+    def _loops(self, model, x: torch.Tensor, mode: str) -> bool:
+        """Whether the tasks are looped over (``task_vectorisation``; implicit mode always vmaps)."""
+        if mode == "implicit" or self.task_vectorisation == "vmap" or functorch_active():
+            return False
+        if self.task_vectorisation == "loop":
+            return True
+        return x.device.type == "cpu" and _has_convolution(model)
+
+    def _penalty_game(self, penalty: Optional[Penalty], B: int) -> Optional[AggregativeGame]:
+        """The penalty's part of the inner game alone (no task loss): its pseudo-gradient is batched
+        over tasks and cheap (parameter-sized operations), also when the task losses are looped."""
+        if penalty is None:
+            return None
+        if not penalty.coupled:
+            return AggregativeGame(local=lambda phi_i, th: penalty.value(phi_i, self.anchor(th), None, B))
+        use_fast = penalty.has_pseudo_gradient and self.fast_penalty
+        return AggregativeGame(
+            contribution=lambda phi_i, th: penalty.contribution(phi_i, self.anchor(th)),
+            coupling=lambda phi_i, th, s: penalty.value(phi_i, self.anchor(th), s, B),
+            coupling_gradient=(lambda phi, th: penalty.pseudo_gradient(phi, self.anchor(th), B)) if use_fast else None)
 
     def _implicit(self, game, theta, B, penalty, own=None):
         """The inner game solved to equilibrium and differentiated implicitly (the core layer).
@@ -252,7 +296,29 @@ class Algorithm:
         """Each task's query loss after adaptation on its support set, shape (B,).
 
         ``metric="accuracy"`` returns each task's query accuracy instead (evaluation).
+
+        When the tasks are looped over (``task_vectorisation``), uncoupled (no penalty) and the
+        meta-gradient is being recorded, each task's meta-gradient is computed as soon as its loss
+        is, and its graph freed: the returned losses carry these gradients to ``theta``'s leaves
+        (exact for any outer loss built from them, e.g. a mean or TR-MAML's weighting), so that one
+        task's graph is alive at a time instead of the whole batch's. They support one backward
+        pass (``.backward()`` or ``torch.autograd.grad``), not a second-order one.
         """
+        mode_ = self.meta_gradient if mode is None else mode
+        leaves = [t for t in tree_leaves(theta) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if (metric is None and leaves and torch.is_grad_enabled() and self.inner_penalty(nash) is None
+                and self._loops(model, batch["x_query"], mode_)
+                and not any(isinstance(v, torch.Tensor) and v.requires_grad for v in batch.values())):
+            out = []
+            for i in range(batch["x_query"].shape[0]):
+                one = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                loss = self._task_losses(model, theta, one, nash, mode, metric)[0]
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                out.append(_Precomputed.apply(loss.detach(), grads, *leaves))
+            return torch.stack(out)
+        return self._task_losses(model, theta, batch, nash, mode, metric)
+
+    def _task_losses(self, model, theta, batch, nash, mode, metric):
         phi = self.adapt(model, theta, batch["x_support"], batch["y_support"], nash=nash, mode=mode)
         kind = self.loss
 
@@ -262,7 +328,14 @@ class Algorithm:
                 return (pred.argmax(-1) == y_i).to(pred.dtype).mean()
             return _task_loss(kind, pred, y_i)
 
-        return vmap(query_loss)(phi, batch["x_query"], batch["y_query"])
+        return self.map_tasks(model, query_loss, phi, batch["x_query"], batch["y_query"], mode=mode)
+
+    def map_tasks(self, model, fn, phi, *data, mode: Optional[str] = None):
+        """``fn(phi_i, *data_i)`` for every task, stacked: vmapped, or looped over the tasks when
+        ``task_vectorisation`` says so for this network (``mode`` as in :meth:`adapt`)."""
+        if self._loops(model, data[0], self.meta_gradient if mode is None else mode):
+            return torch.stack([fn(tree_map(lambda t: t[i], phi), *(d[i] for d in data)) for i in range(data[0].shape[0])])
+        return vmap(fn)(phi, *data)
 
     def init_state(self, num_tasks: int, like: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Outer-level state other than theta (TR-MAML's task probabilities); empty by default."""
@@ -275,3 +348,48 @@ class Algorithm:
     def update_state(self, state, losses: torch.Tensor, batch) -> Dict[str, torch.Tensor]:
         """The outer-level state after one meta-iteration (TR-MAML's projected ascent)."""
         return state
+
+
+class _LoopedGame:
+    """The inner game's pseudo-gradient with the task losses' gradients taken one task at a time by
+    plain autograd (``task_vectorisation="loop"``) and the penalty's part batched as in the game.
+
+    Each task's gradient is built with ``create_graph`` when the caller records gradients and the
+    meta-parameters require them (unrolled mode), so that the meta-gradient differentiates through
+    it exactly as through the vmapped pseudo-gradient.
+    """
+
+    def __init__(self, algo: Algorithm, model, x, y, penalty: Optional[Penalty], B: int):
+        self.algo, self.model, self.x, self.y = algo, model, x, y
+        self.rest = algo._penalty_game(penalty, _collective.total(B))
+
+    def pseudo_gradient(self, phi, theta):
+        algo, kind = self.algo, self.algo.loss
+        create = torch.is_grad_enabled() and any(t.requires_grad for t in tree_leaves(theta))
+        grads = []
+        for i in range(self.x.shape[0]):
+            with torch.enable_grad():
+                phi_i = tree_map(lambda t: t[i] if create and t.requires_grad else t[i].detach().requires_grad_(True), phi)
+                leaves, spec = tree_flatten(phi_i)
+                loss = _task_loss(kind, algo.predict(self.model, theta, phi_i, self.x[i]), self.y[i])
+                g = torch.autograd.grad(loss, leaves, create_graph=create)
+            grads.append(tree_unflatten(list(g), spec))
+        F = tree_map(lambda *gs: torch.stack(gs), *grads)
+        if self.rest is not None:
+            F = tree_map(torch.add, F, self.rest.pseudo_gradient(phi, theta))
+        return F
+
+
+class _Precomputed(torch.autograd.Function):
+    """A loss value whose gradients with respect to ``leaves`` were computed already (``grads``):
+    the backward scales them by the incoming gradient. First order only."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *leaves):
+        ctx.grads = grads
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return (None, None) + tuple(None if gi is None else g * gi for gi in ctx.grads)

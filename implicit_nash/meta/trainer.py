@@ -362,7 +362,8 @@ def evaluate(algorithm, model, theta, test: Dict[str, Any], *, device=None, nash
             per_task.append(algorithm.task_losses(model, detached, part, nash=nash, mode=mode,
                                                   metric=None if metric == "mse" else metric).cpu())
             start = algorithm._start(detached, part["x_query"].shape[0])
-            pred = torch.func.vmap(lambda p, x: algorithm.predict(model, detached, p, x))(start, part["x_query"])
+            pred = algorithm.map_tasks(model, lambda p, x: algorithm.predict(model, detached, p, x), start,
+                                       part["x_query"], mode="first_order")
             if metric == "accuracy":
                 unadapted.append((pred.argmax(-1) == part["y_query"]).to(torch.float64).mean(1).cpu())
             else:
