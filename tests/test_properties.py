@@ -43,8 +43,10 @@ def test_random_games(B, d, p, cond, coupling, seed, set_name, dtype):
     assert float(torch.linalg.norm(G(sol.value, theta))) <= (1e-9 if tight else 1e-3) * scale
 
     if constraint is None:
+        # the forward rule bounds the residual; the error is the residual amplified by up to cond (float32:
+        # residual ~ rtol * L * |z| with the default rtol 6e-5, so the error can reach ~6e-5 * cond * |z|)
         exact = game.solution(theta)
-        assert torch.linalg.norm(sol.value - exact) <= (1e-9 if tight else 1e-3) * (torch.linalg.norm(exact) + 1)
+        assert torch.linalg.norm(sol.value - exact) <= (1e-9 if tight else 1e-4 * cond) * (torch.linalg.norm(exact) + 1)
     # derivative: the layer's Krylov backward against a dense solve of the same fixed-point system
     J = torch.autograd.functional.jacobian(
         lambda t: inn.nash_equilibrium(game.costs, torch.zeros(B, d, dtype=dtype), t, solver=solver,
