@@ -482,6 +482,26 @@ def test_imaml_newton_krylov_meta_gradient_equals_the_dense_formula(batch):
     assert torch.allclose(g, imaml_dense_meta_gradient(algo, model, theta, batch), rtol=1e-7, atol=1e-10)
 
 
+def test_imaml_residual_by_plain_autograd_equals_the_pseudo_gradient_to_second_order(batch, monkeypatch):
+    """The layer's residual for uncoupled iMAML is the gradient of the costs by plain autograd (cheaper
+    than torch.func's); its meta-gradient and a second-order quantity (the gradient of the squared
+    meta-gradient norm, which differentiates the backward) equal those with game.pseudo_gradient."""
+    from implicit_nash.meta.inner import NewtonKrylov
+    algo = IMAML(lam=5.0, newton=NewtonKrylov(rtol=1e-12), linear_solver=inn.GMRES(rtol=1e-12))
+    model, theta = setup(algo)
+
+    def second(a):
+        g = torch.autograd.grad(a.task_losses(model, theta, batch).mean(), leaves(theta), create_graph=True)
+        gg = torch.autograd.grad(sum((x ** 2).sum() for x in g), leaves(theta))
+        return torch.cat([x.reshape(-1) for x in g]).detach(), torch.cat([x.reshape(-1) for x in gg])
+
+    fast = second(algo)
+    monkeypatch.setattr(IMAML, "_gradient_of_costs", staticmethod(lambda game: game.pseudo_gradient))
+    slow = second(algo)
+    assert torch.allclose(fast[0], slow[0], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(fast[1], slow[1], rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("pen_name", ["centroid", "robust_mild"])
 def test_imaml_newton_krylov_and_prgd_agree_with_a_penalty(pen_name, batch):
     from implicit_nash.meta.inner import NewtonKrylov

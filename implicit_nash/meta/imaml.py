@@ -26,13 +26,13 @@ from typing import Optional
 
 import torch
 
-from .._compat import tree_map
+from .._compat import functorch_active, tree_flatten, tree_map, tree_unflatten
 from .._tree import Flattener
 from ..equilibrium import custom_root
 from ..errors import ConvergenceError, ConvergenceWarning
 from ..penalties import ProximalPenalty
 from .base import Algorithm
-from .inner import FixedSteps, NewtonKrylov, newton_krylov
+from .inner import FixedSteps, NewtonKrylov, TaskCG, newton_krylov
 
 __all__ = ["IMAML"]
 
@@ -93,17 +93,41 @@ class IMAML(Algorithm):
                                    newton=dataclasses.replace(self.newton, budget=False,
                                                               max_steps=max(self.newton.max_steps, 50)))
 
-    def _backward_solver(self):
-        return self.linear_solver if self.cg_budget is None else FixedSteps(solver=self.linear_solver,
-                                                                            steps=self.cg_budget)
+    def _backward_solver(self, uncoupled: bool, B: int, sizes):
+        """The tolerance mode's ``linear_solver``; with ``cg_budget``, one CG per task for uncoupled
+        tasks (iMAML's practice: each task's system has its own Krylov space), else ``linear_solver``
+        run for ``cg_budget`` iterations on the whole coupled system."""
+        if self.cg_budget is None:
+            return self.linear_solver
+        if uncoupled:
+            return TaskCG(blocks=B, steps=self.cg_budget, sizes=tuple(sizes))
+        return FixedSteps(solver=self.linear_solver, steps=self.cg_budget)
 
     @staticmethod
     def _objective(game, flat, theta):
-        """Each task's own cost (its objective when the game is uncoupled), on flat points."""
+        """Each task's own cost on flat points (its objective when the game is uncoupled)."""
         def objective(v):
-            with torch.no_grad():
-                return game.costs(flat.unflatten(v), theta)
+            return game.costs(flat.unflatten(v), theta)
         return objective
+
+    @staticmethod
+    def _gradient_of_costs(game):
+        """The pseudo-gradient of an uncoupled game (each task's cost depends on its own parameters
+        only) as the gradient of the costs' sum by plain autograd, for the layer's residual: the
+        same values as ``game.pseudo_gradient``, without torch.func's per-operation wrapping (its
+        graph is cheaper to build and to differentiate). Under a torch.func transform (derivatives
+        of higher order) it is ``game.pseudo_gradient`` itself."""
+        def residual(phi, theta):
+            if functorch_active():
+                return game.pseudo_gradient(phi, theta)
+            create = torch.is_grad_enabled()
+            leaves, spec = tree_flatten(phi)
+            with torch.enable_grad():
+                leaves = [x if x.requires_grad else x.detach().requires_grad_(True) for x in leaves]
+                costs = game.costs(tree_unflatten(leaves, spec), theta)
+                grads = torch.autograd.grad(costs.sum(), leaves, create_graph=create, materialize_grads=True)
+            return tree_unflatten(list(grads), spec)
+        return residual
 
     def _implicit(self, game, theta, B, penalty, own=None):
         if self.solver is not None:
@@ -111,6 +135,7 @@ class IMAML(Algorithm):
         symmetric = penalty is None or bool(penalty.symmetric)
         start = self._start(theta, B)
         flat = Flattener(start, B, "phi")
+        uncoupled = penalty is None or not penalty.coupled  # plain iMAML: the tasks do not interact
         options = self.newton if self.budget is None else dataclasses.replace(
             self.newton, max_steps=self.budget, budget=True)
 
@@ -126,16 +151,11 @@ class IMAML(Algorithm):
                 # does not depend on the starting point) from the tasks' own proximal problems,
                 # where the distances to theta are far above C^(1/2r).
                 plain = own()
-
-                def F_own(v):
-                    return flat.flatten(plain.pseudo_gradient(flat.unflatten(v), th))
-
-                z0 = newton_krylov(F_own, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
+                z0 = newton_krylov(None, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
                                    symmetric=True, blocks=B, objective=self._objective(plain, flat, th)).value
-            # uncoupled tasks (plain iMAML): one CG and one line search per task
-            blocks = B if penalty is None or not penalty.coupled else 1
-            uncoupled = symmetric and blocks > 1
-            res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=blocks if symmetric else 1,
+            # uncoupled tasks (plain iMAML): each task minimises its own cost, with its own CG and line
+            # search; F is then the gradient of the costs' sum, taken by plain autograd on their graph
+            res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=B if uncoupled else 1,
                                 objective=self._objective(game, flat, th) if uncoupled else None)
             if not res.converged:
                 msg = (f"Newton-Krylov stopped with status '{res.status}' after {res.steps} steps: residual "
@@ -152,7 +172,8 @@ class IMAML(Algorithm):
         # root check is skipped (check=False, three evaluations of F saved): the solve above tests
         # its own tolerance and reports, and a budgeted solve is not a root by design (the trainer
         # measures the error it causes instead).
-        solve = custom_root(game.pseudo_gradient, linear_solver=self._backward_solver(),
+        residual = self._gradient_of_costs(game) if uncoupled else game.pseudo_gradient
+        solve = custom_root(residual, linear_solver=self._backward_solver(uncoupled, B, flat.sizes),
                             symmetric=True if symmetric else None, throw=self.throw, check=False,
                             warm_start=self.implicit_adjoint().warm_start,
                             blocks=B if penalty is None or not penalty.coupled else 1)(forward)
