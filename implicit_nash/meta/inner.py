@@ -178,6 +178,13 @@ def _forcing(options: NewtonKrylov, r: float, r0: float) -> float:
     return 0.0 if options.budget else min(0.1, math.sqrt(r / max(r0, 1e-300)))
 
 
+def _stop(options: NewtonKrylov, r: float, tol: float) -> Optional[str]:
+    """Why to stop before a Newton step: a non-finite residual, or the tolerance met."""
+    if not math.isfinite(r):
+        return "diverged"
+    return "converged" if not options.budget and r <= tol else None
+
+
 def _stalled(history: List[float], r: float, tol: float) -> bool:
     """Four Newton steps without halving the best residual, far above the tolerance: a kink (ReLU),
     not a smooth root (near the tolerance, rounding may slow the last steps)."""
@@ -228,11 +235,9 @@ def newton_krylov(F: Optional[Callable[[torch.Tensor], torch.Tensor]], z0: torch
     status = "completed" if options.budget else "max_steps"
     steps = 0
     for steps in range(1, options.max_steps + 1):
-        if not math.isfinite(r):
-            status = "diverged"
-            break
-        if not options.budget and r <= tol:
-            status, steps = "converged", steps - 1
+        stop = _stop(options, r, tol)
+        if stop:
+            status, steps = stop, steps - (stop == "converged")
             break
         matvec = _matvec_on(Fz, z, symmetric, counts)
         b = -Fz.detach()
@@ -303,11 +308,9 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
     status = "completed" if options.budget else "max_steps"
     steps = 0
     for steps in range(1, options.max_steps + 1):
-        if not math.isfinite(r):
-            status = "diverged"
-            break
-        if not options.budget and r <= tol:
-            status, steps = "converged", steps - 1
+        stop = _stop(options, r, tol)
+        if stop:
+            status, steps = stop, steps - (stop == "converged")
             break
         G = _rows(g.detach(), blocks)
         P, _ = _truncated_cg(_matvec_on(g, z, True, counts), -G.reshape(-1), options.krylov_steps,
