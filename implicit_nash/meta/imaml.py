@@ -91,7 +91,8 @@ class IMAML(Algorithm):
         """The same algorithm solved to tolerance (the hypergradient check's reference)."""
         return dataclasses.replace(self, budget=None, cg_budget=None, throw=False,
                                    newton=dataclasses.replace(self.newton, budget=False,
-                                                              max_steps=max(self.newton.max_steps, 50)))
+                                                              max_steps=max(self.newton.max_steps, 50),
+                                                              krylov_steps=max(self.newton.krylov_steps, 20)))
 
     def _backward_solver(self, uncoupled: bool, B: int, sizes):
         """The tolerance mode's ``linear_solver``; with ``cg_budget``, one CG per task for uncoupled

@@ -131,22 +131,22 @@ def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: torch.
                                      device=u.device)) if collective else (lambda u, v: (u * v).sum(1))
     rs = dot(r, r)
     active = rs.sqrt() > tol
-    first = torch.ones_like(active)
     steps = 0
     while steps < max_steps and bool(active.any()):
         Ap = _rows(matvec(p.reshape(-1)), blocks)
         curv = dot(p, Ap)
         bad = active & ~(curv > 0)
-        x = torch.where((bad & first)[:, None], B, x)
-        active = active & ~bad
-        alpha = torch.where(active, rs / torch.where(active, curv, torch.ones_like(curv)), torch.zeros_like(rs))
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * Ap
+        if bool(bad.any()):  # non-positive curvature: this block stops (Steihaug)
+            if steps == 0:
+                x = torch.where(bad[:, None], B, x)
+            active = active & ~bad
+        # inactive blocks: alpha = 0 leaves x and r as they are (p keeps moving; it is not used)
+        alpha = torch.where(active, rs, torch.zeros_like(rs)) / torch.where(active, curv, torch.ones_like(curv))
+        x = torch.addcmul(x, alpha[:, None], p)
+        r = torch.addcmul(r, alpha[:, None], Ap, value=-1)
         rs_new = dot(r, r)
-        beta = torch.where(active, rs_new / torch.where(rs > 0, rs, torch.ones_like(rs)), torch.zeros_like(rs))
-        p = torch.where(active[:, None], r + beta[:, None] * p, p)
-        rs = torch.where(active, rs_new, rs)
-        first = first & ~active
+        p = torch.addcmul(r, (rs_new / rs.clamp_min(torch.finfo(rs.dtype).tiny))[:, None], p)
+        rs = rs_new
         active = active & (rs.sqrt() > tol)
         steps += 1
     return x.reshape(-1), steps
@@ -277,11 +277,12 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
                      blocks: int) -> NewtonResult:
     """Newton--CG with per-block Armijo backtracking on uncoupled objectives (see newton_krylov).
 
-    Costs per Newton step: one evaluation of the objectives with the graph of their gradient (at
-    the first trial point, which becomes the next step's gradient and Hessian when every block
-    accepts the full step, the usual case), the CG products on that graph, and an objective value
-    without a graph per extra halving. The last step of the budget mode builds no graph at all:
-    its residual is not evaluated (``residual`` is then NaN).
+    Costs per Newton step: one evaluation of the objectives with the graph of their gradient, at
+    the full step (when every block accepts it, the usual case near the solution, that graph is the
+    next step's gradient and Hessian), the CG products on that graph, and one objective value
+    without a graph per shortening (to the quadratic interpolant's minimiser; at most 2 in budget
+    mode, 9 otherwise), plus one evaluation with a graph when some block shortened. The last step
+    of the budget mode builds no graph at all: its residual is not evaluated (``residual`` is NaN).
     """
     rtol = default_rtol(z0.dtype) if options.rtol is None else options.rtol
     counts = {"matvecs": 0, "evaluations": 0}
@@ -334,10 +335,18 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
             f_new = trial[2]
         done = torch.isfinite(f_new) & (f_new <= f + 1e-4 * slope)
         t_full_ok = None if trial is None else torch.isfinite(trial[3]) & (trial[3] <= (1 - 1e-4) * rb)
+        if t_full_ok is not None:
+            # near a root the objective's change falls below its rounding, where Armijo's test is
+            # noise: the full step is taken if the residual decreases and the objective does not rise
+            done = done | (t_full_ok & (f_new <= f + 100 * torch.finfo(f.dtype).eps * f.abs()))
         reuse = bool(done.all())  # every block takes the full step: the trial's graph is the next step's
         if not reuse:
-            for _ in range(9):  # halve the steps of the blocks without Armijo's decrease
-                t = torch.where(done, t, 0.5 * t)
+            # shorten the steps of the blocks without Armijo's decrease: to the minimiser of the
+            # quadratic through f, the slope and the trial value, kept within [t/10, t/2]
+            for _ in range(2 if options.budget else 9):
+                curv = (f_new - f - t * slope) / (t * t)
+                shorter = torch.where(torch.isfinite(curv) & (curv > 0), -slope / (2 * curv), 0.5 * t)
+                t = torch.where(done, t, torch.minimum(torch.maximum(shorter, 0.1 * t), 0.5 * t))
                 f_new = value(point(t))
                 done = done | (torch.isfinite(f_new) & (f_new <= f + 1e-4 * t * slope))
                 if bool(done.all()):
