@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     t("--inner-budget", type=int, help="iMAML: a fixed number of Newton steps (default 2 when budgeted)")
     t("--cg-budget", type=int, help="iMAML: a fixed number of backward CG iterations (default 5 when budgeted)")
     t("--krylov-steps", type=int,
-      help="iMAML: Krylov iterations per Newton step (default: exactly 5 when budgeted, at most 20 to tolerance)")
+      help="iMAML: Krylov iterations per Newton step (default: exactly 3 when budgeted, at most 20 to tolerance)")
     t("--hypergrad-check-every", type=int,
       help="budgeted iMAML: measure the meta-gradient's error against a tight solve every K iterations "
            "(default 100; 0: never)")

@@ -545,6 +545,44 @@ def test_newton_krylov_solves_monotone_linear_systems_and_stops_at_a_kink():
     assert res.status == "stalled" and not res.converged and res.residual >= 1.0
 
 
+def test_task_cg_solves_each_block_with_its_own_krylov_space():
+    """TaskCG on a block-diagonal SPD system = one CG per block (dense solves when steps >= block
+    size), in both layouts: blocks contiguous, and a pytree's leaves one after the other."""
+    from implicit_nash.meta.inner import TaskCG
+    gen = torch.Generator().manual_seed(2)
+    blocks, sizes = 3, (2, 4)
+    n = sum(sizes)
+    mats = []
+    for _ in range(blocks):
+        M = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        mats.append(M @ M.T + 0.5 * torch.eye(n, dtype=torch.float64))
+    A = torch.block_diag(*mats)  # task-major (contiguous blocks)
+    b = torch.randn(blocks * n, generator=gen, dtype=torch.float64)
+    x, info = TaskCG(blocks=blocks, steps=n).solve(A, b)
+    assert info.converged and info.steps == n
+    assert torch.allclose(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
+    # leaf-major layout: [leaf 0 of every block, leaf 1 of every block]
+    perm = torch.cat([(torch.arange(blocks)[:, None] * n + torch.arange(sizes[0])).reshape(-1),
+                      (torch.arange(blocks)[:, None] * n + sizes[0] + torch.arange(sizes[1])).reshape(-1)])
+    A_leaf, b_leaf = A[perm][:, perm], b[perm]
+    x_leaf, _ = TaskCG(blocks=blocks, steps=n, sizes=sizes).solve(A_leaf, b_leaf)
+    assert torch.allclose(x_leaf, x[perm], rtol=1e-8, atol=1e-10)
+    # a short budget: each block's iterate is its own CG's (compare with one block solved alone)
+    x2, info2 = TaskCG(blocks=blocks, steps=2).solve(A, b)
+    alone, _ = TaskCG(blocks=1, steps=2).solve(mats[1], b[n:2 * n])
+    assert torch.allclose(x2[n:2 * n], alone, rtol=1e-10, atol=1e-12)
+    assert info2.converged and "fixed budget of 2 CG steps" in info2.message
+    # an indefinite block stops at its non-positive curvature and keeps its iterate; the others go on
+    bad = torch.block_diag(*mats[:2], -mats[2])
+    x3, info3 = TaskCG(blocks=blocks, steps=n).solve(bad, b)
+    assert info3.converged and torch.equal(x3[2 * n:], torch.zeros(n, dtype=torch.float64))
+    assert torch.allclose(x3[:2 * n], x[:2 * n], rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="do not make"):
+        TaskCG(blocks=4, steps=2).solve(A, b)
+    with pytest.raises(ValueError, match="steps"):
+        TaskCG(blocks=2, steps=0)
+
+
 def test_fixed_steps_runs_its_budget_and_reports_done():
     from implicit_nash.meta.inner import FixedSteps
     gen = torch.Generator().manual_seed(1)

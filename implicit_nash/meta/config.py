@@ -68,7 +68,7 @@ DEFAULTS: Dict[str, Any] = {
                                 # network (its inner minimiser sits on a kink: no tolerance can be met), else tolerance
     "inner_budget": None,       # iMAML: a fixed number of Newton steps (None: 2 when budgeted, else to tolerance)
     "cg_budget": None,          # iMAML: fixed backward Krylov iterations (None: 5 when budgeted, else to tolerance)
-    "krylov_steps": None,       # iMAML: Krylov iterations per Newton step (None: 5 budgeted, exactly; 20 at most
+    "krylov_steps": None,       # iMAML: Krylov iterations per Newton step (None: 3 budgeted, exactly; 20 at most
                                 # to tolerance)
     "hypergrad_check_every": 100,  # budgeted iMAML: measure the meta-gradient's error every k iterations
     "throw": None,              # None: False for iMAML (see IMAML's docstring), True otherwise
@@ -212,7 +212,7 @@ def resolve(cli: Optional[Dict[str, Any]] = None, file: Optional[Dict[str, Any]]
     return config
 
 
-BUDGET_DEFAULTS = {"inner_budget": 2, "krylov_steps": 5, "cg_budget": 5}
+BUDGET_DEFAULTS = {"inner_budget": 2, "krylov_steps": 3, "cg_budget": 5}
 
 
 def _resolve_inner_mode(c: Dict[str, Any]) -> None:
