@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from .. import _collective
 from .._compat import functorch_active, tree_flatten, tree_map, tree_unflatten
 from .._tree import Flattener
 from ..equilibrium import custom_root
@@ -111,47 +112,51 @@ class IMAML(Algorithm):
             return game.costs(flat.unflatten(v), theta)
         return objective
 
-    @staticmethod
-    def _gradient_of_costs(game):
-        """The pseudo-gradient of an uncoupled game (each task's cost depends on its own parameters
-        only) as the gradient of the costs' sum by plain autograd, for the layer's residual: the
-        same values as ``game.pseudo_gradient``, without torch.func's per-operation wrapping (its
-        graph is cheaper to build and to differentiate). Under a torch.func transform (derivatives
-        of higher order) it is ``game.pseudo_gradient`` itself."""
+    def _residual(self, game, losses, penalty, B):
+        """The inner game's pseudo-gradient for the layer and the coupled Newton solves: the task
+        losses' gradient by plain autograd plus the penalty's closed-form pseudo-gradient (the same
+        values as ``game.pseudo_gradient``, without torch.func's per-operation wrapping: its graph is
+        cheaper to build and to differentiate). ``game.pseudo_gradient`` itself under a torch.func
+        transform (derivatives of higher order), or for a penalty without a closed form."""
+        fast = self.fast_penalty and penalty is not None and penalty.has_pseudo_gradient
+        total = _collective.total(B)
+
         def residual(phi, theta):
-            if functorch_active():
+            if not fast or functorch_active():
                 return game.pseudo_gradient(phi, theta)
             create = torch.is_grad_enabled()
             leaves, spec = tree_flatten(phi)
             with torch.enable_grad():
                 leaves = [x if x.requires_grad else x.detach().requires_grad_(True) for x in leaves]
-                costs = game.costs(tree_unflatten(leaves, spec), theta)
+                costs = losses.costs(tree_unflatten(leaves, spec), theta)
                 grads = torch.autograd.grad(costs.sum(), leaves, create_graph=create, materialize_grads=True)
-            return tree_unflatten(list(grads), spec)
+            extra = penalty.pseudo_gradient(tree_unflatten(leaves, spec), self.anchor(theta), total)
+            return tree_map(torch.add, tree_unflatten(list(grads), spec), extra)
         return residual
 
-    def _implicit(self, game, theta, B, penalty, own=None):
-        if self.solver is not None:
-            return super()._implicit(game, theta, B, penalty, own)
+    def _implicit(self, game, theta, B, penalty, build=None):
+        if self.solver is not None or build is None:
+            return super()._implicit(game, theta, B, penalty, build)
         symmetric = penalty is None or bool(penalty.symmetric)
         start = self._start(theta, B)
         flat = Flattener(start, B, "phi")
         uncoupled = penalty is None or not penalty.coupled  # plain iMAML: the tasks do not interact
+        residual = self._residual(game, build(None), penalty, B)
         options = self.newton if self.budget is None else dataclasses.replace(
             self.newton, max_steps=self.budget, budget=True)
 
         def forward(phi0, th):
             """Newton-Krylov on the inner game (no graph); the layer differentiates its output."""
             def F(v):
-                return flat.flatten(game.pseudo_gradient(flat.unflatten(v), th))
+                return flat.flatten(residual(flat.unflatten(v), th))
 
             z0 = flat.flatten(phi0).detach()
-            if own is not None and penalty is not None and penalty.coupled and not penalty.symmetric:
+            if penalty is not None and penalty.coupled and not penalty.symmetric:
                 # p_R: its Jacobian at phi = theta is of order w B / C (C = 1e-8: 5e7 for the
                 # sinusoid preset), a stiff start for any method. Warm start (valid: the equilibrium
                 # does not depend on the starting point) from the tasks' own proximal problems,
                 # where the distances to theta are far above C^(1/2r).
-                plain = own()
+                plain = build(self.own_penalty())
                 z0 = newton_krylov(None, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
                                    symmetric=True, blocks=B, objective=self._objective(plain, flat, th)).value
             # uncoupled tasks (plain iMAML): each task minimises its own cost, with its own CG and line
@@ -173,7 +178,6 @@ class IMAML(Algorithm):
         # root check is skipped (check=False, three evaluations of F saved): the solve above tests
         # its own tolerance and reports, and a budgeted solve is not a root by design (the trainer
         # measures the error it causes instead).
-        residual = self._gradient_of_costs(game) if uncoupled else game.pseudo_gradient
         solve = custom_root(residual, linear_solver=self._backward_solver(uncoupled, B, flat.sizes),
                             symmetric=True if symmetric else None, throw=self.throw, check=False,
                             warm_start=self.implicit_adjoint().warm_start,
