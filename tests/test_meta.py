@@ -580,6 +580,11 @@ def test_task_cg_solves_each_block_with_its_own_krylov_space():
     x3, info3 = TaskCG(blocks=blocks, steps=n).solve(bad, b)
     assert info3.converged and torch.equal(x3[2 * n:], torch.zeros(n, dtype=torch.float64))
     assert torch.allclose(x3[:2 * n], x[:2 * n], rtol=1e-8, atol=1e-10)
+    # the layer's stacked problems (groups) are blocks too; a warm start from the solution stays there
+    xg, _ = TaskCG(steps=n).solve(A, b, groups=blocks)
+    assert torch.allclose(xg, x, rtol=1e-8, atol=1e-10)
+    xw, infow = TaskCG(steps=1).solve(A, b, x0=x)
+    assert infow.matvecs == 2 and torch.allclose(xw, x, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="do not make"):
         TaskCG(blocks=4, steps=2).solve(A, b)
     with pytest.raises(ValueError, match="steps"):

@@ -95,14 +95,15 @@ class IMAML(Algorithm):
                                                               max_steps=max(self.newton.max_steps, 50),
                                                               krylov_steps=max(self.newton.krylov_steps, 20)))
 
-    def _backward_solver(self, uncoupled: bool, B: int, sizes):
+    def _backward_solver(self, uncoupled: bool):
         """The tolerance mode's ``linear_solver``; with ``cg_budget``, one CG per task for uncoupled
-        tasks (iMAML's practice: each task's system has its own Krylov space), else ``linear_solver``
-        run for ``cg_budget`` iterations on the whole coupled system."""
+        tasks (iMAML's practice: each task's system has its own Krylov space; the layer hands the
+        tasks over as its blocks), else ``linear_solver`` run for ``cg_budget`` iterations on the
+        whole coupled system."""
         if self.cg_budget is None:
             return self.linear_solver
         if uncoupled:
-            return TaskCG(blocks=B, steps=self.cg_budget, sizes=tuple(sizes))
+            return TaskCG(steps=self.cg_budget)
         return FixedSteps(solver=self.linear_solver, steps=self.cg_budget)
 
     @staticmethod
@@ -178,8 +179,7 @@ class IMAML(Algorithm):
         # root check is skipped (check=False, three evaluations of F saved): the solve above tests
         # its own tolerance and reports, and a budgeted solve is not a root by design (the trainer
         # measures the error it causes instead).
-        solve = custom_root(residual, linear_solver=self._backward_solver(uncoupled, B, flat.sizes),
+        solve = custom_root(residual, linear_solver=self._backward_solver(uncoupled),
                             symmetric=True if symmetric else None, throw=self.throw, check=False,
-                            warm_start=self.implicit_adjoint().warm_start,
-                            blocks=B if penalty is None or not penalty.coupled else 1)(forward)
+                            warm_start=self.implicit_adjoint().warm_start, blocks=B if uncoupled else 1)(forward)
         return solve(start, theta)

@@ -410,10 +410,10 @@ class FixedSteps(LinearSolver):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"FixedSteps.steps must be an integer >= 1, got {self.steps!r}")
 
-    def solve(self, A, b, *, groups: int = 1):
+    def solve(self, A, b, *, groups: int = 1, x0: Optional[torch.Tensor] = None):
         base = GMRES() if self.solver is None else self.solver
         inner = dataclasses.replace(base, max_steps=self.steps, rtol=0.0, atol=0.0)
-        x, info = inner.solve(A, b, groups=groups)
+        x, info = inner.solve(A, b, groups=groups, **({} if x0 is None else {"x0": x0}))
         if not bool(torch.isfinite(x).all()):  # a real failure, not the budget: report it as it is
             return x, info
         out = dataclasses.replace(info, converged=True, status="converged",
@@ -465,7 +465,10 @@ class TaskCG(LinearSolver):
                 or not math.isfinite(self.min_curvature):
             raise ValueError(f"TaskCG.min_curvature must be a finite number, got {self.min_curvature!r}")
 
-    def solve(self, A, b, *, groups: int = 1):
+    def solve(self, A, b, *, groups: int = 1, x0: Optional[torch.Tensor] = None):
+        """``groups`` more systems per block layout (the layer's stacked problems: with ``blocks=1``
+        and ``sizes=None``, the ``groups`` blocks are the tasks); ``x0``: a starting guess (a warm
+        start: one more product, for its residual)."""
         op = as_operator(A)
         n = self.blocks * groups
         if b.numel() % n or (self.sizes is not None and n * sum(self.sizes) != b.numel()):
@@ -485,11 +488,14 @@ class TaskCG(LinearSolver):
             def flat(m):
                 return torch.cat([part.reshape(-1) for part in m.split(list(self.sizes), dim=1)])
         rhs = rows(b)
-        x = torch.zeros_like(rhs)
-        r = rhs.clone()
+        rs0 = (rhs * rhs).sum(1)
+        if x0 is None:
+            x, r = torch.zeros_like(rhs), rhs.clone()
+        else:
+            x = rows(x0)
+            r = rhs - rows(op(x0))
         p = r.clone()
         rs = (r * r).sum(1)
-        rs0 = rs
         tiny = torch.finfo(rs.dtype).tiny
         ok = torch.ones_like(rs, dtype=torch.bool)  # the blocks still iterating
         for _ in range(self.steps):
@@ -509,6 +515,7 @@ class TaskCG(LinearSolver):
         if not bool(torch.isfinite(x).all()):
             return x, LinearSolveInfo(False, self.steps, self.steps, math.nan, math.nan, history,
                                       "a product returned NaN or inf", "non_finite")
-        return x, LinearSolveInfo(True, self.steps, self.steps, residual, math.nan, history,
+        matvecs = self.steps + (x0 is not None)
+        return x, LinearSolveInfo(True, self.steps, matvecs, residual, math.nan, history,
                                   f"fixed budget of {self.steps} CG steps per task: relative residual "
                                   f"(recurrence) {residual / max(history[0], 1e-300):.3g}", "converged")
