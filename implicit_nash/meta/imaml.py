@@ -95,15 +95,17 @@ class IMAML(Algorithm):
                                                               max_steps=max(self.newton.max_steps, 50),
                                                               krylov_steps=max(self.newton.krylov_steps, 20)))
 
-    def _backward_solver(self, uncoupled: bool):
+    def _backward_solver(self, uncoupled: bool, layer_blocks: int, B: int, sizes):
         """The tolerance mode's ``linear_solver``; with ``cg_budget``, one CG per task for uncoupled
-        tasks (iMAML's practice: each task's system has its own Krylov space; the layer hands the
-        tasks over as its blocks), else ``linear_solver`` run for ``cg_budget`` iterations on the
-        whole coupled system."""
+        tasks (iMAML's practice: each task's system has its own Krylov space), else ``linear_solver``
+        run for ``cg_budget`` iterations on the whole coupled system. The layer hands the tasks over
+        as its blocks (``layer_blocks = B``), or, when sharded over ranks (where the layer takes no
+        blocks), as one vector laid out leaf after leaf (``sizes``)."""
         if self.cg_budget is None:
             return self.linear_solver
         if uncoupled:
-            return TaskCG(steps=self.cg_budget)
+            return TaskCG(steps=self.cg_budget) if layer_blocks > 1 else \
+                TaskCG(blocks=B, steps=self.cg_budget, sizes=tuple(sizes))
         return FixedSteps(solver=self.linear_solver, steps=self.cg_budget)
 
     @staticmethod
@@ -179,7 +181,10 @@ class IMAML(Algorithm):
         # root check is skipped (check=False, three evaluations of F saved): the solve above tests
         # its own tolerance and reports, and a budgeted solve is not a root by design (the trainer
         # measures the error it causes instead).
-        solve = custom_root(residual, linear_solver=self._backward_solver(uncoupled),
+        # uncoupled tasks are the layer's blocks (a Krylov space per task), except when sharded over
+        # ranks, where the layer's stacked systems cannot be (its products are all-reduced)
+        layer_blocks = B if uncoupled and not _collective.active() else 1
+        solve = custom_root(residual, linear_solver=self._backward_solver(uncoupled, layer_blocks, B, flat.sizes),
                             symmetric=True if symmetric else None, throw=self.throw, check=False,
-                            warm_start=self.implicit_adjoint().warm_start, blocks=B if uncoupled else 1)(forward)
+                            warm_start=self.implicit_adjoint().warm_start, blocks=layer_blocks)(forward)
         return solve(start, theta)
