@@ -7,6 +7,12 @@ tasks: an inner loop of plain gradient steps per task, as in torchopt's iMAML ex
 
 Configurations are timed in interleaved rounds (each round times every configuration once over
 ``--steps`` iterations); the table gives the median over rounds and the ratio to MAML's median.
+
+A second table splits the default budgeted iMAML iteration into its parts (the Newton forward, the
+layer's backward linear solve with the graph it builds, the backward's product with d F / d theta,
+the rest: sampling, query loss, Adam), timed by wrapping those functions in the same process, and
+gives the unit costs its floor is made of (one gradient of the 25 tasks' costs with its graph, one
+Hessian-vector product on it, one cost evaluation without a graph).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import argparse
 import json
 import time
 
-from _common import RESULTS_DIR, ensure_importable, environment, median, report_head
+from _common import RESULTS_DIR, ensure_importable, environment, median, report_head, table
 
 ensure_importable()
 
@@ -23,17 +29,100 @@ import torch  # noqa: E402
 from implicit_nash.meta.config import resolve  # noqa: E402
 from implicit_nash.meta.trainer import Run  # noqa: E402
 
-BUDGET = {"inner_budget": 2, "krylov_steps": 5, "cg_budget": 5, "hypergrad_check_every": 0}
+# the ReLU preset's default (inner_mode auto = budgeted: 2 Newton x 3 CG forward, 5 CG per task back)
+DEFAULT = {"algorithm": "imaml", "hypergrad_check_every": 0}
 CONFIGS = {
     "MAML (3 unrolled steps)": {"algorithm": "maml"},
-    "iMAML budgeted (2 Newton x 5 CG, 5 CG back)": {"algorithm": "imaml", **BUDGET},
-    "Nash-iMAML + p_C(0.1), budgeted": {"algorithm": "imaml", "penalty": "centroid", "weight": 0.1, **BUDGET},
-    "Nash-iMAML + p_R(0.01, 1), budgeted": {"algorithm": "imaml", "penalty": "robust", "weight": 0.01, **BUDGET},
-    "iMAML to tolerance (Newton-Krylov; ReLU: stops on kinks)": {"algorithm": "imaml", "hypergrad_check_every": 0},
+    "iMAML budgeted, default (2 Newton x 3 CG, 5 CG per task back)": DEFAULT,
+    "iMAML budgeted, 2 Newton x 5 CG, 5 CG per task back": {**DEFAULT, "inner_budget": 2, "krylov_steps": 5,
+                                                           "cg_budget": 5},
+    "iMAML budgeted, 1 Newton x 5 CG, 5 CG per task back": {**DEFAULT, "inner_budget": 1, "krylov_steps": 5,
+                                                           "cg_budget": 5},
+    "Nash-iMAML + p_C(0.1), budgeted (default; 5 GMRES back)": {**DEFAULT, "penalty": "centroid", "weight": 0.1},
+    "Nash-iMAML + p_R(0.01, 1), budgeted (default; 5 GMRES back)": {**DEFAULT, "penalty": "robust", "weight": 0.01},
+    "iMAML to tolerance (--inner-mode tolerance; ReLU: stops on kinks)": {**DEFAULT, "inner_mode": "tolerance"},
     "MAML, tanh network": {"algorithm": "maml", "activation": "tanh"},
-    "iMAML to tolerance, tanh network (converges)": {"algorithm": "imaml", "activation": "tanh",
-                                                     "hypergrad_check_every": 0},
+    "iMAML to tolerance, tanh network (default there; converges)": {**DEFAULT, "activation": "tanh"},
 }
+BREAKDOWN = "iMAML budgeted, default (2 Newton x 3 CG, 5 CG per task back)"
+
+
+def breakdown(run, maml, steps: int):
+    """ms per part of ``run``'s meta-iteration (median over ``steps`` iterations), MAML's in the same
+    loop, and the unit costs of the inner problem at the run's current theta."""
+    import implicit_nash.implicit as layer
+    import implicit_nash.meta.imaml as imaml
+    from implicit_nash._tree import Flattener
+
+    parts = {"Newton forward": (imaml, "newton_krylov"),
+             "backward linear solve (with its graph of F)": (layer.Problem, "linear_solve"),
+             "backward product with dF/dtheta": (layer.Problem, "theta_vjp")}
+    acc = {k: 0.0 for k in parts}
+    saved = {k: getattr(obj, name) for k, (obj, name) in parts.items()}
+
+    def wrapped(key, f):
+        def g(*a, **kw):
+            t0 = time.perf_counter()
+            out = f(*a, **kw)
+            acc[key] += time.perf_counter() - t0
+            return out
+        return g
+
+    per = {k: [] for k in (*parts, "rest (sampling, query loss, Adam, layer glue)", "total", "MAML total")}
+    try:
+        for k, (obj, name) in parts.items():
+            setattr(obj, name, wrapped(k, saved[k]))
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            maml.step()
+            per["MAML total"].append(time.perf_counter() - t0)
+            for k in acc:
+                acc[k] = 0.0
+            t0 = time.perf_counter()
+            run.step()
+            total = time.perf_counter() - t0
+            for k in parts:
+                per[k].append(acc[k])
+            per["rest (sampling, query loss, Adam, layer glue)"].append(total - sum(acc.values()))
+            per["total"].append(total)
+    finally:
+        for k, (obj, name) in parts.items():
+            setattr(obj, name, saved[k])
+    ms = {k: median(v) * 1e3 for k, v in per.items()}
+
+    # unit costs at the current theta, on one batch
+    algo, model = run.algorithm, run.model
+    b = {k: v[0] for k, v in run._batch().items()}
+    theta = torch.utils._pytree.tree_map(lambda t: t.detach(), run.theta_of(0))
+    B = b["x_support"].shape[0]
+    game = algo._game(model, b["x_support"], b["y_support"], algo.inner_penalty(True))
+    flat = Flattener(algo._start(theta, B), B, "phi")
+    z0 = flat.flatten(algo._start(theta, B)).detach()
+
+    def costs(v):
+        return game.costs(flat.unflatten(v), theta)
+
+    def gradient_graph():
+        with torch.enable_grad():
+            z = z0.clone().requires_grad_(True)
+            return z, torch.autograd.grad(costs(z).sum(), z, create_graph=True)[0]
+
+    z, g = gradient_graph()
+    v = torch.randn_like(z0)
+
+    def timed(f, n=max(4 * steps, 20)):
+        f()
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+        return median(out) * 1e3
+
+    units = {"gradient of the 25 tasks' costs, with its graph": timed(gradient_graph),
+             "Hessian-vector product on that graph": timed(lambda: torch.autograd.grad(g, z, v, retain_graph=True)),
+             "costs without a graph (a line-search trial)": timed(lambda: torch.no_grad()(costs)(z0))}
+    return ms, units
 
 
 def torchopt_step(run, inner_steps: int, inner_lr: float, cg_steps: int):
@@ -100,6 +189,7 @@ def main() -> None:
             for _ in range(args.steps):
                 fn()
             times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+    parts, units = breakdown(runs[BREAKDOWN], runs["MAML (3 unrolled steps)"], max(args.rounds * args.steps, 10))
     maml = median(times["MAML (3 unrolled steps)"])
     rows = [[name, f"{median(t):.1f}", f"{median(t) / maml:.2f}", f"{min(t):.1f}-{max(t):.1f}",
              str(runs[name].warnings) if name in runs else "-"] for name, t in times.items()]
@@ -111,8 +201,16 @@ def main() -> None:
                         time.perf_counter() - start, ["configuration", "ms / meta-iteration (median)",
                                                       "ratio to MAML", "range over rounds",
                                                       "unconverged solves (all rounds)"], rows)
+    lines += ["", f"## Where the time of '{BREAKDOWN}' goes", "",
+              "Each part's median over the iterations of a separate loop (MAML timed in the same loop); "
+              "the parts' medians need not add up to the total's.", ""]
+    lines += table(["part", "ms (median)", "in units of MAML's iteration"],
+                   [[k, f"{v:.2f}", f"{v / parts['MAML total']:.2f}"] for k, v in parts.items()])
+    lines += ["", "Unit costs (median, same process):", ""]
+    lines += table(["operation", "ms"], [[k, f"{v:.2f}"] for k, v in units.items()])
     (RESULTS_DIR / "imaml_cost.md").write_text("\n".join(lines) + "\n")
-    (RESULTS_DIR / "imaml_cost.json").write_text(json.dumps({"environment": env, "times_ms": times}, indent=2))
+    (RESULTS_DIR / "imaml_cost.json").write_text(json.dumps({"environment": env, "times_ms": times,
+                                                             "breakdown_ms": parts, "unit_costs_ms": units}, indent=2))
     print("\n".join(lines))
 
 

@@ -5,7 +5,7 @@ Every configuration is trained with the project's trainer (``implicit_nash.meta.
 what ``implicit-nash train`` runs) on the sinusoid preset (meta-batch 25, 5 shots, 1-40-40-1 ReLU,
 float32), inner lr 0.01, for ``--iterations`` meta-iterations and the given seeds, and evaluated on
 490 test tasks (one per amplitude sub-interval). The budgeted iMAML runs (2 Newton steps of 5 CG
-iterations forward, 5 GMRES iterations backward) measure their meta-gradient against a tight solve
+iterations forward, 5 CG iterations per task backward) measure their meta-gradient against a tight solve
 (Newton-Krylov to tolerance, GMRES to tolerance) every ``--check-every`` iterations; the table gives
 the median and maximum relative error ``|g - g*| / |g*|`` over those checks, and the median inner
 error ``|phi - phi*| / |phi* - theta|`` (Theorem D.3 bounds the first by C times the second plus the

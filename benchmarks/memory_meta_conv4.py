@@ -11,7 +11,8 @@ algorithm on one batch, then ``backward()`` of their mean:
   ``SimultaneousGradient`` (the same step as MAML's) and is differentiated implicitly, with GMRES
   capped at 10 iterations (``FixedSteps``): the forward keeps no graph, whatever N;
 * ``newton``: iMAML with the Newton-Krylov inner solver budgeted at ``N / 5`` Newton steps of 5 CG
-  iterations (so about N Hessian-vector products), and the same 10-iteration backward.
+  iterations (so about N Hessian-vector products), and 10 CG iterations per task backward
+  (``TaskCG``).
 
 Every ``(mode, N)`` runs in a fresh subprocess, which warms up once, then records the increase of
 its peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs``) over one
@@ -31,6 +32,9 @@ from _common import RESULTS_DIR, ensure_importable, environment, median, report_
 ensure_importable()
 
 import torch  # noqa: E402
+
+
+MODES = ("implicit", "newton", "unrolled")
 
 
 def worker(mode: str, steps: int, image_size: int, reps: int) -> dict:
@@ -91,6 +95,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[5, 20, 50, 100])
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "STEPS"))
     args = parser.parse_args()
     if args.worker:
@@ -99,7 +104,7 @@ def main() -> None:
     start = time.perf_counter()
     env = environment(threads=1)
     results = {}
-    for mode in ("implicit", "newton", "unrolled"):
+    for mode in args.modes:
         for n in args.steps:
             out = subprocess.run([sys.executable, __file__, "--worker", mode, str(n), "--image-size",
                                   str(args.image_size), "--reps", str(args.reps)],
@@ -109,7 +114,7 @@ def main() -> None:
                   flush=True)
     rows = []
     lo, hi = min(args.steps), max(args.steps)
-    for mode in ("implicit", "newton", "unrolled"):
+    for mode in args.modes:
         peak = {n: median(results[(mode, n)]["peak_increase_bytes"]) for n in args.steps}
         graph = {n: results[(mode, n)]["graph_bytes"] for n in args.steps}
         rows.append([mode] + [f"{peak[n] / 2**20:.1f} / {graph[n] / 2**20:.1f}" for n in args.steps]

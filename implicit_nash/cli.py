@@ -103,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     t("--task-lr", type=float, help=_preset_help("task_lr", "TR-MAML task-probability learning rate (trmaml only)"))
     t("--lam", type=float, help=f"iMAML proximal weight lambda (imaml only; default {DEFAULTS['lam']})")
     t("--inner-solver", choices=["newton", "prgd"], help="iMAML's inner solver (default newton: Newton-Krylov)")
-    t("--inner-budget", type=int, help="iMAML: a fixed number of Newton steps (default: solve to tolerance)")
-    t("--cg-budget", type=int, help="iMAML: a fixed number of backward Krylov iterations (default: to tolerance)")
+    t("--inner-mode", choices=["auto", "budgeted", "tolerance"],
+      help="iMAML: a fixed budget with its meta-gradient error measured, or solves to tolerance (default auto: "
+           "budgeted with a ReLU network, whose inner minimiser sits on a kink where no tolerance can be met; "
+           "tolerance with tanh)")
+    t("--inner-budget", type=int, help="iMAML: a fixed number of Newton steps (default 2 when budgeted)")
+    t("--cg-budget", type=int, help="iMAML: a fixed number of backward CG iterations (default 5 when budgeted)")
     t("--krylov-steps", type=int,
-      help="iMAML: Krylov iterations per Newton step (default 20; exactly this many when budgeted)")
+      help="iMAML: Krylov iterations per Newton step (default: exactly 3 when budgeted, at most 20 to tolerance)")
     t("--hypergrad-check-every", type=int,
       help="budgeted iMAML: measure the meta-gradient's error against a tight solve every K iterations "
            "(default 100; 0: never)")
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
-               "context_dim", "task_lr", "lam", "inner_solver", "inner_budget", "cg_budget",
+               "context_dim", "task_lr", "lam", "inner_solver", "inner_mode", "inner_budget", "cg_budget",
                "krylov_steps", "hypergrad_check_every", "lr_init", "activation", "eval_every", "checkpoint_every",
                "val_tasks", "test_tasks", "eval_batch", "device", "dtype", "threads", "data_root", "ways", "shots",
                "query_shots", "filters",

@@ -6,6 +6,7 @@ import torch.distributed as dist
 def problems():
     import implicit_nash as inn
     from implicit_nash.meta import IMAML, MAML
+    from implicit_nash.meta.inner import NewtonKrylov
     from implicit_nash.penalties import CentroidPenalty, RobustPenalty
     return {
         "maml_pC_unrolled": MAML(inner_steps=3, inner_lr=0.1, penalty=CentroidPenalty(weight=0.3, num_tasks=10, inner_lr=0.5)),
@@ -13,6 +14,14 @@ def problems():
         "maml_pC_implicit": IMAML(lam=5.0, penalty=CentroidPenalty(weight=0.3), solver=inn.PRGD(rtol=1e-12)),
         "maml_pR_implicit": IMAML(lam=5.0, penalty=RobustPenalty(weight=0.02, robustness=1.0, C=1e-2),
                                   solver=inn.PRGD(rtol=1e-12)),
+        # Newton-Krylov (meta/inner.py): per-task minimisation (plain), one CG over the coupled system
+        # with all-reduced dots (p_C), GMRES after a per-task warm start (p_R), and the budgeted mode
+        "imaml_newton": IMAML(lam=5.0, newton=NewtonKrylov(rtol=1e-12), linear_solver=inn.GMRES(rtol=1e-12)),
+        "imaml_newton_pC": IMAML(lam=5.0, penalty=CentroidPenalty(weight=0.3), newton=NewtonKrylov(rtol=1e-12),
+                                 linear_solver=inn.GMRES(rtol=1e-12)),
+        "imaml_newton_pR": IMAML(lam=5.0, penalty=RobustPenalty(weight=0.02, robustness=1.0, C=1e-2),
+                                 newton=NewtonKrylov(rtol=1e-12), linear_solver=inn.GMRES(rtol=1e-12)),
+        "imaml_newton_budgeted": IMAML(lam=5.0, budget=2, cg_budget=3, newton=NewtonKrylov(krylov_steps=3)),
     }
 
 

@@ -482,6 +482,29 @@ def test_imaml_newton_krylov_meta_gradient_equals_the_dense_formula(batch):
     assert torch.allclose(g, imaml_dense_meta_gradient(algo, model, theta, batch), rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("pen_name", [None, "centroid", "robust_mild"])
+def test_imaml_residual_by_plain_autograd_equals_the_pseudo_gradient_to_second_order(pen_name, batch, monkeypatch):
+    """The layer's residual (and the coupled Newton solves' F) is the task losses' gradient by plain
+    autograd plus the penalties' closed form (cheaper than torch.func's); its meta-gradient and a
+    second-order quantity (the gradient of the squared meta-gradient norm, which differentiates the
+    backward) equal those with game.pseudo_gradient."""
+    from implicit_nash.meta.inner import NewtonKrylov
+    pen = RobustPenalty(weight=0.02, robustness=1.0, C=1e-2) if pen_name == "robust_mild" else PENALTIES[pen_name]
+    algo = IMAML(lam=5.0, penalty=pen, newton=NewtonKrylov(rtol=1e-12), linear_solver=inn.GMRES(rtol=1e-12))
+    model, theta = setup(algo)
+
+    def second(a):
+        g = torch.autograd.grad(a.task_losses(model, theta, batch).mean(), leaves(theta), create_graph=True)
+        gg = torch.autograd.grad(sum((x ** 2).sum() for x in g), leaves(theta))
+        return torch.cat([x.reshape(-1) for x in g]).detach(), torch.cat([x.reshape(-1) for x in gg])
+
+    fast = second(algo)
+    monkeypatch.setattr(IMAML, "_residual", lambda self, game, losses, penalty, B: game.pseudo_gradient)
+    slow = second(algo)
+    assert torch.allclose(fast[0], slow[0], rtol=1e-9, atol=1e-12)
+    assert torch.allclose(fast[1], slow[1], rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("pen_name", ["centroid", "robust_mild"])
 def test_imaml_newton_krylov_and_prgd_agree_with_a_penalty(pen_name, batch):
     from implicit_nash.meta.inner import NewtonKrylov
@@ -523,6 +546,49 @@ def test_newton_krylov_solves_monotone_linear_systems_and_stops_at_a_kink():
     res = newton_krylov(lambda z: z + 2.0 * (z > 0).to(z.dtype) - 1.0, torch.ones(1, dtype=torch.float64),
                         NewtonKrylov(), symmetric=True)
     assert res.status == "stalled" and not res.converged and res.residual >= 1.0
+
+
+def test_task_cg_solves_each_block_with_its_own_krylov_space():
+    """TaskCG on a block-diagonal SPD system = one CG per block (dense solves when steps >= block
+    size), in both layouts: blocks contiguous, and a pytree's leaves one after the other."""
+    from implicit_nash.meta.inner import TaskCG
+    gen = torch.Generator().manual_seed(2)
+    blocks, sizes = 3, (2, 4)
+    n = sum(sizes)
+    mats = []
+    for _ in range(blocks):
+        M = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        mats.append(M @ M.T + 0.5 * torch.eye(n, dtype=torch.float64))
+    A = torch.block_diag(*mats)  # task-major (contiguous blocks)
+    b = torch.randn(blocks * n, generator=gen, dtype=torch.float64)
+    x, info = TaskCG(blocks=blocks, steps=n).solve(A, b)
+    assert info.converged and info.steps == n
+    assert torch.allclose(x, torch.linalg.solve(A, b), rtol=1e-8, atol=1e-10)
+    # leaf-major layout: [leaf 0 of every block, leaf 1 of every block]
+    perm = torch.cat([(torch.arange(blocks)[:, None] * n + torch.arange(sizes[0])).reshape(-1),
+                      (torch.arange(blocks)[:, None] * n + sizes[0] + torch.arange(sizes[1])).reshape(-1)])
+    A_leaf, b_leaf = A[perm][:, perm], b[perm]
+    x_leaf, _ = TaskCG(blocks=blocks, steps=n, sizes=sizes).solve(A_leaf, b_leaf)
+    assert torch.allclose(x_leaf, x[perm], rtol=1e-8, atol=1e-10)
+    # a short budget: each block's iterate is its own CG's (compare with one block solved alone)
+    x2, info2 = TaskCG(blocks=blocks, steps=2).solve(A, b)
+    alone, _ = TaskCG(blocks=1, steps=2).solve(mats[1], b[n:2 * n])
+    assert torch.allclose(x2[n:2 * n], alone, rtol=1e-10, atol=1e-12)
+    assert info2.converged and "fixed budget of 2 CG steps" in info2.message
+    # an indefinite block stops at its non-positive curvature and keeps its iterate; the others go on
+    bad = torch.block_diag(*mats[:2], -mats[2])
+    x3, info3 = TaskCG(blocks=blocks, steps=n).solve(bad, b)
+    assert info3.converged and torch.equal(x3[2 * n:], torch.zeros(n, dtype=torch.float64))
+    assert torch.allclose(x3[:2 * n], x[:2 * n], rtol=1e-8, atol=1e-10)
+    # the layer's stacked problems (groups) are blocks too; a warm start from the solution stays there
+    xg, _ = TaskCG(steps=n).solve(A, b, groups=blocks)
+    assert torch.allclose(xg, x, rtol=1e-8, atol=1e-10)
+    xw, infow = TaskCG(steps=1).solve(A, b, x0=x)
+    assert infow.matvecs == 2 and torch.allclose(xw, x, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="do not make"):
+        TaskCG(blocks=4, steps=2).solve(A, b)
+    with pytest.raises(ValueError, match="steps"):
+        TaskCG(blocks=2, steps=0)
 
 
 def test_fixed_steps_runs_its_budget_and_reports_done():

@@ -234,3 +234,31 @@ def test_budgeted_imaml_reports_its_measured_meta_gradient_error(tmp_path):
     assert tight["hypergradient_error"]["relative_max"] < 1e-8 and tight["hypergradient_error"]["inner_error_max"] < 1e-8
     with pytest.raises(ConfigError, match="inner_budget"):
         tiny(algorithm="maml", inner_budget=3)
+
+
+def test_imaml_inner_mode_auto_is_budgeted_with_relu_and_tolerance_with_tanh():
+    from implicit_nash.meta.config import BUDGET_DEFAULTS, upgrade
+    relu = tiny(algorithm="imaml")
+    assert relu["inner_mode"] == "budgeted" and relu["activation"] == "relu"
+    assert {k: relu[k] for k in BUDGET_DEFAULTS} == BUDGET_DEFAULTS
+    algo = build_algorithm(relu, 10)
+    assert algo.budgeted and algo.budget == 2 and algo.cg_budget == 5 and algo.newton.krylov_steps == 3
+    tanh = tiny(algorithm="imaml", activation="tanh")
+    assert tanh["inner_mode"] == "tolerance" and tanh["inner_budget"] is None and tanh["krylov_steps"] == 20
+    assert not build_algorithm(tanh, 10).budgeted
+    forced = tiny(algorithm="imaml", inner_mode="tolerance")  # ReLU to tolerance: asked for explicitly
+    assert forced["inner_budget"] is None and not build_algorithm(forced, 10).budgeted
+    partial = tiny(algorithm="imaml", activation="tanh", inner_budget=3)  # an explicit budget is budgeted
+    assert partial["inner_mode"] == "budgeted" and partial["cg_budget"] is None and partial["krylov_steps"] == 3
+    with pytest.raises(ConfigError, match="inner-mode tolerance"):
+        tiny(algorithm="imaml", inner_mode="tolerance", cg_budget=5)
+    with pytest.raises(ConfigError, match="Newton-Krylov"):
+        tiny(algorithm="imaml", inner_solver="prgd", inner_budget=2)
+    with pytest.raises(ConfigError, match="inner_mode must be"):
+        tiny(algorithm="imaml", inner_mode="fast")
+    # a configuration saved before inner_mode existed keeps its mode (and MAML's unused krylov_steps)
+    old = {k: v for k, v in tiny(algorithm="imaml", inner_mode="tolerance").items() if k != "inner_mode"}
+    old["krylov_steps"] = 20
+    assert upgrade(old)["inner_mode"] == "tolerance" and not build_algorithm(upgrade(old), 10).budgeted
+    maml = {k: v for k, v in tiny().items() if k != "inner_mode"}
+    assert upgrade({**maml, "krylov_steps": 20}) == tiny()

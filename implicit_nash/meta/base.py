@@ -225,7 +225,7 @@ class Algorithm:
         game = self._game(model, x, y, penalty)
         B = x.shape[0]
         if mode == "implicit":
-            return self._implicit(game, theta, B, penalty, own=lambda: self._game(model, x, y, self.own_penalty()))
+            return self._implicit(game, theta, B, penalty, build=lambda p: self._game(model, x, y, p))
         # Every player starts at the anchor, where a penalty that vanishes there contributes nothing
         # (in value or derivative along the start): the first step uses the task losses alone.
         first = self._game(model, x, y, None) if penalty is not None and penalty.vanishes_at_anchor else game
@@ -262,10 +262,11 @@ class Algorithm:
             coupling=lambda phi_i, th, s: penalty.value(phi_i, self.anchor(th), s, B),
             coupling_gradient=(lambda phi, th: penalty.pseudo_gradient(phi, self.anchor(th), B)) if use_fast else None)
 
-    def _implicit(self, game, theta, B, penalty, own=None):
+    def _implicit(self, game, theta, B, penalty, build=None):
         """The inner game solved to equilibrium and differentiated implicitly (the core layer).
 
-        ``own()`` builds the game without the Nash-GBML penalty (a subclass may warm-start from it).
+        ``build(p)`` builds the same tasks' game with penalty ``p`` instead (a subclass may warm-start
+        from the game without the Nash-GBML penalty, or differentiate the task losses alone).
         """
         solver = PRGD(max_steps=1000) if self.solver is None else self.solver
         return vi_solution(game.pseudo_gradient, self._start(theta, B), theta, solver=solver,

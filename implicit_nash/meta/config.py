@@ -64,9 +64,12 @@ DEFAULTS: Dict[str, Any] = {
     "lr_init": None,            # Meta-SGD: None (inner_lr everywhere) or [lo, hi] (uniform draws)
     "inner_max_steps": 200,
     "inner_solver": "newton",   # iMAML: "newton" (Newton-Krylov) or "prgd" (the core layer's PRGD)
-    "inner_budget": None,       # iMAML: None (solve to tolerance) or a fixed number of Newton steps
-    "cg_budget": None,          # iMAML: None (backward solve to tolerance) or fixed Krylov iterations
-    "krylov_steps": 20,         # iMAML: Krylov iterations per Newton step (at most; exactly when budgeted)
+    "inner_mode": "auto",       # iMAML (newton): "budgeted", "tolerance", or "auto": budgeted with a ReLU
+                                # network (its inner minimiser sits on a kink: no tolerance can be met), else tolerance
+    "inner_budget": None,       # iMAML: a fixed number of Newton steps (None: 2 when budgeted, else to tolerance)
+    "cg_budget": None,          # iMAML: fixed backward Krylov iterations (None: 5 when budgeted, else to tolerance)
+    "krylov_steps": None,       # iMAML: Krylov iterations per Newton step (None: 3 budgeted, exactly; 20 at most
+                                # to tolerance)
     "hypergrad_check_every": 100,  # budgeted iMAML: measure the meta-gradient's error every k iterations
     "throw": None,              # None: False for iMAML (see IMAML's docstring), True otherwise
     "hidden": [40, 40],
@@ -139,7 +142,8 @@ _USED_BY = {
     "context_dim": ("--algorithm cavia", lambda c: c["algorithm"] == "cavia"),
     "task_lr": ("--algorithm trmaml", lambda c: c["algorithm"] == "trmaml"),
     **{key: ("--algorithm imaml", lambda c: c["algorithm"] == "imaml")
-       for key in ("lam", "inner_solver", "inner_budget", "cg_budget", "krylov_steps", "hypergrad_check_every")},
+       for key in ("lam", "inner_solver", "inner_mode", "inner_budget", "cg_budget", "krylov_steps",
+                   "hypergrad_check_every")},
     "robustness": ("--penalty robust", lambda c: c["penalty"] == "robust"),
     "robust_c": ("--penalty robust", lambda c: c["penalty"] == "robust"),
     "penalty_alpha": ("--penalty centroid", lambda c: c["penalty"] == "centroid"),
@@ -157,8 +161,16 @@ def unused_options(config: Dict[str, Any], given) -> None:
 
 def upgrade(saved: Dict[str, Any]) -> Dict[str, Any]:
     """A configuration saved by an earlier version, with the options added since at their defaults
-    (so that finished and interrupted runs stay usable when new options appear)."""
-    return {**DEFAULTS, **saved}
+    (so that finished and interrupted runs stay usable when new options appear). A run saved before
+    ``inner_mode`` existed keeps the mode its budgets gave it."""
+    old = dict(saved)
+    if "inner_mode" not in old:  # saved before it existed, when krylov_steps defaulted to 20
+        if old.get("algorithm") == "imaml" and old.get("inner_solver", "newton") == "newton":
+            old["inner_mode"] = "budgeted" if old.get("inner_budget") or old.get("cg_budget") else "tolerance"
+            old.setdefault("krylov_steps", 20)
+        else:
+            old["krylov_steps"] = None
+    return {**DEFAULTS, **old}
 
 
 def read_json_object(path: str, what: str) -> Dict[str, Any]:
@@ -196,7 +208,42 @@ def resolve(cli: Optional[Dict[str, Any]] = None, file: Optional[Dict[str, Any]]
     algorithm = cli.get("algorithm", file.get("algorithm", DEFAULTS["algorithm"]))
     config = {**DEFAULTS, **PRESETS[task], **ALGORITHM_PRESETS.get((task, algorithm), {}), **file, **cli}
     _validate(config)
+    _resolve_inner_mode(config)
     return config
+
+
+BUDGET_DEFAULTS = {"inner_budget": 2, "krylov_steps": 3, "cg_budget": 5}
+
+
+def _resolve_inner_mode(c: Dict[str, Any]) -> None:
+    """iMAML's inner mode made concrete (written to config.json as such): ``auto`` is ``budgeted``
+    with a ReLU network, whose inner minimiser sits on a kink where no tolerance can be met (see
+    :mod:`implicit_nash.meta.inner`), and ``tolerance`` otherwise; explicit budgets mean budgeted.
+    Budgeted fills the budgets not given with :data:`BUDGET_DEFAULTS` (when neither budget is given);
+    tolerance uses at most 20 Krylov iterations per Newton step."""
+    if c["algorithm"] != "imaml":
+        return
+    given = c["inner_budget"] is not None or c["cg_budget"] is not None
+    mode = c["inner_mode"]
+    if c["inner_solver"] != "newton":
+        if given or mode == "budgeted" or c["krylov_steps"] is not None:
+            raise ConfigError("the budgeted mode and --krylov-steps belong to the Newton-Krylov inner solver; "
+                              "drop them or use --inner-solver newton")
+        c["inner_mode"] = "tolerance"
+        return
+    if mode == "tolerance" and given:
+        raise ConfigError("--inner-mode tolerance solves to tolerance; drop --inner-budget/--cg-budget, "
+                          "or use --inner-mode budgeted")
+    if mode == "auto":
+        mode = "budgeted" if given or c["activation"] == "relu" else "tolerance"
+    c["inner_mode"] = mode
+    if mode == "budgeted":
+        if not given:
+            c["inner_budget"], c["cg_budget"] = BUDGET_DEFAULTS["inner_budget"], BUDGET_DEFAULTS["cg_budget"]
+        if c["krylov_steps"] is None:
+            c["krylov_steps"] = BUDGET_DEFAULTS["krylov_steps"]
+    elif c["krylov_steps"] is None:
+        c["krylov_steps"] = 20
 
 
 def _num(config, key, *, positive=True, integer=False, allow_zero=False):
@@ -240,7 +287,10 @@ def _validate(c: Dict[str, Any]) -> None:
         _num(c, key, integer=True, allow_zero=True)
     if c["inner_solver"] not in ("newton", "prgd"):
         raise ConfigError(f"inner_solver must be newton or prgd, got {c['inner_solver']!r}")
-    _num(c, "krylov_steps", integer=True)
+    if c["inner_mode"] not in ("auto", "budgeted", "tolerance"):
+        raise ConfigError(f"inner_mode must be auto, budgeted or tolerance, got {c['inner_mode']!r}")
+    if c["krylov_steps"] is not None:
+        _num(c, "krylov_steps", integer=True)
     for key in ("inner_budget", "cg_budget"):
         if c[key] is not None:
             _num(c, key, integer=True)
@@ -323,7 +373,7 @@ def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
         kwargs["lr_init"] = tuple(c["lr_init"])
     kwargs["throw"] = (name != "imaml") if c["throw"] is None else c["throw"]
     if name == "imaml" and c["inner_solver"] == "newton":
-        kwargs["newton"] = NewtonKrylov(max_steps=min(c["inner_max_steps"], 50), krylov_steps=c["krylov_steps"])
+        kwargs["newton"] = NewtonKrylov(max_steps=min(c["inner_max_steps"], 50), krylov_steps=c["krylov_steps"] or 20)
         kwargs["budget"] = c["inner_budget"]
         kwargs["cg_budget"] = c["cg_budget"]
     else:

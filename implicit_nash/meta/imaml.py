@@ -26,13 +26,14 @@ from typing import Optional
 
 import torch
 
-from .._compat import tree_map
+from .. import _collective
+from .._compat import functorch_active, tree_flatten, tree_map, tree_unflatten
 from .._tree import Flattener
 from ..equilibrium import custom_root
 from ..errors import ConvergenceError, ConvergenceWarning
 from ..penalties import ProximalPenalty
 from .base import Algorithm
-from .inner import FixedSteps, NewtonKrylov, newton_krylov
+from .inner import FixedSteps, NewtonKrylov, TaskCG, newton_krylov
 
 __all__ = ["IMAML"]
 
@@ -91,51 +92,79 @@ class IMAML(Algorithm):
         """The same algorithm solved to tolerance (the hypergradient check's reference)."""
         return dataclasses.replace(self, budget=None, cg_budget=None, throw=False,
                                    newton=dataclasses.replace(self.newton, budget=False,
-                                                              max_steps=max(self.newton.max_steps, 50)))
+                                                              max_steps=max(self.newton.max_steps, 50),
+                                                              krylov_steps=max(self.newton.krylov_steps, 20)))
 
-    def _backward_solver(self):
-        return self.linear_solver if self.cg_budget is None else FixedSteps(solver=self.linear_solver,
-                                                                            steps=self.cg_budget)
+    def _backward_solver(self, uncoupled: bool, layer_blocks: int, B: int, sizes):
+        """The tolerance mode's ``linear_solver``; with ``cg_budget``, one CG per task for uncoupled
+        tasks (iMAML's practice: each task's system has its own Krylov space), else ``linear_solver``
+        run for ``cg_budget`` iterations on the whole coupled system. The layer hands the tasks over
+        as its blocks (``layer_blocks = B``), or, when sharded over ranks (where the layer takes no
+        blocks), as one vector laid out leaf after leaf (``sizes``)."""
+        if self.cg_budget is None:
+            return self.linear_solver
+        if uncoupled:
+            return TaskCG(steps=self.cg_budget) if layer_blocks > 1 else \
+                TaskCG(blocks=B, steps=self.cg_budget, sizes=tuple(sizes))
+        return FixedSteps(solver=self.linear_solver, steps=self.cg_budget)
 
     @staticmethod
     def _objective(game, flat, theta):
-        """Each task's own cost (its objective when the game is uncoupled), on flat points."""
+        """Each task's own cost on flat points (its objective when the game is uncoupled)."""
         def objective(v):
-            with torch.no_grad():
-                return game.costs(flat.unflatten(v), theta)
+            return game.costs(flat.unflatten(v), theta)
         return objective
 
-    def _implicit(self, game, theta, B, penalty, own=None):
-        if self.solver is not None:
-            return super()._implicit(game, theta, B, penalty, own)
+    def _residual(self, game, losses, penalty, B):
+        """The inner game's pseudo-gradient for the layer and the coupled Newton solves: the task
+        losses' gradient by plain autograd plus the penalty's closed-form pseudo-gradient (the same
+        values as ``game.pseudo_gradient``, without torch.func's per-operation wrapping: its graph is
+        cheaper to build and to differentiate). ``game.pseudo_gradient`` itself under a torch.func
+        transform (derivatives of higher order), or for a penalty without a closed form."""
+        fast = self.fast_penalty and penalty is not None and penalty.has_pseudo_gradient
+        total = _collective.total(B)
+
+        def residual(phi, theta):
+            if not fast or functorch_active():
+                return game.pseudo_gradient(phi, theta)
+            create = torch.is_grad_enabled()
+            leaves, spec = tree_flatten(phi)
+            with torch.enable_grad():
+                leaves = [x if x.requires_grad else x.detach().requires_grad_(True) for x in leaves]
+                costs = losses.costs(tree_unflatten(leaves, spec), theta)
+                grads = torch.autograd.grad(costs.sum(), leaves, create_graph=create, materialize_grads=True)
+            extra = penalty.pseudo_gradient(tree_unflatten(leaves, spec), self.anchor(theta), total)
+            return tree_map(torch.add, tree_unflatten(list(grads), spec), extra)
+        return residual
+
+    def _implicit(self, game, theta, B, penalty, build=None):
+        if self.solver is not None or build is None:
+            return super()._implicit(game, theta, B, penalty, build)
         symmetric = penalty is None or bool(penalty.symmetric)
         start = self._start(theta, B)
         flat = Flattener(start, B, "phi")
+        uncoupled = penalty is None or not penalty.coupled  # plain iMAML: the tasks do not interact
+        residual = self._residual(game, build(None), penalty, B)
         options = self.newton if self.budget is None else dataclasses.replace(
             self.newton, max_steps=self.budget, budget=True)
 
         def forward(phi0, th):
             """Newton-Krylov on the inner game (no graph); the layer differentiates its output."""
             def F(v):
-                return flat.flatten(game.pseudo_gradient(flat.unflatten(v), th))
+                return flat.flatten(residual(flat.unflatten(v), th))
 
             z0 = flat.flatten(phi0).detach()
-            if own is not None and penalty is not None and penalty.coupled and not penalty.symmetric:
+            if penalty is not None and penalty.coupled and not penalty.symmetric:
                 # p_R: its Jacobian at phi = theta is of order w B / C (C = 1e-8: 5e7 for the
                 # sinusoid preset), a stiff start for any method. Warm start (valid: the equilibrium
                 # does not depend on the starting point) from the tasks' own proximal problems,
                 # where the distances to theta are far above C^(1/2r).
-                plain = own()
-
-                def F_own(v):
-                    return flat.flatten(plain.pseudo_gradient(flat.unflatten(v), th))
-
-                z0 = newton_krylov(F_own, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
+                plain = build(self.own_penalty())
+                z0 = newton_krylov(None, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
                                    symmetric=True, blocks=B, objective=self._objective(plain, flat, th)).value
-            # uncoupled tasks (plain iMAML): one CG and one line search per task
-            blocks = B if penalty is None or not penalty.coupled else 1
-            uncoupled = symmetric and blocks > 1
-            res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=blocks if symmetric else 1,
+            # uncoupled tasks (plain iMAML): each task minimises its own cost, with its own CG and line
+            # search; F is then the gradient of the costs' sum, taken by plain autograd on their graph
+            res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=B if uncoupled else 1,
                                 objective=self._objective(game, flat, th) if uncoupled else None)
             if not res.converged:
                 msg = (f"Newton-Krylov stopped with status '{res.status}' after {res.steps} steps: residual "
@@ -152,8 +181,10 @@ class IMAML(Algorithm):
         # root check is skipped (check=False, three evaluations of F saved): the solve above tests
         # its own tolerance and reports, and a budgeted solve is not a root by design (the trainer
         # measures the error it causes instead).
-        solve = custom_root(game.pseudo_gradient, linear_solver=self._backward_solver(),
+        # uncoupled tasks are the layer's blocks (a Krylov space per task), except when sharded over
+        # ranks, where the layer's stacked systems cannot be (its products are all-reduced)
+        layer_blocks = B if uncoupled and not _collective.active() else 1
+        solve = custom_root(residual, linear_solver=self._backward_solver(uncoupled, layer_blocks, B, flat.sizes),
                             symmetric=True if symmetric else None, throw=self.throw, check=False,
-                            warm_start=self.implicit_adjoint().warm_start,
-                            blocks=B if penalty is None or not penalty.coupled else 1)(forward)
+                            warm_start=self.implicit_adjoint().warm_start, blocks=layer_blocks)(forward)
         return solve(start, theta)

@@ -596,8 +596,11 @@ def train(config: Dict[str, Any], out_dir: str, *, resume: bool = False, progres
             f"{b['loss'] / max(abs(b['initial_loss']), 1e-12):.3g} x its first value {b['initial_loss']:.3g}")
     if "hypergradient_error" in metrics:
         h = metrics["hypergradient_error"]
+        missed = h["reference_not_converged"]
         log(f"budgeted meta-gradient: relative error {h['relative_median']:.3g} (median; max "
-            f"{h['relative_max']:.3g}) against a tight solve over {h['checks']} checks")
+            f"{h['relative_max']:.3g}) against a tight solve over {h['checks']} checks"
+            + (f"; {missed} of the reference's solves stopped short of their tolerance (a ReLU network's "
+               "kinks): the reference is itself approximate" if missed else ""))
     if run.warnings:
         log(f"warning: {run.warnings} inner or linear solves did not converge to tolerance (see metrics.json)")
     return metrics
