@@ -234,8 +234,9 @@ def solve_root(data, workload: str, activation: str = ACT) -> Tuple[torch.Tensor
     steps = 0
     for w in (["imaml"] if workload == "imaml" else ["imaml", "nash_pr"]):
         F = torch_residual(data, w, activation)
-        res = newton_krylov(lambda v: F(v.reshape(B, -1), theta).reshape(-1), z0, opts,
-                            symmetric=w == "imaml", blocks=B if w == "imaml" else 1)
+        # one Newton-Krylov run over the stacked tasks (newton_krylov's per-task mode needs the tasks'
+        # objectives; the root is the same)
+        res = newton_krylov(lambda v: F(v.reshape(B, -1), theta).reshape(-1), z0, opts, symmetric=w == "imaml")
         z0, steps = res.value, steps + res.steps
     seconds = time.perf_counter() - t0
     phi = z0.reshape(B, -1)

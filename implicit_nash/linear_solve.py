@@ -267,8 +267,13 @@ class _Monitor:
             self._pairs.append((torch.stack((v.detach(), w.detach())).reshape(2, self.groups, -1).to(torch.float64) ** 2).sum(2))
         return w
 
-    def note_norm(self, ratio: float) -> None:
-        """A known ``||A v|| / ||v||`` (one block), e.g. from the Arnoldi process."""
+    def note_norm(self, ratio) -> None:
+        """A known lower bound of ``||A||``, e.g. ``||A v|| / ||v||`` from the Arnoldi process: a number
+        (one block), or a tensor of one bound per block."""
+        if isinstance(ratio, torch.Tensor):
+            r = torch.nan_to_num(ratio.detach().to("cpu", torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            self.estimate = torch.maximum(self.estimate, r.clamp_min(0.0))
+            return
         self._known = max(self._known, ratio) if math.isfinite(ratio) else self._known
 
     def _update_estimate(self) -> None:
@@ -495,28 +500,39 @@ class CG(LinearSolver):
 
         rs = per(r, r)
         active = torch.ones(G, dtype=torch.bool, device=r.device)
+        # as in the one-block CG: the recurrence's residuals against thresholds refreshed at every
+        # full check (every _CG_CHECK iterations, or when every block's recurrence says it is done)
+        threshold = mon.tolerance_for(x).to(r.device, r.dtype)
         steps = 0
         while steps < self.steps_limit:
-            Ap = mon(p)
+            Ap = mon(p, track=False)
             curv = per(p, Ap)
             if not bool(torch.isfinite(curv).all()):
                 return mon.finish(steps, "non_finite", "a product returned NaN or inf")
             bad = active & (curv <= 0)
             if bool(bad.any()):
                 k = int(bad.nonzero()[0])
+                mon.accept(x, r)
                 return mon.finish(steps, "breakdown", f"non-positive curvature p'Ap = {float(curv[k]):.3g} in block "
                                   f"{k}: the operator is not positive definite; use GMRES")
+            pp = per(p, p)
+            mon.note_norm(torch.where(active & (pp > 0), curv / torch.where(pp > 0, pp, 1.0), 0.0))  # Rayleigh
             alpha = torch.where(active, rs / torch.where(active, curv, 1.0), 0.0)
             x = x + scaled(alpha, p)
             r = r - scaled(alpha, Ap)
             steps += 1
-            if mon.accept(x, r):
-                break
-            active = (mon.res > mon.tol).to(r.device)
             rs_new = per(r, r)
+            active = rs_new.sqrt() > threshold
+            if not bool(active.any()) or steps % _CG_CHECK == 0:
+                if mon.accept(x, r):
+                    break
+                threshold = mon.tol.to(r.device, r.dtype)
+                active = (mon.res > mon.tol).to(r.device)
             beta = torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0)
             p = scaled(active.to(r.dtype), r + scaled(beta, p))
             rs = rs_new
+        else:
+            mon.accept(x, r)
         return mon.finish(steps)
 
 
