@@ -86,6 +86,16 @@ def environment(**extra: Any) -> Dict[str, Any]:
     return env
 
 
+def package_version(pkg: str) -> str:
+    """The installed version of ``pkg``, or ``"not installed"``."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def median(values: Iterable[float]) -> float:
     """Median of the finite values (``nan`` when there are none)."""
     vals = [float(v) for v in values if v is not None and v == v]

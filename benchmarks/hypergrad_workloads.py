@@ -66,7 +66,6 @@ apply to that workload only, e.g. ``'{"imaml": {"custom_root": {"warm_start": tr
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as _metadata
 import inspect
 import json
 import os
@@ -86,7 +85,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import numpy as np  # noqa: E402
 
 from _common import (command_line, cpu_model, ensure_importable, finish_environment, fmt_bytes,  # noqa: E402
-                     table, write_results)
+                     package_version, table, write_results)
 
 ensure_importable()
 
@@ -332,6 +331,24 @@ def ours_linear_solver(kind: str, tol: float, options: Dict[str, Any], log: List
     return Recorded(**kwargs)
 
 
+def _timed_ours(forward, theta, loss, log, info):
+    """One hypergradient of ours: ``forward()`` (the decorated solve), then the meta-loss's gradient;
+    the linear solves' products, steps and statuses from ``log`` go into ``info``."""
+    def hypergradient():
+        log.clear()
+        t0 = time.perf_counter()
+        phi = forward()
+        t1 = time.perf_counter()
+        (g,) = torch.autograd.grad(loss(phi), theta)
+        t2 = time.perf_counter()
+        info["products"] = [i.matvecs for i in log]
+        info["steps"] = [i.steps for i in log]
+        info["status"] = [i.status for i in log]
+        return g, {"forward": t1 - t0, "backward": t2 - t1}
+
+    return hypergradient
+
+
 def make_ours(data, phi_star, workload, kind, tol, options, info, blocks=False):
     """implicit_nash's custom_root on the stacked problem; ``blocks``: declare the B tasks independent
     blocks (``custom_root(blocks=B)``: a Krylov space per block; iMAML only, its tasks are uncoupled)."""
@@ -349,19 +366,7 @@ def make_ours(data, phi_star, workload, kind, tol, options, info, blocks=False):
     theta = data["theta"].clone().requires_grad_(True)
     start = phi_star.clone()
 
-    def hypergradient():
-        log.clear()
-        t0 = time.perf_counter()
-        phi = solve(start, theta)
-        t1 = time.perf_counter()
-        (g,) = torch.autograd.grad(loss(phi), theta)
-        t2 = time.perf_counter()
-        info["products"] = [i.matvecs for i in log]
-        info["steps"] = [i.steps for i in log]
-        info["status"] = [i.status for i in log]
-        return g, {"forward": t1 - t0, "backward": t2 - t1}
-
-    return hypergradient
+    return _timed_ours(lambda: solve(start, theta), theta, loss, log, info)
 
 
 def make_ours_vmap(data, phi_star, workload, kind, tol, options, info):
@@ -383,19 +388,7 @@ def make_ours_vmap(data, phi_star, workload, kind, tol, options, info):
     theta = data["theta"].clone().requires_grad_(True)
     start = phi_star.clone()
 
-    def hypergradient():
-        log.clear()
-        t0 = time.perf_counter()
-        phi = solve(start, (theta, data["x"], data["y"]))
-        t1 = time.perf_counter()
-        (g,) = torch.autograd.grad(loss(phi), theta)
-        t2 = time.perf_counter()
-        info["products"] = [i.matvecs for i in log]
-        info["steps"] = [i.steps for i in log]
-        info["status"] = [i.status for i in log]
-        return g, {"forward": t1 - t0, "backward": t2 - t1}
-
-    return hypergradient
+    return _timed_ours(lambda: solve(start, (theta, data["x"], data["y"])), theta, loss, log, info)
 
 
 def make_torchopt(data, phi_star, workload, kind, tol, info, count=False):
@@ -841,13 +834,6 @@ def render(result: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def version(pkg: str) -> str:
-    try:
-        return _metadata.version(pkg)
-    except _metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=["imaml", "nash_pr", "all"], default="all")
@@ -875,8 +861,8 @@ def main(argv=None) -> int:
         return memory_probe(args)
 
     env = {"command": command_line(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "torch": torch.__version__, "torchopt": version("torchopt"), "jax": jax.__version__,
-           "jaxlib": version("jaxlib"), "jaxopt": version("jaxopt"), "numpy": np.__version__,
+           "torch": torch.__version__, "torchopt": package_version("torchopt"), "jax": jax.__version__,
+           "jaxlib": package_version("jaxlib"), "jaxopt": package_version("jaxopt"), "numpy": np.__version__,
            "implicit_nash": inn.__version__, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "load_average_at_start": list(os.getloadavg()), "reps": args.reps, "warmup": args.warmup,

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.metadata as _metadata
 import json
 import os
 import platform
@@ -62,6 +61,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 import implicit_nash as inn  # noqa: E402
+from _common import package_version  # noqa: E402
 
 try:
     # JAX must be switched to float64 before any array is created.
@@ -317,13 +317,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def version(pkg: str) -> str:
-    try:
-        return _metadata.version(pkg)
-    except _metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--d", type=int, default=1000, help="dimension (default 1000)")
@@ -517,8 +510,8 @@ def main(argv=None) -> int:
     env = {
         "command": command, "date": started.isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__,
-        "torchopt": version("torchopt"), "jax": jax.__version__, "jaxlib": version("jaxlib"),
-        "jaxopt": version("jaxopt"), "numpy": np.__version__, "implicit_nash": inn.__version__,
+        "torchopt": package_version("torchopt"), "jax": jax.__version__, "jaxlib": package_version("jaxlib"),
+        "jaxopt": package_version("jaxopt"), "numpy": np.__version__, "implicit_nash": inn.__version__,
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "jax_devices": [str(dv) for dv in jax.devices()],
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),

@@ -322,20 +322,7 @@ class Problem:
         if not G.requires_grad:  # G does not depend on z: A = 0
             return LinearOperator(torch.zeros_like, torch.zeros_like, self.symmetric)
 
-        def AT(u):
-            return torch.autograd.grad(G, zz, u, retain_graph=True)[0]
-
-        lazy = []
-
-        def A(u):  # the VJP of the linear map w -> A^T w, built once
-            if not lazy:
-                with torch.enable_grad():
-                    w = torch.zeros_like(G, requires_grad=True)
-                    (gw,) = torch.autograd.grad(G, zz, w, retain_graph=True, create_graph=True)
-                lazy.append((w, gw))
-            w, gw = lazy[0]
-            return torch.autograd.grad(gw, w, u, retain_graph=True)[0]
-
+        AT, A = graph_products(G, zz)
         lowered = None
         if precision is None:
             def lowered(dtype):
@@ -413,6 +400,27 @@ class Problem:
         _, f = vjp(lambda *values: self.G(z, floats.fill(values)), *floats.values)
         _, g = vjp(lambda w: f(w), torch.zeros_like(z))
         return g(tuple(tangents[i] for i in floats.idx))[0]
+
+
+def graph_products(G: torch.Tensor, z: torch.Tensor) -> Tuple[Callable, Callable]:
+    """``(u -> A^T u, u -> A u)`` for :math:`A = \\partial G / \\partial z` on one autograd graph of
+    ``G(z)`` (kept): :math:`A^\\top u` is a VJP; :math:`A u` is the VJP of the linear map
+    :math:`w \\mapsto A^\\top w`, whose graph is built at the first call and reused."""
+    def AT(u):
+        return torch.autograd.grad(G, z, u, retain_graph=True)[0]
+
+    lazy = []
+
+    def A(u):
+        if not lazy:
+            with torch.enable_grad():
+                w = torch.zeros_like(G, requires_grad=True)
+                (gw,) = torch.autograd.grad(G, z, w, retain_graph=True, create_graph=True)
+            lazy.append((w, gw))
+        w, gw = lazy[0]
+        return torch.autograd.grad(gw, w, u, retain_graph=True)[0]
+
+    return AT, A
 
 
 class _Floating:

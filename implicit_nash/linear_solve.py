@@ -35,6 +35,7 @@ block-diagonal, as a ``vmap`` stack is), so that each block converges at its own
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple, Union
@@ -924,7 +925,6 @@ class Refined(LinearSolver):
             raise ValueError(f"Refined.precision must be a floating dtype, got {self.precision!r}")
 
     def _solve(self, mon):
-        import dataclasses
         b, groups = mon.b, mon.groups
         low = None
         if torch.finfo(self.precision).eps > mon.eps:

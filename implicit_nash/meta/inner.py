@@ -41,6 +41,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from .. import _collective
+from ..implicit import graph_products
 from ..linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver, as_operator, default_rtol
 
 __all__ = ["NewtonKrylov", "NewtonResult", "newton_krylov", "FixedSteps", "TaskCG"]
@@ -153,21 +154,14 @@ def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: torch.
 
 
 def _matvec_on(Fz: torch.Tensor, z: torch.Tensor, symmetric: bool, counts: dict) -> Callable:
-    """Products with :math:`P = \\partial_z F` on one graph of ``F`` (VJPs; for a non-symmetric
-    ``P``, :math:`P v` as the VJP of the linear map :math:`w \\mapsto P^\\top w`, built once)."""
-    double: list = []
+    """Products with :math:`P = \\partial_z F` on one graph of ``F`` (the layer's
+    :func:`~implicit_nash.implicit.graph_products`; a symmetric ``P`` needs only the VJP), counted."""
+    PT, P = graph_products(Fz, z)
+    product = PT if symmetric else P
 
     def matvec(v):
         counts["matvecs"] += 1
-        if symmetric:  # P v = P^T v: one reverse pass through the graph of F
-            return torch.autograd.grad(Fz, z, v, retain_graph=True)[0]
-        if not double:
-            with torch.enable_grad():
-                w = torch.zeros_like(Fz, requires_grad=True)
-                (gw,) = torch.autograd.grad(Fz, z, w, retain_graph=True, create_graph=True)
-            double.append((w, gw))
-        w, gw = double[0]
-        return torch.autograd.grad(gw, w, v, retain_graph=True)[0]
+        return product(v)
 
     return matvec
 
