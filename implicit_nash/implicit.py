@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
-from torch.func import vjp, vmap
+from torch.func import jvp, vjp, vmap
 
 from ._compat import functorch_active
 from ._tree import all_finite
@@ -327,7 +327,24 @@ class Problem:
         if precision is None:
             def lowered(dtype):
                 return self._autograd_operator(z, params, transpose, dtype)
-        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric, lowered=lowered)
+        operands = (zz.detach(), *[p.detach().to(zz.dtype) if p.is_floating_point() and precision is not None
+                                   else p.detach() for p in params])
+        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric, lowered=lowered,
+                              functional=(self._product_fn(transpose), operands))
+
+    def _product_fn(self, transpose: bool) -> Callable:
+        """``(v, z, *params) -> A^T v`` (``transpose``) or ``A v``: the products as a pure function of
+        tensors (torch.func transforms of ``G``), which a compiled linear solve traces whole.  A
+        symmetric operator uses forward mode (``jvp``, forward-over-reverse for a gradient residual,
+        usually the cheapest); otherwise ``A^T v`` is a ``vjp`` and ``A v`` a ``jvp``."""
+        G = self.G
+        if transpose and self.symmetric is not True:
+            def product(v, z, *params):
+                return vjp(lambda zz: G(zz, list(params)), z)[1](v)[0]
+        else:
+            def product(v, z, *params):
+                return jvp(lambda zz: G(zz, list(params)), (z,), (v,))[1]
+        return product
 
     def linear_solve(self, b: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor],
                      transpose: bool) -> torch.Tensor:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple, Union
 
@@ -79,17 +80,28 @@ class LinearOperator:
         rmatvec: optional ``v -> A^T v`` (needed by :class:`NormalCG`).
         symmetric: the operator's symmetry tag: ``True`` if ``A`` is known to be symmetric, ``False``
             if known not to be, ``None`` if unknown (then :class:`CG` tests it).
+        lowered: optional ``dtype -> LinearOperator``: the same operator in a lower precision
+            (:class:`Refined`).
+        functional: optional ``(fn, operands)`` with ``fn(v, *operands) == matvec(v)`` a pure
+            function of tensors (no captured autograd graph, no side effects), so that it can be
+            traced: what a compiled solve (``CG(compiled=True)``) runs.  A dense matrix and the
+            layer's Jacobians have one.
     """
 
     def __init__(self, matvec: Callable[[torch.Tensor], torch.Tensor],
                  rmatvec: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                  symmetric: Optional[bool] = None,
-                 lowered: Optional[Callable[[torch.dtype], Optional["LinearOperator"]]] = None):
+                 lowered: Optional[Callable[[torch.dtype], Optional["LinearOperator"]]] = None,
+                 functional: Optional[Tuple[Callable, Tuple[torch.Tensor, ...]]] = None):
         if symmetric not in (None, True, False):
             raise ValueError(f"symmetric must be True, False or None, got {symmetric!r}")
+        if functional is not None and not (isinstance(functional, tuple) and len(functional) == 2
+                                           and callable(functional[0])):
+            raise TypeError("functional must be a pair (fn, operands) with fn(v, *operands) = A v")
         self.matvec = matvec
         self.rmatvec = rmatvec
         self.symmetric = symmetric
+        self.functional = None if functional is None else (functional[0], tuple(functional[1]))
         self._lowered = lowered
         self._low = {}
 
@@ -112,6 +124,10 @@ class LinearOperator:
         return LinearOperator(self.rmatvec, self.matvec, self.symmetric)
 
 
+def _matrix_product(v: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    return A @ v
+
+
 def as_operator(A: Union[LinearOperator, Callable, torch.Tensor]) -> LinearOperator:
     if isinstance(A, LinearOperator):
         return A
@@ -119,7 +135,8 @@ def as_operator(A: Union[LinearOperator, Callable, torch.Tensor]) -> LinearOpera
         if A.dim() != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"a dense operator must be a square matrix, got shape {tuple(A.shape)}")
         return LinearOperator(lambda v: A @ v, lambda v: A.T @ v,
-                              lowered=lambda dtype: as_operator(A.detach().to(dtype)))
+                              lowered=lambda dtype: as_operator(A.detach().to(dtype)),
+                              functional=(_matrix_product, (A.detach(),)))
     if callable(A):
         return LinearOperator(A)
     raise TypeError(f"expected a LinearOperator, a callable or a matrix, got {type(A).__name__}")
@@ -417,11 +434,19 @@ class CG(LinearSolver):
     """
 
     check_symmetry: Optional[bool] = None
+    compiled: bool = False
+    chunk: int = 10
+    backend: str = "inductor"
 
     def __post_init__(self):
         super().__post_init__()
         if self.check_symmetry not in (None, True, False):
             raise ValueError(f"check_symmetry must be True, False or None, got {self.check_symmetry!r}")
+        if not isinstance(self.compiled, bool):
+            raise TypeError(f"compiled must be True or False, got {self.compiled!r}")
+        _check_positive("chunk", self.chunk, integer=True)
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"backend must be the name of a torch.compile backend, got {self.backend!r}")
 
     def _solve(self, mon):
         op, b = mon.op, mon.b
@@ -442,6 +467,8 @@ class CG(LinearSolver):
                     f"CG needs a symmetric operator, but u'Av - v'Au = {gap:.3g} (relative "
                     f"{gap / scale:.3g}) for random u, v: the system is not symmetric (not a potential "
                     f"game, or constraints are active); use GMRES or BiCGSTAB")
+        if self.compiled:
+            return self._solve_compiled(mon)
         if mon.groups > 1:
             return self._solve_blocks(mon)
         x = mon.x0
@@ -535,6 +562,116 @@ class CG(LinearSolver):
         else:
             mon.accept(x, r)
         return mon.finish(steps)
+
+
+    def _solve_compiled(self, mon):
+        """CG in compiled chunks of ``chunk`` iterations (:func:`_cg_chunk` under ``torch.compile``):
+        the products and the vector updates of a chunk run as one traced program, and the host sees
+        the iterate only between chunks, where the stopping rule is applied as in the eager method
+        (recurrence residuals against thresholds refreshed per block, the answer's residual
+        re-measured with a true product).  Each block freezes at the first iteration whose
+        recurrence residual meets its threshold, so a chunk's extra iterations change nothing (their
+        products are still made and counted).  A breakdown or a non-finite product in a chunk hands
+        over to the eager method from the last iterate, which then reports it; so do an operator
+        without a functional form and a failed compilation (said in ``info.message``)."""
+        op, G = mon.op, mon.groups
+        if op.functional is None or _collective.active():
+            why = ("the operator has no functional form (LinearOperator(functional=...))"
+                   if op.functional is None else "a solve sharded over ranks is not compiled")
+            return self._eager_from(mon, mon.x0 if mon.warm else None, why)
+        fn, operands = op.functional
+        x, r = mon.x0, mon.r0.clone()
+        p = r.clone()
+        rs = _group_sq(r, G).to(r.dtype)
+        threshold = mon.tolerance_for(x).to(r.device, r.dtype)
+        active = rs.sqrt() > threshold
+        steps = 0
+        chunk = _compiled_cg_chunk(self.backend)
+        while steps < self.steps_limit:
+            k = self.chunk
+            step = chunk
+            if self.steps_limit - steps < k:  # a short last chunk runs eagerly (no compile for its length)
+                k, step = self.steps_limit - steps, _cg_chunk
+            try:
+                # torch's compiler stack emits DeprecationWarnings of its own, which a test suite's
+                # warnings-as-errors filter would turn into a failed compilation
+                with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    nx, nr, np_, nrs, nactive, broke, top = step(fn, k, x, r, p, rs, active, threshold, *operands)
+            except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: run eagerly instead
+                lines = [ln.strip() for ln in str(err).splitlines()
+                         if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "For even more"))]
+                said = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))[:300]
+                why = f"the compiled chunk failed ({type(err).__name__}: {said})"
+                return self._eager_from(mon, x if steps or mon.warm else None, why, steps)
+            mon.matvecs += k
+            if bool(broke.any()):  # the eager method redoes it from the last good iterate and reports
+                return self._eager_from(mon, x if steps or mon.warm else None,
+                                        "a chunk met non-positive curvature or a non-finite product", steps)
+            x, r, p, rs = nx, nr, np_, nrs
+            steps += k
+            mon.note_norm(top.to("cpu", torch.float64))
+            if mon.accept(x, r):
+                break
+            threshold = mon.tol.to(r.device, r.dtype)
+            active = nactive & (mon.res > mon.tol).to(r.device)
+        x, info = mon.finish(steps)
+        info.message += f" (compiled in chunks of {self.chunk}, backend {self.backend})"
+        return x, info
+
+    def _eager_from(self, mon, x0, why: str, steps: int = 0):
+        """The eager method from ``x0`` (products counted together with the compiled ones)."""
+        eager = dataclasses.replace(self, compiled=False, check_symmetry=False,
+                                    max_steps=max(1, self.steps_limit - mon.matvecs))
+        x, info = eager.solve(mon.op, mon.b, groups=mon.groups, x0=x0)
+        info.matvecs += mon.matvecs
+        info.steps += steps
+        info.message = f"{info.message} (ran eagerly: {why})"
+        return x, info
+
+
+def _cg_chunk(fn, k: int, x, r, p, rs, active, threshold, *operands):
+    """``k`` iterations of per-block CG with products ``fn(v, *operands)``: a pure function of
+    tensors, traced whole by ``torch.compile``.  A block steps only while ``active`` (its residual
+    above ``threshold``, positive finite curvature); ``broke`` marks the blocks that met
+    non-positive or non-finite curvature, ``top`` the largest Rayleigh quotient (a lower bound of
+    each block's ``||A||``)."""
+    G = rs.shape[0]
+    broke = torch.zeros_like(active)
+    top = torch.zeros_like(rs)
+    for _ in range(k):
+        Ap = fn(p, *operands)
+        pb, Apb = p.reshape(G, -1), Ap.reshape(G, -1)
+        curv = (pb * Apb).sum(1)
+        pp = (pb * pb).sum(1)
+        good = torch.isfinite(curv) & (curv > 0)
+        broke = broke | (active & ~good)
+        move = active & good
+        top = torch.maximum(top, torch.where(move, curv / torch.where(move, pp, 1.0), 0.0))
+        alpha = torch.where(move, rs / torch.where(move, curv, 1.0), 0.0)
+        x = x + (alpha.unsqueeze(1) * pb).reshape(-1)
+        r = r - (alpha.unsqueeze(1) * Apb).reshape(-1)
+        rb = r.reshape(G, -1)
+        rs_new = torch.where(move, (rb * rb).sum(1), rs)
+        beta = torch.where(move, rs_new / torch.where(move, rs, 1.0), 0.0)
+        p = torch.where(move.unsqueeze(1), rb + beta.unsqueeze(1) * pb, pb).reshape(-1)
+        rs = rs_new
+        active = move & (rs_new.sqrt() > threshold)
+    return x, r, p, rs, active, broke, top
+
+
+_COMPILED = {}
+
+#: How many specialisations (product functions, shapes, dtypes, chunk lengths) one backend's compiled
+#: chunk keeps before torch.compile gives up and runs it eagerly (its default, 8, is soon reached by a
+#: session that differentiates several problems).
+_RECOMPILE_LIMIT = 64
+
+
+def _compiled_cg_chunk(backend: str):
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_cg_chunk, backend=backend, dynamic=False, fullgraph=True)
+    return _COMPILED[backend]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -933,7 +1070,7 @@ class Refined(LinearSolver):
         rounds, spent = 0, 0
         note = "the operator has no lower-precision form"
         if low is not None:
-            low = LinearOperator(low.matvec, low.rmatvec, mon.op.symmetric)
+            low = LinearOperator(low.matvec, low.rmatvec, mon.op.symmetric, functional=low.functional)
             floor = 10 * torch.finfo(self.precision).eps if self.solver.rtol is None else self.solver.rtol
             inner = dataclasses.replace(self.solver, rtol=floor)
             last = mon.res

@@ -65,6 +65,12 @@ def test_contract_fields_have_effect(name, gen):
             _, info = dataclasses.replace(base, check_symmetry=False).solve(A, b)
             assert info.matvecs == ref.matvecs - 2
             continue
+        if f.name in ("compiled", "chunk", "backend"):  # the same answer, computed by a compiled program
+            chunk = 3 if f.name == "chunk" else 10
+            _, info = dataclasses.replace(base, compiled=True, chunk=chunk, backend="aot_eager").solve(A, b)
+            assert f"compiled in chunks of {chunk}, backend aot_eager" in info.message, info.message
+            assert info.converged and info.residual <= info.tolerance
+            continue
         _, info = dataclasses.replace(base, **{f.name: changes[f.name]}).solve(A, b)
         assert (info.steps, info.residual) != (ref.steps, ref.residual), f"{name}.{f.name} had no effect"
 
