@@ -130,6 +130,8 @@ LAYERS = [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]  # as _sinusoid.LAYER_
 ACT = "tanh"
 #: whether this implicit_nash has custom_root(blocks=...) (a stack of independent problems)
 HAS_BLOCKS = "blocks" in inspect.signature(inn.custom_root).parameters
+#: chunk length of the CG(compiled=True) rows (0: no compiled rows); set by --compiled-chunk
+COMPILED_CHUNK = 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,6 +497,8 @@ def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]
         rows = [(lib, "cg", 1e-10) for lib in ("ours", "torchopt", "jaxopt", "ours_vmap")]
         if HAS_BLOCKS:
             rows.append(("ours_blocks", "cg", 1e-10))
+        if COMPILED_CHUNK:  # CG(compiled=True): the Krylov iteration and its products as one compiled program
+            rows += [("ours_compiled", "cg", 1e-10), ("ours_blocks_compiled", "cg", 1e-10)]
         if loose:
             rows += [(lib, "cg", 1e-6) for lib in ("ours", "torchopt", "jaxopt")]
     else:
@@ -507,6 +511,9 @@ def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]
 def build(name: str, data, phi_star, workload, options, info):
     lib, kind, tol = name.split(":")
     tol = float(tol)
+    if lib.endswith("_compiled"):
+        options = {**options, "CG": {**options.get("CG", {}), "compiled": True, "chunk": COMPILED_CHUNK}}
+        lib = lib[: -len("_compiled")]
     if lib == "ours_blocks":
         return make_ours(data, phi_star, workload, kind, tol, options, info, blocks=True)
     if lib == "ours_vmap":
@@ -544,7 +551,7 @@ def memory_probe(args) -> int:
 
 def measure_memory(name: str, problem_file: str, ours_options: str) -> Dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--problem-file", problem_file,
-           "--ours-options", ours_options]
+           "--ours-options", ours_options, "--compiled-chunk", str(COMPILED_CHUNK)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -592,7 +599,10 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, lib, kind, tol in methods:
-            for _ in range(max(1, args.warmup)):
+            t_first = time.perf_counter()
+            out, _ = fns[name]()
+            infos[name]["first_call_s"] = time.perf_counter() - t_first   # compilation, for the compiled rows
+            for _ in range(max(1, args.warmup) - 1):
                 out, _ = fns[name]()
             errors[name] = rel_err(out, ref["hypergradient"])
             bounds[name] = 1e3 * tol
@@ -677,13 +687,14 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
             "torchopt/ours": ratio(t, o), "torchopt/ours paired": paired(t, o),
             "goal ours/jaxopt <= 1": ratio(o, j) <= 1.0, "goal torchopt/ours >= 2": ratio(t, o) >= 2.0,
             "methods": by_lib}
-        ob = f"ours_blocks:cg:{tol:g}"
-        if ob in med:
-            ratios[f"tol {tol:g}, implicit_nash with custom_root(blocks={B})"] = {
-                "ours/jaxopt": ratio(ob, j), "ours/jaxopt paired": paired(ob, j),
-                "torchopt/ours": ratio(t, ob), "torchopt/ours paired": paired(t, ob),
-                "goal ours/jaxopt <= 1": ratio(ob, j) <= 1.0, "goal torchopt/ours >= 2": ratio(t, ob) >= 2.0,
-                "methods": {"ours": ob, "jaxopt": j, "torchopt": t}}
+        for variant in ("ours_blocks", "ours_compiled", "ours_blocks_compiled"):
+            ob = f"{variant}:cg:{tol:g}"
+            if ob in med:
+                ratios[f"tol {tol:g}, {LABEL[variant]}"] = {
+                    "ours/jaxopt": ratio(ob, j), "ours/jaxopt paired": paired(ob, j),
+                    "torchopt/ours": ratio(t, ob), "torchopt/ours paired": paired(t, ob),
+                    "goal ours/jaxopt <= 1": ratio(ob, j) <= 1.0, "goal torchopt/ours >= 2": ratio(t, ob) >= 2.0,
+                    "methods": {"ours": ob, "jaxopt": j, "torchopt": t}}
         if workload == "nash_pr":
             o3 = min((f"ours:{k}:{tol:g}" for k in ("gmres", "bicgstab")), key=med.get)
             j3 = min((f"jaxopt:{k}:{tol:g}" for k in ("gmres", "bicgstab")), key=med.get)
@@ -716,7 +727,10 @@ def run_workload(workload: str, args, options: Dict[str, Any]) -> Dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 LABEL = {"ours": "implicit_nash custom_root", "ours_vmap": "implicit_nash custom_root, vmapped over tasks",
-         "ours_blocks": f"implicit_nash custom_root(blocks={B})", "torchopt": "torchopt custom_root", "jaxopt": "JAXopt custom_root, jit"}
+         "ours_blocks": f"implicit_nash custom_root(blocks={B})", "torchopt": "torchopt custom_root",
+         "jaxopt": "JAXopt custom_root, jit",
+         "ours_compiled": "implicit_nash custom_root, CG(compiled=True)",
+         "ours_blocks_compiled": f"implicit_nash custom_root(blocks={B}), CG(compiled=True)"}
 
 
 def products_cell(m: Dict[str, Any]) -> str:
@@ -829,12 +843,17 @@ def render(result: Dict[str, Any]) -> List[str]:
         f"- JAX ahead-of-time compile times (s): "
         + ", ".join(f"{n} {m['info']['compile_s']:.1f}" for w in result["workloads"] for n, m in w["methods"].items()
                     if "compile_s" in m["info"]) + ".",
+        "- First call of the CG(compiled=True) rows (torch.compile's tracing and inductor's code generation, "
+        "once per process and problem shape; the compiled code is then reused) (s): "
+        + (", ".join(f"{n} {m['info']['first_call_s']:.1f}" for w in result["workloads"]
+                     for n, m in w["methods"].items() if "_compiled" in n) or "no compiled rows") + ".",
         "",
     ]
     return lines
 
 
 def main(argv=None) -> int:
+    global COMPILED_CHUNK
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workload", choices=["imaml", "nash_pr", "all"], default="all")
     parser.add_argument("--reps", type=int, default=10, help="timed calls per method (default 10)")
@@ -845,6 +864,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-loose", action="store_true", help="skip the iMAML rows at rtol 1e-6")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-write", action="store_true", help="print only, write no result files")
+    parser.add_argument("--compiled-chunk", type=int, default=COMPILED_CHUNK,
+                        help="iMAML rows with CG(compiled=True, chunk=N) (default 5; 0: none)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--problem-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -857,6 +878,7 @@ def main(argv=None) -> int:
     if args.reps < 1 or args.warmup < 0:
         parser.error("--reps must be >= 1 and --warmup >= 0")
     torch.set_default_dtype(torch.float64)
+    COMPILED_CHUNK = args.compiled_chunk
     if args.memory_probe:
         return memory_probe(args)
 

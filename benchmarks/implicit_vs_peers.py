@@ -39,6 +39,7 @@ Usage (from the repository root; peers from benchmarks/requirements-peers.txt)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -161,16 +162,28 @@ class _Logged(inn.LinearSolver):
         return x, info
 
 
+#: the issue-16 routes: name -> (label, mixed precision, compiled CG)
+ROUTES = {
+    "implicit_nash_root": ("`custom_root(..., CG(rtol=1e-10), check=False)` around `CG(rtol=1e-10)`", False, False),
+    "implicit_nash_mixed": ("the same with `Refined(solver=CG(), rtol=1e-10)` both ways (float32 products, "
+                            "float64 residuals)", True, False),
+    "implicit_nash_compiled": ("the same as the first with `CG(compiled=True)` both ways", False, True),
+    "implicit_nash_mixed_compiled": ("`Refined(solver=CG(compiled=True))` both ways", True, True),
+}
+
+
 def make_implicit_nash_root(H: torch.Tensor, theta: torch.Tensor, target: torch.Tensor, info: dict,
-                            mixed: bool = False):
+                            mixed: bool = False, compiled: int = 0):
     """The route of the other libraries: ``custom_root`` around a CG forward (issue 16).
 
     ``mixed``: both solves by :class:`implicit_nash.Refined` (products in float32, residuals and the
-    stopping rule in float64, the same tolerance).  H then travels in theta (as data: no gradient is
+    stopping rule in float64, the same tolerance).  ``compiled``: CG(compiled=True, chunk=compiled)
+    (the iteration and its products as one compiled program per chunk).  H then travels in theta (as data: no gradient is
     computed for it) so that the backward's float32 graph casts it; the casts are paid every call.
     """
-    linear = (inn.Refined(solver=inn.CG(), rtol=TOL, max_steps=MAX_ITER) if mixed
-              else inn.CG(rtol=TOL, max_steps=MAX_ITER))
+    cg = inn.CG(compiled=True, chunk=compiled) if compiled else inn.CG()
+    linear = (inn.Refined(solver=cg, rtol=TOL, max_steps=MAX_ITER) if mixed
+              else dataclasses.replace(cg, rtol=TOL, max_steps=MAX_ITER))
     z0 = torch.zeros_like(theta.detach())
     fwd_info = {}
     log: List = []
@@ -328,6 +341,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--no-write", action="store_true", help="print only, write no result files")
+    parser.add_argument("--compiled-chunk", type=int, default=5,
+                        help="chunk of the CG(compiled=True) routes (default 5; 0: leave them out)")
     args = parser.parse_args(argv)
     command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
     started = _dt.datetime.now().astimezone()
@@ -353,11 +368,11 @@ def main(argv=None) -> int:
     jax_fwd_c = jax.jit(jax_forward).lower(theta_j, H_j).compile()
     jax_fwd_compile_s = time.perf_counter() - t0
 
-    info = {"implicit_nash": {}, "implicit_nash_prgd": {}, "torchopt": {}, "implicit_nash_root": {},
-            "implicit_nash_mixed": {}}
+    info = {"implicit_nash": {}, "implicit_nash_prgd": {}, "torchopt": {}, **{n: {} for n in ROUTES}}
     inn_cg = make_implicit_nash_cg(H_t, theta_t, target_t, info["implicit_nash"])
-    inn_root = make_implicit_nash_root(H_t, theta_t, target_t, info["implicit_nash_root"])
-    inn_mixed = make_implicit_nash_root(H_t, theta_t, target_t, info["implicit_nash_mixed"], mixed=True)
+    routes = {n: make_implicit_nash_root(H_t, theta_t, target_t, info[n], mixed=mixed,
+                                         compiled=args.compiled_chunk if compiled else 0)
+              for n, (_, mixed, compiled) in ROUTES.items() if args.compiled_chunk or not compiled}
     inn_prgd = make_implicit_nash_prgd(H_t, theta_t, target_t, info["implicit_nash_prgd"])
     topt = make_torchopt(H_t, theta_t, target_t, info["torchopt"])
     inn_fwd_cg = inn.CG(rtol=TOL, max_steps=MAX_ITER)
@@ -381,8 +396,7 @@ def main(argv=None) -> int:
         "torchopt": topt,
         "jaxopt_jit": jax_total,
         "implicit_nash_prgd": inn_prgd,
-        "implicit_nash_root": inn_root,
-        "implicit_nash_mixed": inn_mixed,
+        **routes,
         "fwd:implicit_nash": inn_forward_only,
         "fwd:torchopt": topt_forward_only,
         "fwd:jax_jit": jax_fwd,
@@ -392,8 +406,12 @@ def main(argv=None) -> int:
     errors = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchopt's functorch deprecation warnings
+        first_call = {}
         for name, fn in methods.items():
-            for _ in range(max(1, args.warmup)):
+            t0 = time.perf_counter()
+            out, _ = fn()
+            first_call[name] = time.perf_counter() - t0  # torch.compile's tracing and code generation
+            for _ in range(max(1, args.warmup) - 1):
                 out, _ = fn()
             if not name.startswith("fwd:"):
                 errors[name] = rel_err(out, P["hypergrad"])
@@ -470,14 +488,14 @@ def main(argv=None) -> int:
         "torchopt / implicit_nash (backward)": statistics.median(
             a / b for a, b in zip(phases["torchopt"]["backward"], phases["implicit_nash"]["backward"])),
     }
-    for name in ("implicit_nash_root", "implicit_nash_mixed"):
+    for name in routes:
         ratios[f"{name} / jaxopt_jit (total)"] = med[name] / med["jaxopt_jit"]
         ratios[f"torchopt / {name} (total)"] = med["torchopt"] / med[name]
         paired[f"{name} / jaxopt_jit (total)"] = statistics.median(
             a / b for a, b in zip(totals[name], totals["jaxopt_jit"]))
         paired[f"torchopt / {name} (total)"] = statistics.median(
             a / b for a, b in zip(totals["torchopt"], totals[name]))
-    best = min(("implicit_nash_root", "implicit_nash_mixed"), key=lambda n: med[n])
+    best = min(routes, key=lambda n: med[n])
     r_best_jax, r_best_topt = med[best] / med["jaxopt_jit"], med["torchopt"] / med[best]
     targets_16 = {
         f"issue 16: {best} no slower than jaxopt_jit": {
@@ -529,7 +547,8 @@ def main(argv=None) -> int:
         "paired_ratios": paired,
         "targets": targets,
         "one_off_s": {"jax_compile_hypergradient": jax_compile_s, "jax_compile_forward": jax_fwd_compile_s,
-                      "torch_func_first_use": torch_func_first_use_s},
+                      "torch_func_first_use": torch_func_first_use_s,
+                      "compiled_first_call": {n: first_call[n] for n in routes if ROUTES[n][2]}},
         "counts": info,
         "torch_matvec_floor": {"matvecs": n_mv, "median_ms": med["ref:matvec_floor"]},
         "samples_ms": {n: [1e3 * s for s in v] for n, v in totals.items()},
@@ -605,10 +624,7 @@ def render_markdown(r: dict) -> str:
         "|---|---:|---:|---:|---:|---|---|---:|",
         *(row(label, n, f"{ph[n]['forward']:.1f}", f"{ph[n]['backward']:.1f}", f"{c[n]['forward_matvecs']}",
               f"{c[n]['backward_matvecs']}", f"{err[n]:.1e}")
-          for label, n in (("`custom_root(..., CG(rtol=1e-10), check=False)` around `CG(rtol=1e-10)`",
-                            "implicit_nash_root"),
-                           ("the same with `Refined(solver=CG(), rtol=1e-10)` both ways (float32 products, "
-                            "float64 residuals)", "implicit_nash_mixed"))),
+          for n, (label, _, _) in ROUTES.items() if c.get(n)),
         "",
         f"Refined's own account: forward {c['implicit_nash_mixed'].get('forward_message', '')}; backward "
         f"{c['implicit_nash_mixed'].get('backward_message', '')}.",
@@ -654,6 +670,9 @@ def render_markdown(r: dict) -> str:
         f"{one['jax_compile_hypergradient']:.2f} s, forward alone {one['jax_compile_forward']:.2f} s.",
         f"- First `torch.func` transform in the process (imports `torch._dynamo`; paid once by whichever of "
         f"implicit_nash / torchopt differentiates first): {one['torch_func_first_use']:.2f} s.",
+        "- First call of the `CG(compiled=True)` routes (torch.compile's tracing and inductor's code generation, "
+        "once per process and shape): " + (", ".join(f"{n} {v:.1f} s" for n, v in one.get("compiled_first_call", {}).items())
+                                           or "none run") + ".",
         "",
         "## Setup",
         "",

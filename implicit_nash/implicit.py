@@ -301,35 +301,52 @@ class Problem:
                            precision: Optional[torch.dtype] = None) -> Optional[LinearOperator]:
         """The same products through plain autograd on one cached graph of ``G`` (no torch.func
         transform is active: the products inside a linear solve's forward need no derivative of
-        their own), which saves torch.func's per-call overhead on every Krylov product.
+        their own), which saves torch.func's per-call overhead on every Krylov product.  The graph
+        is built at the first product; the operator's functional form (``_product_fn``, for a
+        compiled solve) needs none.
 
         ``precision``: the graph built at ``(z, params)`` cast to that dtype (:class:`Refined`'s
         lower-precision products); ``None`` if ``G`` does not run in it: a residual that closes over
         tensors of a higher precision fails on mixed dtypes or promotes back (pass such tensors in
         ``theta`` so that they are cast too)."""
-        with torch.enable_grad():
-            if precision is None:
-                zz = z.detach().requires_grad_(True)
-                G = self.G(zz, [p.detach() for p in params])
-            else:  # a residual that closes over tensors of a higher precision either fails or promotes
-                zz = z.detach().to(precision).requires_grad_(True)
-                try:
-                    G = self.G(zz, [p.detach().to(precision) if p.is_floating_point() else p.detach() for p in params])
-                except (RuntimeError, TypeError):
-                    return None
-                if G.dtype != precision:
-                    return None
-        if not G.requires_grad:  # G does not depend on z: A = 0
-            return LinearOperator(torch.zeros_like, torch.zeros_like, self.symmetric)
+        if precision is None:  # the graph is built at the first eager product (a compiled solve needs none)
+            zz = z.detach().requires_grad_(True)
+            built = []
 
-        AT, A = graph_products(G, zz)
-        lowered = None
-        if precision is None:
+            def products():
+                if not built:
+                    with torch.enable_grad():
+                        G = self.G(zz, [p.detach() for p in params])
+                    built.append(graph_products(G, zz) if G.requires_grad else (torch.zeros_like, torch.zeros_like))
+                return built[0]
+
+            def AT(u):
+                return products()[0](u)
+
+            def A(u):
+                return products()[1](u)
+
             def lowered(dtype):
                 return self._autograd_operator(z, params, transpose, dtype)
-        operands = (zz.detach(), *[p.detach().to(zz.dtype) if p.is_floating_point() and precision is not None
-                                   else p.detach() for p in params])
-        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric, lowered=lowered,
+
+            return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric, lowered=lowered,
+                                  functional=(self._product_fn(transpose), (zz.detach(), *[p.detach() for p in params])))
+        # lowered: built now, since a residual that closes over tensors of a higher precision either
+        # fails on mixed dtypes or promotes back, and then has no lowered form
+        zz = z.detach().to(precision).requires_grad_(True)
+        low = [p.detach().to(precision) if p.is_floating_point() else p.detach() for p in params]
+        with torch.enable_grad():
+            try:
+                G = self.G(zz, low)
+            except (RuntimeError, TypeError):
+                return None
+        if G.dtype != precision:
+            return None
+        if not G.requires_grad:  # G does not depend on z: A = 0
+            return LinearOperator(torch.zeros_like, torch.zeros_like, self.symmetric)
+        AT, A = graph_products(G, zz)
+        operands = (zz.detach(), *low)
+        return LinearOperator(AT if transpose else A, A if transpose else AT, self.symmetric,
                               functional=(self._product_fn(transpose), operands))
 
     def _product_fn(self, transpose: bool) -> Callable:

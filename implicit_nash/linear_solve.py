@@ -340,11 +340,17 @@ class _Monitor:
         return bool(finite.all()) and bool((res <= tol).all())
 
     def finish(self, steps: int, status: Optional[str] = None, message: str = "",
-               verify: bool = True) -> Tuple[torch.Tensor, LinearSolveInfo]:
-        """The best iterate and its info.  ``verify`` re-measures its true residual (one product)."""
+               verify: bool = True, product: Optional[Callable] = None) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        """The best iterate and its info.  ``verify`` re-measures its true residual (one product, by
+        ``product`` if given: the same operator computed another way)."""
         x = self.best_x
         if verify and self.matvecs:
-            r = self.b - self(x)
+            if product is None:
+                w = self(x)
+            else:
+                w = product(x)
+                self.matvecs += 1
+            r = self.b - w
             res = _gnorm(r, self.groups)
         else:
             res = self.best_res
@@ -431,11 +437,18 @@ class CG(LinearSolver):
     ``ValueError`` if they differ, and trusts one tagged symmetric; ``True`` tests even a tagged one;
     ``False`` never tests.  Non-positive curvature :math:`p^\\top A p \\le 0` stops it with status
     ``"breakdown"`` (the operator is not positive definite).
+
+    ``compiled=True`` runs the iteration in chunks of ``chunk`` steps, each one program compiled by
+    ``torch.compile`` (``backend``, default inductor) with the operator's products inside; it needs
+    the operator's functional form (:class:`LinearOperator` ``functional``: dense matrices and the
+    layer's Jacobians have one).  The same iterates and stopping rule as the eager method, up to
+    ``chunk - 1`` extra (counted) products at the end; the first call pays the compilation.
+    Whatever cannot be compiled runs eagerly instead, and ``info.message`` says so.
     """
 
     check_symmetry: Optional[bool] = None
     compiled: bool = False
-    chunk: int = 10
+    chunk: int = 5
     backend: str = "inductor"
 
     def __post_init__(self):
@@ -586,18 +599,15 @@ class CG(LinearSolver):
         threshold = mon.tolerance_for(x).to(r.device, r.dtype)
         active = rs.sqrt() > threshold
         steps = 0
-        chunk = _compiled_cg_chunk(self.backend)
+        chunk = _cg_chunk_compiled
         while steps < self.steps_limit:
             k = self.chunk
             step = chunk
             if self.steps_limit - steps < k:  # a short last chunk runs eagerly (no compile for its length)
                 k, step = self.steps_limit - steps, _cg_chunk
             try:
-                # torch's compiler stack emits DeprecationWarnings of its own, which a test suite's
-                # warnings-as-errors filter would turn into a failed compilation
-                with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    nx, nr, np_, nrs, nactive, broke, top = step(fn, k, x, r, p, rs, active, threshold, *operands)
+                nx, nr, np_, nrs, nactive, broke, top = self._compiled(step, fn, k, x, r, p, rs, active, threshold,
+                                                                       *operands)
             except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: run eagerly instead
                 lines = [ln.strip() for ln in str(err).splitlines()
                          if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "For even more"))]
@@ -615,9 +625,25 @@ class CG(LinearSolver):
                 break
             threshold = mon.tol.to(r.device, r.dtype)
             active = nactive & (mon.res > mon.tol).to(r.device)
-        x, info = mon.finish(steps)
+        def verify(v):  # the final check, compiled too (an eager product may need a graph built for it)
+            try:
+                return self._compiled(_compiled_product, fn, v, *operands)
+            except Exception:  # noqa: BLE001 - as in the chunks: fall back to the eager product
+                return op(v)
+
+        x, info = mon.finish(steps, product=verify)
         info.message += f" (compiled in chunks of {self.chunk}, backend {self.backend})"
         return x, info
+
+    def _compiled(self, kind, *args):
+        """``kind`` (:func:`_cg_chunk` or :func:`_one_product`), compiled for this backend, on ``args``.
+        torch's compiler stack emits DeprecationWarnings of its own, which a warnings-as-errors filter
+        would turn into a failed compilation: they are silenced for the call."""
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if kind is _cg_chunk:  # the short last chunk runs eagerly
+                return _cg_chunk(*args)
+            return _compiled_version(kind, self.backend)(*args)
 
     def _eager_from(self, mon, x0, why: str, steps: int = 0):
         """The eager method from ``x0`` (products counted together with the compiled ones)."""
@@ -660,6 +686,13 @@ def _cg_chunk(fn, k: int, x, r, p, rs, active, threshold, *operands):
     return x, r, p, rs, active, broke, top
 
 
+def _one_product(fn, v, *operands):
+    return fn(v, *operands)
+
+
+#: markers for :meth:`CG._compiled`: the chunk and the single product, compiled
+_cg_chunk_compiled = object()
+_compiled_product = object()
 _COMPILED = {}
 
 #: How many specialisations (product functions, shapes, dtypes, chunk lengths) one backend's compiled
@@ -668,10 +701,12 @@ _COMPILED = {}
 _RECOMPILE_LIMIT = 64
 
 
-def _compiled_cg_chunk(backend: str):
-    if backend not in _COMPILED:
-        _COMPILED[backend] = torch.compile(_cg_chunk, backend=backend, dynamic=False, fullgraph=True)
-    return _COMPILED[backend]
+def _compiled_version(kind, backend: str):
+    key = (kind, backend)
+    if key not in _COMPILED:
+        fn = _cg_chunk if kind is _cg_chunk_compiled else _one_product
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
+    return _COMPILED[key]
 
 
 @dataclass(frozen=True, kw_only=True)
