@@ -39,7 +39,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, ClassVar, List, Optional, Tuple, Union
 
 import torch
 
@@ -428,7 +428,113 @@ def _finite(value: float) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CG(LinearSolver):
+class _Chunked(LinearSolver):
+    """A Krylov method that can also run compiled: ``compiled=True`` runs it in chunks of ``chunk``
+    iterations, each chunk one program traced by ``torch.compile`` (``backend``, default inductor)
+    with the operator's products inside.  Subclasses give the chunk (a pure function of tensors,
+    ``_chunk_fn``) and its starting state; the driver (:meth:`_solve_compiled`) applies the stopping
+    rule between chunks, as the eager method does."""
+
+    compiled: bool = False
+    chunk: int = 5
+    backend: str = "inductor"
+
+    #: the chunk: ``fn(product, k, state, active, threshold, *operands) -> (state, active, broke, top)``
+    _chunk_fn: ClassVar[Callable]
+    #: products per iteration
+    _products: ClassVar[int] = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.compiled, bool):
+            raise TypeError(f"compiled must be True or False, got {self.compiled!r}")
+        _check_positive("chunk", self.chunk, integer=True)
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"backend must be the name of a torch.compile backend, got {self.backend!r}")
+
+    def _chunk_start(self, mon) -> Tuple[torch.Tensor, ...]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _eager_overrides(self) -> dict:
+        return {}
+
+    def _solve_compiled(self, mon):
+        """The method in compiled chunks of ``chunk`` iterations: the products and the vector
+        updates of a chunk run as one traced program, and the host sees the iterate only between
+        chunks, where the stopping rule is applied as in the eager method (recurrence residuals
+        against thresholds refreshed per block, the answer's residual re-measured with a true
+        product).  A chunk stops moving at the first iteration whose recurrence residual meets the
+        thresholds, so its extra iterations change nothing (their products are still made and
+        counted).  A breakdown or a non-finite product in a chunk hands over to the eager method
+        from the last iterate, which then reports it; so do an operator without a functional form
+        and a failed compilation (said in ``info.message``)."""
+        op, G = mon.op, mon.groups
+        if op.functional is None or _collective.active():
+            why = ("the operator has no functional form (LinearOperator(functional=...))"
+                   if op.functional is None else "a solve sharded over ranks is not compiled")
+            return self._eager_from(mon, mon.x0 if mon.warm else None, why)
+        fn, operands = op.functional
+        state = self._chunk_start(mon)
+        threshold = mon.tolerance_for(state[0]).to(mon.b.device, mon.b.dtype)
+        active = _gnorm(state[1], G).to(mon.b.device, mon.b.dtype) > threshold
+        steps = 0
+        while steps < self.steps_limit:
+            k = min(self.chunk, self.steps_limit - steps)
+            try:  # a short last chunk runs eagerly (no compilation for its length)
+                new, nactive, broke, top = self._compiled(k == self.chunk, fn, k, state, active, threshold,
+                                                          *operands)
+            except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: run eagerly instead
+                lines = [ln.strip() for ln in str(err).splitlines()
+                         if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "For even more"))]
+                said = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))[:300]
+                why = f"the compiled chunk failed ({type(err).__name__}: {said})"
+                return self._eager_from(mon, state[0] if steps or mon.warm else None, why, steps)
+            mon.matvecs += k * self._products
+            if bool(broke.any()):  # the eager method redoes it from the last good iterate and reports
+                return self._eager_from(mon, state[0] if steps or mon.warm else None,
+                                        "a chunk met a breakdown or a non-finite product", steps)
+            state = new
+            steps += k
+            mon.note_norm(top.to("cpu", torch.float64))
+            if mon.accept(state[0], state[1]):
+                break
+            threshold = mon.tol.to(mon.b.device, mon.b.dtype)
+            active = nactive & (mon.res > mon.tol).to(mon.b.device)
+
+        def verify(v):  # the final check, compiled too (an eager product may need a graph built for it)
+            try:
+                return self._compiled(None, fn, v, *operands)
+            except Exception:  # noqa: BLE001 - as in the chunks: fall back to the eager product
+                return op(v)
+
+        x, info = mon.finish(steps, product=verify)
+        info.message += f" (compiled in chunks of {self.chunk}, backend {self.backend})"
+        return x, info
+
+    def _compiled(self, full_chunk: Optional[bool], *args):
+        """A chunk (compiled if ``full_chunk``, else eager) or, for ``None``, one compiled product, on
+        ``args``.  torch's compiler stack emits DeprecationWarnings of its own, which a
+        warnings-as-errors filter would turn into a failed compilation: they are silenced here."""
+        kind = _one_product if full_chunk is None else type(self)._chunk_fn
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            if full_chunk is False:
+                return kind(*args)
+            return _compiled_version(kind, self.backend)(*args)
+
+    def _eager_from(self, mon, x0, why: str, steps: int = 0):
+        """The eager method from ``x0`` (products counted together with the compiled ones)."""
+        eager = dataclasses.replace(self, compiled=False, max_steps=max(1, self.steps_limit - mon.matvecs),
+                                    **self._eager_overrides())
+        x, info = eager.solve(mon.op, mon.b, groups=mon.groups, x0=x0)
+        info.matvecs += mon.matvecs
+        info.steps += steps
+        info.message = f"{info.message} (ran eagerly: {why})"
+        return x, info
+
+
+@dataclass(frozen=True, kw_only=True)
+class CG(_Chunked):
     """Conjugate gradients, for symmetric positive definite operators only (potential games).
 
     Symmetry: an operator tagged non-symmetric is refused (``ValueError``).  ``check_symmetry``:
@@ -447,19 +553,11 @@ class CG(LinearSolver):
     """
 
     check_symmetry: Optional[bool] = None
-    compiled: bool = False
-    chunk: int = 5
-    backend: str = "inductor"
 
     def __post_init__(self):
         super().__post_init__()
         if self.check_symmetry not in (None, True, False):
             raise ValueError(f"check_symmetry must be True, False or None, got {self.check_symmetry!r}")
-        if not isinstance(self.compiled, bool):
-            raise TypeError(f"compiled must be True or False, got {self.compiled!r}")
-        _check_positive("chunk", self.chunk, integer=True)
-        if not isinstance(self.backend, str) or not self.backend:
-            raise ValueError(f"backend must be the name of a torch.compile backend, got {self.backend!r}")
 
     def _solve(self, mon):
         op, b = mon.op, mon.b
@@ -577,91 +675,20 @@ class CG(LinearSolver):
         return mon.finish(steps)
 
 
-    def _solve_compiled(self, mon):
-        """CG in compiled chunks of ``chunk`` iterations (:func:`_cg_chunk` under ``torch.compile``):
-        the products and the vector updates of a chunk run as one traced program, and the host sees
-        the iterate only between chunks, where the stopping rule is applied as in the eager method
-        (recurrence residuals against thresholds refreshed per block, the answer's residual
-        re-measured with a true product).  Each block freezes at the first iteration whose
-        recurrence residual meets its threshold, so a chunk's extra iterations change nothing (their
-        products are still made and counted).  A breakdown or a non-finite product in a chunk hands
-        over to the eager method from the last iterate, which then reports it; so do an operator
-        without a functional form and a failed compilation (said in ``info.message``)."""
-        op, G = mon.op, mon.groups
-        if op.functional is None or _collective.active():
-            why = ("the operator has no functional form (LinearOperator(functional=...))"
-                   if op.functional is None else "a solve sharded over ranks is not compiled")
-            return self._eager_from(mon, mon.x0 if mon.warm else None, why)
-        fn, operands = op.functional
-        x, r = mon.x0, mon.r0.clone()
-        p = r.clone()
-        rs = _group_sq(r, G).to(r.dtype)
-        threshold = mon.tolerance_for(x).to(r.device, r.dtype)
-        active = rs.sqrt() > threshold
-        steps = 0
-        chunk = _cg_chunk_compiled
-        while steps < self.steps_limit:
-            k = self.chunk
-            step = chunk
-            if self.steps_limit - steps < k:  # a short last chunk runs eagerly (no compile for its length)
-                k, step = self.steps_limit - steps, _cg_chunk
-            try:
-                nx, nr, np_, nrs, nactive, broke, top = self._compiled(step, fn, k, x, r, p, rs, active, threshold,
-                                                                       *operands)
-            except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: run eagerly instead
-                lines = [ln.strip() for ln in str(err).splitlines()
-                         if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "For even more"))]
-                said = " ... ".join(dict.fromkeys(lines[:1] + lines[-1:]))[:300]
-                why = f"the compiled chunk failed ({type(err).__name__}: {said})"
-                return self._eager_from(mon, x if steps or mon.warm else None, why, steps)
-            mon.matvecs += k
-            if bool(broke.any()):  # the eager method redoes it from the last good iterate and reports
-                return self._eager_from(mon, x if steps or mon.warm else None,
-                                        "a chunk met non-positive curvature or a non-finite product", steps)
-            x, r, p, rs = nx, nr, np_, nrs
-            steps += k
-            mon.note_norm(top.to("cpu", torch.float64))
-            if mon.accept(x, r):
-                break
-            threshold = mon.tol.to(r.device, r.dtype)
-            active = nactive & (mon.res > mon.tol).to(r.device)
-        def verify(v):  # the final check, compiled too (an eager product may need a graph built for it)
-            try:
-                return self._compiled(_compiled_product, fn, v, *operands)
-            except Exception:  # noqa: BLE001 - as in the chunks: fall back to the eager product
-                return op(v)
+    def _chunk_start(self, mon):
+        return mon.x0, mon.r0.clone(), mon.r0.clone(), _group_sq(mon.r0, mon.groups).to(mon.b.dtype)
 
-        x, info = mon.finish(steps, product=verify)
-        info.message += f" (compiled in chunks of {self.chunk}, backend {self.backend})"
-        return x, info
-
-    def _compiled(self, kind, *args):
-        """``kind`` (:func:`_cg_chunk` or :func:`_one_product`), compiled for this backend, on ``args``.
-        torch's compiler stack emits DeprecationWarnings of its own, which a warnings-as-errors filter
-        would turn into a failed compilation: they are silenced for the call."""
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            if kind is _cg_chunk:  # the short last chunk runs eagerly
-                return _cg_chunk(*args)
-            return _compiled_version(kind, self.backend)(*args)
-
-    def _eager_from(self, mon, x0, why: str, steps: int = 0):
-        """The eager method from ``x0`` (products counted together with the compiled ones)."""
-        eager = dataclasses.replace(self, compiled=False, check_symmetry=False,
-                                    max_steps=max(1, self.steps_limit - mon.matvecs))
-        x, info = eager.solve(mon.op, mon.b, groups=mon.groups, x0=x0)
-        info.matvecs += mon.matvecs
-        info.steps += steps
-        info.message = f"{info.message} (ran eagerly: {why})"
-        return x, info
+    def _eager_overrides(self):
+        return {"check_symmetry": False}  # tested (or trusted) once already
 
 
-def _cg_chunk(fn, k: int, x, r, p, rs, active, threshold, *operands):
+def _cg_chunk(fn, k: int, state, active, threshold, *operands):
     """``k`` iterations of per-block CG with products ``fn(v, *operands)``: a pure function of
-    tensors, traced whole by ``torch.compile``.  A block steps only while ``active`` (its residual
-    above ``threshold``, positive finite curvature); ``broke`` marks the blocks that met
-    non-positive or non-finite curvature, ``top`` the largest Rayleigh quotient (a lower bound of
-    each block's ``||A||``)."""
+    tensors, traced whole by ``torch.compile``.  ``state = (x, r, p, rs)``.  A block steps only while
+    ``active`` (its residual above ``threshold``, positive finite curvature); ``broke`` marks the
+    blocks that met non-positive or non-finite curvature, ``top`` the largest Rayleigh quotient (a
+    lower bound of each block's ``||A||``)."""
+    x, r, p, rs = state
     G = rs.shape[0]
     broke = torch.zeros_like(active)
     top = torch.zeros_like(rs)
@@ -683,16 +710,62 @@ def _cg_chunk(fn, k: int, x, r, p, rs, active, threshold, *operands):
         p = torch.where(move.unsqueeze(1), rb + beta.unsqueeze(1) * pb, pb).reshape(-1)
         rs = rs_new
         active = move & (rs_new.sqrt() > threshold)
-    return x, r, p, rs, active, broke, top
+    return (x, r, p, rs), active, broke, top
+
+
+CG._chunk_fn = _cg_chunk
+
+
+def _bicgstab_chunk(fn, k: int, state, active, threshold, *operands):
+    """``k`` iterations of BiCGSTAB (one recurrence over the whole vector, as the eager method),
+    products ``fn(v, *operands)``, traced whole by ``torch.compile``.  ``state = (x, r, r_hat, rho,
+    alpha, omega, v, p)``.  It steps while some block is ``active``; ``broke`` is set (and it stops)
+    at a breakdown or a non-finite value, which the eager method then handles (a restart, or the
+    report); ``top`` bounds each block's ``||A||`` from below by ``||Ap|| / ||p||``."""
+    x, r, r_hat, rho, alpha, omega, v, p = state
+    G = active.shape[0]
+    tiny = torch.finfo(x.dtype).tiny
+    broke = torch.zeros((1,), dtype=torch.bool, device=x.device)
+    top = torch.zeros_like(threshold)
+
+    def ratio(w, u):
+        uu = (u.reshape(G, -1) ** 2).sum(1)
+        return torch.where(uu > 0, ((w.reshape(G, -1) ** 2).sum(1) / torch.where(uu > 0, uu, 1.0)).sqrt(), 0.0)
+
+    for _ in range(k):
+        go = active.any()
+        rho_new = (r_hat * r).sum()
+        ok = torch.isfinite(rho_new) & (rho_new.abs() > tiny) & (omega != 0)
+        beta = (rho_new / torch.where(rho != 0, rho, 1.0)) * (alpha / torch.where(omega != 0, omega, 1.0))
+        p_new = r + beta * (p - omega * v)
+        v_new = fn(p_new, *operands)
+        denom = (r_hat * v_new).sum()
+        ok = ok & torch.isfinite(denom) & (denom.abs() > tiny)
+        alpha_new = rho_new / torch.where(ok, denom, 1.0)
+        s = r - alpha_new * v_new
+        t = fn(s, *operands)
+        tt = (t * t).sum()
+        omega_new = torch.where(tt > 0, (t * s).sum() / torch.where(tt > 0, tt, 1.0), 0.0)
+        x_new = x + alpha_new * p_new + omega_new * s
+        r_new = s - omega_new * t
+        ok = ok & torch.isfinite(x_new).all() & torch.isfinite(r_new).all()
+        move = go & ok
+        broke = broke | (go & ~ok)
+        top = torch.maximum(top, torch.where(move, torch.maximum(ratio(v_new, p_new), ratio(t, s)), 0.0))
+        x, r = torch.where(move, x_new, x), torch.where(move, r_new, r)
+        p, v = torch.where(move, p_new, p), torch.where(move, v_new, v)
+        rho = torch.where(move, rho_new, rho)
+        alpha = torch.where(move, alpha_new, alpha)
+        omega = torch.where(move, omega_new, omega)
+        res = ((r.reshape(G, -1) ** 2).sum(1)).sqrt()
+        active = torch.where(move, res > threshold, active)
+    return (x, r, r_hat, rho, alpha, omega, v, p), active, broke, top
 
 
 def _one_product(fn, v, *operands):
     return fn(v, *operands)
 
 
-#: markers for :meth:`CG._compiled`: the chunk and the single product, compiled
-_cg_chunk_compiled = object()
-_compiled_product = object()
 _COMPILED = {}
 
 #: How many specialisations (product functions, shapes, dtypes, chunk lengths) one backend's compiled
@@ -701,10 +774,9 @@ _COMPILED = {}
 _RECOMPILE_LIMIT = 64
 
 
-def _compiled_version(kind, backend: str):
-    key = (kind, backend)
+def _compiled_version(fn: Callable, backend: str):
+    key = (fn, backend)
     if key not in _COMPILED:
-        fn = _cg_chunk if kind is _cg_chunk_compiled else _one_product
         _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
     return _COMPILED[key]
 
@@ -870,7 +942,7 @@ class GMRES(LinearSolver):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BiCGSTAB(LinearSolver):
+class BiCGSTAB(_Chunked):
     """Stabilised bi-conjugate gradients (van der Vorst 1992) for non-symmetric operators.
 
     Two products per iteration, short recurrences (constant memory).  A breakdown (a zero
@@ -878,9 +950,21 @@ class BiCGSTAB(LinearSolver):
     current iterate with a fresh shadow residual; a second breakdown without progress ends the solve
     with status ``"breakdown"`` (skew-symmetric operators, such as a purely bilinear game, break it:
     use GMRES there).
+
+    ``compiled=True`` runs it in compiled chunks, as :class:`CG` does (two products per iteration);
+    a breakdown inside a chunk hands over to the eager method, which restarts or reports it.
     """
 
+    _products = 2
+
+    def _chunk_start(self, mon):
+        one = torch.ones((), dtype=mon.b.dtype, device=mon.b.device)
+        zero = torch.zeros_like(mon.b)
+        return mon.x0, mon.r0.clone(), mon.r0.clone(), one, one.clone(), one.clone(), zero, zero.clone()
+
     def _solve(self, mon):
+        if self.compiled:
+            return self._solve_compiled(mon)
         b = mon.b
         x = mon.x0
         r = mon.r0.clone()
@@ -933,6 +1017,9 @@ class BiCGSTAB(LinearSolver):
             if not torch.isfinite(mon.res).all():
                 return mon.finish(steps, "non_finite", "a product returned NaN or inf")
         return mon.finish(steps)
+
+
+BiCGSTAB._chunk_fn = _bicgstab_chunk
 
 
 @dataclass(frozen=True, kw_only=True)
