@@ -130,8 +130,8 @@ LAYERS = [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]  # as _sinusoid.LAYER_
 ACT = "tanh"
 #: whether this implicit_nash has custom_root(blocks=...) (a stack of independent problems)
 HAS_BLOCKS = "blocks" in inspect.signature(inn.custom_root).parameters
-#: chunk length of the CG(compiled=True) rows (0: no compiled rows); set by --compiled-chunk
-COMPILED_CHUNK = 5
+#: chunk length of the compiled rows (None: the solver's default; 0: no compiled rows); --compiled-chunk
+COMPILED_CHUNK = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,7 +497,7 @@ def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]
         rows = [(lib, "cg", 1e-10) for lib in ("ours", "torchopt", "jaxopt", "ours_vmap")]
         if HAS_BLOCKS:
             rows.append(("ours_blocks", "cg", 1e-10))
-        if COMPILED_CHUNK:  # CG(compiled=True): the Krylov iteration and its products as one compiled program
+        if COMPILED_CHUNK != 0:  # CG(compiled=True): the Krylov iteration and its products as one compiled program
             rows += [("ours_compiled", "cg", 1e-10), ("ours_blocks_compiled", "cg", 1e-10)]
         if loose:
             rows += [(lib, "cg", 1e-6) for lib in ("ours", "torchopt", "jaxopt")]
@@ -505,7 +505,7 @@ def method_table(workload: str, loose: bool) -> List[Tuple[str, str, str, float]
         rows = [("ours", "gmres", 1e-10), ("jaxopt", "gmres", 1e-10), ("torchopt", "normal_cg", 1e-10),
                 ("ours", "normal_cg", 1e-10), ("jaxopt", "normal_cg", 1e-10),
                 ("ours", "bicgstab", 1e-10), ("jaxopt", "bicgstab", 1e-10)]
-        if COMPILED_CHUNK:
+        if COMPILED_CHUNK != 0:
             rows.append(("ours_compiled", "bicgstab", 1e-10))
     return [(f"{lib}:{kind}:{tol:g}", lib, kind, tol) for lib, kind, tol in rows]
 
@@ -515,7 +515,7 @@ def build(name: str, data, phi_star, workload, options, info):
     tol = float(tol)
     if lib.endswith("_compiled"):
         cls = SOLVERS[kind]
-        options = {**options, cls: {**options.get(cls, {}), "compiled": True, "chunk": COMPILED_CHUNK}}
+        options = {**options, cls: {**options.get(cls, {}), "compiled": True, "chunk": COMPILED_CHUNK}}  # None: default
         lib = lib[: -len("_compiled")]
     if lib == "ours_blocks":
         return make_ours(data, phi_star, workload, kind, tol, options, info, blocks=True)
@@ -554,7 +554,7 @@ def memory_probe(args) -> int:
 
 def measure_memory(name: str, problem_file: str, ours_options: str) -> Dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--problem-file", problem_file,
-           "--ours-options", ours_options, "--compiled-chunk", str(COMPILED_CHUNK)]
+           "--ours-options", ours_options] + ([] if COMPILED_CHUNK is None else ["--compiled-chunk", str(COMPILED_CHUNK)])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -868,8 +868,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-loose", action="store_true", help="skip the iMAML rows at rtol 1e-6")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-write", action="store_true", help="print only, write no result files")
-    parser.add_argument("--compiled-chunk", type=int, default=COMPILED_CHUNK,
-                        help="rows with CG(compiled=True, chunk=N) (iMAML) and BiCGSTAB(compiled=True, chunk=N) (p_R) (default 5; 0: none)")
+    parser.add_argument("--compiled-chunk", type=int, default=None,
+                        help="rows with CG(compiled=True, chunk=N) (iMAML) and BiCGSTAB(compiled=True, chunk=N) "
+                             "(p_R) (default: the solvers' own, 5 and 3; 0: no compiled rows)")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
     parser.add_argument("--problem-file", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -436,19 +436,24 @@ class _Chunked(LinearSolver):
     rule between chunks, as the eager method does."""
 
     compiled: bool = False
-    chunk: int = 5
+    chunk: Optional[int] = None
     backend: str = "inductor"
 
     #: the chunk: ``fn(product, k, state, active, threshold, *operands) -> (state, active, broke, top)``
     _chunk_fn: ClassVar[Callable]
     #: products per iteration
     _products: ClassVar[int] = 1
+    #: iterations per chunk when ``chunk`` is None (about 5 products: as fast per product as longer
+    #: chunks on the iMAML product, and the compilation time grows with the chunk's length)
+    _default_chunk: ClassVar[int] = 5
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.compiled, bool):
             raise TypeError(f"compiled must be True or False, got {self.compiled!r}")
-        _check_positive("chunk", self.chunk, integer=True)
+        _check_positive("chunk", self.chunk, integer=True, allow_none=True)
+        if self.chunk is None:
+            object.__setattr__(self, "chunk", type(self)._default_chunk)
         if not isinstance(self.backend, str) or not self.backend:
             raise ValueError(f"backend must be the name of a torch.compile backend, got {self.backend!r}")
 
@@ -956,6 +961,7 @@ class BiCGSTAB(_Chunked):
     """
 
     _products = 2
+    _default_chunk = 3
 
     def _chunk_start(self, mon):
         one = torch.ones((), dtype=mon.b.dtype, device=mon.b.device)
@@ -976,6 +982,9 @@ class BiCGSTAB(_Chunked):
 
         r_hat, rho, alpha, omega, v, p = fresh()
         tiny = torch.finfo(b.dtype).tiny
+        # as in CG: the recurrence's residual norms against a threshold refreshed at every full check
+        # (every _CG_CHECK iterations, or when a norm says it may be done)
+        threshold = mon.threshold(x)
         while steps < self.steps_limit:
             rho_new = _dot(r_hat, r)
             if not _finite(rho_new):
@@ -1002,7 +1011,7 @@ class BiCGSTAB(_Chunked):
             alpha = rho_new / denom
             s = r - alpha * v
             steps += 1
-            if mon.accept(x + alpha * p, s):
+            if _norm(s) <= threshold and mon.accept(x + alpha * p, s):
                 x = x + alpha * p
                 break
             t = mon(s)
@@ -1011,11 +1020,19 @@ class BiCGSTAB(_Chunked):
             x = x + alpha * p + omega * s
             r = s - omega * t
             rho = rho_new
-            if mon.accept(x, r):
-                break
-            restarts_without_progress = 0 if omega != 0 else restarts_without_progress
-            if not torch.isfinite(mon.res).all():
+            rn = _norm(r)
+            if not _finite(rn):
+                mon.accept(x, r)
                 return mon.finish(steps, "non_finite", "a product returned NaN or inf")
+            if rn <= threshold or steps % _CG_CHECK == 0:
+                if mon.accept(x, r):
+                    break
+                threshold = mon.threshold(x)
+            else:
+                mon.history.append(rn)
+            restarts_without_progress = 0 if omega != 0 else restarts_without_progress
+        else:  # the budget ran out between two full checks: the last iterate competes for the best one
+            mon.accept(x, r)
         return mon.finish(steps)
 
 
