@@ -194,6 +194,7 @@ class AggregativeGame(Game):
         return self._pseudo_gradient_by_autograd(phi, theta)
 
     def _pseudo_gradient_by_autograd(self, phi, theta):
+        s = own = None  # bound in every case: torch.compile cannot trace a closure over unbound cells
         if self.coupling is not None:
             own = vmap(self.contribution, in_dims=(0, None))(phi, theta)
             s = _collective.differentiable_sum_tree(tree_map(lambda o: o.sum(0), own))

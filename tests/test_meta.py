@@ -262,6 +262,27 @@ def test_imaml_implicit_meta_gradient_equals_the_dense_formula(batch):
     assert torch.allclose(g, expected, rtol=1e-7, atol=1e-10)
 
 
+def test_imaml_meta_gradient_with_a_compiled_backward_equals_the_dense_formula(batch):
+    """The implicit meta-gradient with CG(compiled=True) (issue 16) in the trainer's algorithm: the
+    products of the whole batch's Jacobian traced once and reused (aot_eager: no C++ compiler)."""
+    seen = []
+
+    class Seen(inn.CG):
+        def solve(self, *a, **k):
+            x, info = super().solve(*a, **k)
+            seen.append(info.message)
+            return x, info
+
+    algo = IMAML(lam=5.0, inner_lr=0.1, solver=inn.PRGD(rtol=1e-12, max_steps=20000),
+                 linear_solver=Seen(rtol=1e-12, compiled=True, backend="aot_eager"))
+    model, theta = setup(algo)
+    losses = algo.task_losses(model, theta, batch)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(losses.mean(), leaves(theta))])
+    assert seen and all("compiled in chunks of 5" in m for m in seen), seen
+    expected = imaml_dense_meta_gradient(algo, model, theta, batch)
+    assert torch.allclose(g, expected, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("pen_name", [None, "centroid", "robust_mild"])
 def test_implicit_and_unrolled_agree_on_a_long_contractive_inner_loop(pen_name, batch):
     """Proximal inner problem (+ penalty): 1500 unrolled steps reach the equilibrium, and the
