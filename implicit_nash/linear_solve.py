@@ -679,7 +679,6 @@ class CG(_Chunked):
             mon.accept(x, r)
         return mon.finish(steps)
 
-
     def _chunk_start(self, mon):
         return mon.x0, mon.r0.clone(), mon.r0.clone(), _group_sq(mon.r0, mon.groups).to(mon.b.dtype)
 
