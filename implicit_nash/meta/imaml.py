@@ -31,11 +31,76 @@ from .._compat import functorch_active, tree_flatten, tree_map, tree_unflatten
 from .._tree import Flattener
 from ..equilibrium import custom_root
 from ..errors import ConvergenceError, ConvergenceWarning
-from ..penalties import ProximalPenalty
+from ..penalties import CentroidPenalty, ProximalPenalty, RobustPenalty, _pow
 from .base import Algorithm
-from .inner import FixedSteps, NewtonKrylov, TaskCG, newton_krylov
+from .inner import Coupling, FixedSteps, NewtonKrylov, TaskCG, newton_krylov
 
-__all__ = ["IMAML"]
+__all__ = ["IMAML", "closed_form_coupling"]
+
+
+def closed_form_coupling(penalty, anchor: torch.Tensor, B: int) -> Coupling:
+    r"""The centroid or robust penalty as a :class:`~implicit_nash.meta.inner.Coupling` on flat
+    task-major points (``B`` rows of ``anchor.numel()`` entries; ``anchor`` flat): its
+    pseudo-gradient, the product of that pseudo-gradient's Jacobian with a vector, and for
+    :math:`p_C` its potential :math:`c\,\|a - \bar\phi\|^2` (its gradient is every task's
+    :math:`p_C`-gradient: :math:`p_C` makes a potential game). All in O(B d), no graph.
+
+    :math:`p_C`: the gradient is :math:`\frac{2c}{B}(\bar\phi - a)` for every task and the
+    Jacobian :math:`\frac{2c}{B^2}\mathbf{1}\mathbf{1}^\top \otimes I`, whose product is the
+    mean of the vector's rows, broadcast. :math:`p_R` (:math:`d_i = \phi_i - a`,
+    :math:`q_i = \|d_i\|^2`, :math:`a_i = q_i^r`, :math:`S = C + \sum_k a_k`): the gradient is
+    :math:`\kappa_i d_i` with :math:`\kappa_i = 2 s w B r (S - a_i) q_i^{r-1} / S^2`, and the
+    product :math:`(Jv)_i = \kappa_i v_i + (d\kappa_i \cdot v)\, d_i`, with the derivative of
+    :math:`\kappa_i` through :math:`q_i` and :math:`S` (:math:`dq_i = 2 d_i^\top v_i`).
+    """
+    if isinstance(penalty, CentroidPenalty):
+        c0 = penalty.scale(B)
+        c = 2.0 * c0 / B
+
+        def gradient(z):
+            return (c * (z.reshape(B, -1).mean(0) - anchor)).expand(B, -1).reshape(-1)
+
+        def jvp(z, v):
+            return (c * v.reshape(B, -1).mean(0)).expand(B, -1).reshape(-1)
+
+        def value(z):
+            return c0 * ((z.reshape(B, -1).mean(0) - anchor) ** 2).sum()
+        return Coupling(gradient, jvp, value)
+    if not isinstance(penalty, RobustPenalty):
+        raise TypeError(f"closed_form_coupling: no closed form for {type(penalty).__name__}")
+    r = float(penalty.robustness)
+    k = 2.0 * penalty.scale * penalty.weight * B * r
+
+    def parts(z):
+        D = z.reshape(B, -1) - anchor
+        q = (D * D).sum(1)
+        m = torch.ones_like(q) if r == 1 else q if r == 2 else _pow(q, r - 1)
+        a = q * m
+        S = penalty.C + a.sum()
+        return D, q, m, a, S
+
+    def gradient(z):
+        D, q, m, a, S = parts(z)
+        return ((k / S ** 2) * (S - a) * m)[:, None].mul(D).reshape(-1)
+
+    def jvp(z, v):
+        D, q, m, a, S = parts(z)
+        V = v.reshape(B, -1)
+        dq = 2.0 * (D * V).sum(1)
+        da = r * m * dq
+        dS = da.sum()
+        if r == 1:
+            dm = torch.zeros_like(q)
+        elif r == 2:
+            dm = dq
+        else:  # (r - 1) q^(r - 2) dq, 0 at q = 0 (where dq = 0 too)
+            pos = q > 0
+            dm = torch.where(pos, (r - 1) * torch.where(pos, q, torch.ones_like(q)) ** (r - 2) * dq,
+                             torch.zeros_like(q))
+        coef = (k / S ** 2) * (S - a) * m
+        dcoef = (k / S ** 2) * ((dS - da) * m + (S - a) * dm - 2.0 * (S - a) * m * dS / S)
+        return (coef[:, None] * V + dcoef[:, None] * D).reshape(-1)
+    return Coupling(gradient, jvp)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +202,19 @@ class IMAML(Algorithm):
             return tree_map(torch.add, tree_unflatten(list(grads), spec), extra)
         return residual
 
+    def _coupling(self, B):
+        """``(flat, theta) -> Coupling``: the Nash penalty in closed form for the coupled Newton
+        solve (:func:`closed_form_coupling`), or ``None`` for other penalties, under torch.func
+        transforms, or when sharded over ranks (then F and its double-backward products are used)."""
+        nash = self.penalty
+        if not (self.fast_penalty and isinstance(nash, (CentroidPenalty, RobustPenalty))) \
+                or functorch_active() or _collective.active():
+            return None
+
+        def make(flat, theta):
+            return closed_form_coupling(nash, flat.flatten(self._start(theta, B)).reshape(B, -1)[0], B)
+        return make
+
     def _implicit(self, game, theta, B, penalty, build=None):
         if self.solver is not None or build is None:
             return super()._implicit(game, theta, B, penalty, build)
@@ -147,6 +225,7 @@ class IMAML(Algorithm):
         residual = self._residual(game, build(None), penalty, B)
         options = self.newton if self.budget is None else dataclasses.replace(
             self.newton, max_steps=self.budget, budget=True)
+        coupling = None if uncoupled else self._coupling(B)
 
         def forward(phi0, th):
             """Newton-Krylov on the inner game (no graph); the layer differentiates its output."""
@@ -154,18 +233,32 @@ class IMAML(Algorithm):
                 return flat.flatten(residual(flat.unflatten(v), th))
 
             z0 = flat.flatten(phi0).detach()
-            if penalty is not None and penalty.coupled and not penalty.symmetric:
-                # p_R: its Jacobian at phi = theta is of order w B / C (C = 1e-8: 5e7 for the
-                # sinusoid preset), a stiff start for any method. Warm start (valid: the equilibrium
-                # does not depend on the starting point) from the tasks' own proximal problems,
-                # where the distances to theta are far above C^(1/2r).
-                plain = build(self.own_penalty())
-                z0 = newton_krylov(None, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
-                                   symmetric=True, blocks=B, objective=self._objective(plain, flat, th)).value
-            # uncoupled tasks (plain iMAML): each task minimises its own cost, with its own CG and line
-            # search; F is then the gradient of the costs' sum, taken by plain autograd on their graph
-            res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=B if uncoupled else 1,
-                                objective=self._objective(game, flat, th) if uncoupled else None)
+            if coupling is not None:
+                # Nash-iMAML: the tasks' own proximal objectives by autograd, the Nash penalty in
+                # closed form (a product: one Hessian-vector product plus O(B d) work). p_R first
+                # takes Newton steps on the tasks' own proximal problems: its Jacobian at
+                # phi = theta is of order w B / C (C = 1e-8: 5e7 for the sinusoid preset), a stiff
+                # start for any method, and the equilibrium does not depend on the starting point. In
+                # budget mode the warm steps are part of the budget (p_R(0.01) is a small perturbation
+                # of the tasks' own problems: budget 2 = 1 warm step + 1 coupled step).
+                warm, coupled = 0 if symmetric else 3, options
+                if options.budget and warm:  # the warm steps are part of the budget: at most budget - 1
+                    warm = min(warm, options.max_steps - 1)
+                    coupled = dataclasses.replace(options, max_steps=options.max_steps - warm)
+                res = newton_krylov(None, z0, coupled, symmetric=symmetric, blocks=B, warm=warm,
+                                    objective=self._objective(build(self.own_penalty()), flat, th),
+                                    coupling=coupling(flat, th))
+            else:
+                if penalty is not None and penalty.coupled and not penalty.symmetric:
+                    # p_R without the closed form: the same warm start, then Newton-GMRES on F
+                    plain = build(self.own_penalty())
+                    z0 = newton_krylov(None, z0, dataclasses.replace(options, max_steps=min(options.max_steps, 3)),
+                                       symmetric=True, blocks=B, objective=self._objective(plain, flat, th)).value
+                # uncoupled tasks (plain iMAML): each task minimises its own cost, with its own CG and
+                # line search; F is then the gradient of the costs' sum, taken by plain autograd on
+                # their graph
+                res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=B if uncoupled else 1,
+                                    objective=self._objective(game, flat, th) if uncoupled else None)
             if not res.converged:
                 msg = (f"Newton-Krylov stopped with status '{res.status}' after {res.steps} steps: residual "
                        f"{res.residual:.3g}, tolerance {res.tolerance:.3g}")

@@ -44,7 +44,7 @@ from .. import _collective
 from ..implicit import graph_products
 from ..linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver, as_operator, default_rtol
 
-__all__ = ["NewtonKrylov", "NewtonResult", "newton_krylov", "FixedSteps", "TaskCG"]
+__all__ = ["NewtonKrylov", "NewtonResult", "newton_krylov", "Coupling", "FixedSteps", "TaskCG"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,7 +187,8 @@ def _stalled(history: List[float], r: float, tol: float) -> bool:
 
 def newton_krylov(F: Optional[Callable[[torch.Tensor], torch.Tensor]], z0: torch.Tensor, options: NewtonKrylov,
                   *, symmetric: bool, blocks: int = 1,
-                  objective: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> NewtonResult:
+                  objective: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                  coupling: Optional[Coupling] = None, warm: int = 0) -> NewtonResult:
     r"""Solve ``F(z) = 0`` from ``z0`` by globalised Newton--Krylov (see the module docstring).
 
     ``F`` maps a flat tensor to a flat tensor and must be differentiable by ``torch.autograd`` in
@@ -202,11 +203,23 @@ def newton_krylov(F: Optional[Callable[[torch.Tensor], torch.Tensor]], z0: torch
     its own Armijo line search on its own objective (a block whose Newton direction is not a
     descent direction takes :math:`-F`): a minimisation method, which does not stop at a
     non-convex region, and one block's kink or negative curvature does not hold back the others.
+
+    ``coupling`` (with ``objective``): a :class:`Coupling` term in closed form added to the
+    objectives' gradient (a Nash-GBML penalty): ``F`` is then the objectives' gradient plus
+    ``coupling.gradient``, solved as one system whose products cost one Hessian-vector product of
+    the objectives plus ``coupling.jvp`` (no graph of the coupling, no double-backward product for
+    a non-symmetric ``F``). ``warm``: that many Newton steps on the uncoupled objectives first (a
+    warm start, valid since the solution does not depend on the start; they do not count against
+    ``options.max_steps``).
     """
     if objective is not None:
         if blocks < 1 or z0.numel() % blocks:
             raise ValueError(f"objective needs blocks dividing len(z0) = {z0.numel()}, got {blocks!r}")
-        return _minimise_blocks(objective, z0, options, blocks)
+        if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
+            raise ValueError(f"warm must be an integer >= 0, got {warm!r}")
+        return _minimise_blocks(objective, z0, options, blocks, coupling, warm)
+    if coupling is not None:
+        raise ValueError("a coupling needs the block objectives (objective=)")
     if F is None:
         raise ValueError("newton_krylov needs F, or an objective whose gradient is F")
     if blocks != 1:
@@ -267,69 +280,133 @@ def newton_krylov(F: Optional[Callable[[torch.Tensor], torch.Tensor]], z0: torch
     return NewtonResult(z.detach(), status, steps, r, tol, counts["matvecs"], counts["evaluations"], history)
 
 
+@dataclass(frozen=True)
+class Coupling:
+    """A term that couples uncoupled block objectives, in closed form (the Nash-GBML penalty of
+    Nash-iMAML), for :func:`newton_krylov`.
+
+    ``gradient(z)``: its pseudo-gradient at the flat point ``z`` (every block's partial gradient);
+    ``jvp(z, v)``: the product of that pseudo-gradient's Jacobian with ``v``; ``value(z)``: a
+    potential whose gradient is ``gradient`` (a potential game, as with the centroid penalty:
+    the solve is then one minimisation), or ``None`` (a game without a potential, as with the
+    robust penalty: the line search is on the residual norm). All three take no graph and cost
+    O(size of z), so a product of the coupled system costs one Hessian-vector product of the block
+    objectives plus O(size of z).
+    """
+
+    gradient: Callable[[torch.Tensor], torch.Tensor]
+    jvp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    value: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
 def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, options: NewtonKrylov,
-                     blocks: int) -> NewtonResult:
-    """Newton--CG with per-block Armijo backtracking on uncoupled objectives (see newton_krylov).
+                     blocks: int, coupling: Optional[Coupling] = None, warm: int = 0) -> NewtonResult:
+    """Newton--Krylov on block objectives, uncoupled or coupled by a closed-form term (see
+    newton_krylov).
+
+    Uncoupled (no ``coupling``, or its first ``warm`` steps): Newton--CG with a per-block Armijo
+    line search on each block's objective. Coupled: one Krylov solve on the whole system, whose
+    products are the block objectives' Hessian-vector product plus ``coupling.jvp`` (CG when the
+    coupling has a potential, GMRES otherwise), and one line search on the potential (the block
+    objectives' sum plus ``coupling.value``) or on the merit :math:`\\frac12\\|F\\|^2`.
 
     Costs per Newton step: one evaluation of the objectives with the graph of their gradient, at
     the full step (when every block accepts it, the usual case near the solution, that graph is the
-    next step's gradient and Hessian), the CG products on that graph, and one objective value
-    without a graph per shortening (to the quadratic interpolant's minimiser; at most 2 in budget
-    mode, 9 otherwise), plus one evaluation with a graph when some block shortened. The last step
-    of the budget mode builds no graph at all: its residual is not evaluated (``residual`` is NaN).
+    next step's gradient and Hessian), the Krylov products on that graph, and one trial without a
+    graph per shortening (to the quadratic interpolant's minimiser; at most 2 in budget mode, 9
+    otherwise; a value of the objectives, or their gradient for the merit), plus one evaluation
+    with a graph when some block shortened. The last step of the budget mode builds no graph at
+    all: its residual is not evaluated (``residual`` is NaN).
     """
     rtol = default_rtol(z0.dtype) if options.rtol is None else options.rtol
     counts = {"matvecs": 0, "evaluations": 0}
 
-    def evaluate(z, graph=True):
+    def evaluate(z, coupled, graph=True):
+        """(z, the gradient's graph, the full gradient, the line search's objective per row, the
+        residual per row); rows: the blocks, or one when coupled."""
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             f = objective(z)
             (g,) = torch.autograd.grad(f.sum(), z, create_graph=graph)
         counts["evaluations"] += 1
-        return z, g, f.detach(), _rows(g.detach(), blocks).norm(dim=1)
+        return (z, g, *measure(z.detach(), g.detach(), f.detach(), coupled))
 
-    def value(z):
+    def measure(z, G, f, coupled):
+        if not coupled:
+            return G, f, _rows(G, blocks).norm(dim=1)
+        G = G + coupling.gradient(z)
+        r = G.norm().reshape(1)
+        f = 0.5 * r * r if coupling.value is None else (f.sum() + coupling.value(z)).reshape(1)
+        return G, f, r
+
+    def value(z, coupled):
+        if coupled and coupling.value is None:  # the merit needs the gradient
+            return evaluate(z, True, graph=False)[3]
         with torch.no_grad():
             f = objective(z)
+            f = (f.sum() + coupling.value(z)).reshape(1) if coupled else f
         counts["evaluations"] += 1
         return f
 
-    z, g, f, rb = evaluate(z0)
+    warm = 0 if coupling is None else warm
+    coupled = coupling is not None and warm == 0
+    z, g, G, f, rb = evaluate(z0, coupled)
     r = float(rb.norm())
     r0 = r
     history = [r]
     tol = options.atol + 0.5 * rtol * float(z.detach().norm())
     status = "completed" if options.budget else "max_steps"
     steps = 0
-    for steps in range(1, options.max_steps + 1):
-        stop = _stop(options, r, tol)
+    first = 0
+    total = options.max_steps + warm
+    for steps in range(1, total + 1):
+        if coupling is not None and not coupled and steps > warm:  # the warm steps are done
+            coupled = True
+            G, f, rb = measure(z.detach(), g.detach(), f, True)
+            r = float(rb.norm())
+            first = len(history)  # the stall test looks at the coupled steps only
+            history.append(r)
+        warming = coupling is not None and not coupled  # a warm step: no tolerance test
+        stop = (None if math.isfinite(r) else "diverged") if warming else _stop(options, r, tol)
         if stop:
             status, steps = stop, steps - (stop == "converged")
             break
-        G = _rows(g.detach(), blocks)
-        P, _ = _truncated_cg(_matvec_on(g, z, True, counts), -G.reshape(-1), options.krylov_steps,
-                             _forcing(options, r, r0) * rb, blocks)
-        P = _rows(P, blocks)
-        slope = (G * P).sum(1)
+        rows = 1 if coupled else blocks
+        hvp = _matvec_on(g, z, True, counts)
+        Zd = z.detach()
+        matvec = (lambda v: hvp(v) + coupling.jvp(Zd, v)) if coupled else hvp
+        eta = _forcing(options, r, r0)
+        Gr = _rows(G, rows)
+        if coupled and coupling.value is None:  # not a potential game: GMRES, line search on the merit
+            P, info = GMRES(max_steps=options.krylov_steps, rtol=max(eta, 1e-30)).solve(LinearOperator(matvec), -G)
+            P = _rows(P, 1)
+            # d/dt 1/2 |F(z + t p)|^2 at 0 is F^T (P p) = -|F|^2 + F^T (P p + F) <= -|F| (|F| - |P p + F|)
+            res = info.residual if math.isfinite(info.residual) else r
+            slope = -rb * (rb - min(res, r))
+        else:
+            P, _ = _truncated_cg(matvec, -G, options.krylov_steps, eta * rb, rows)
+            P = _rows(P, rows)
+            slope = (Gr * P).sum(1)
         ascent = ~(slope < 0)  # not a descent direction (negative curvature met early): steepest descent
-        P = torch.where(ascent[:, None], -G, P)
+        P = torch.where(ascent[:, None], -Gr, P)
         slope = torch.where(ascent, -rb * rb, slope)
-        base = _rows(z.detach(), blocks)
+        base = _rows(z.detach(), rows)
         z, g = z.detach(), None  # the line search needs no graph at z: at most one graph is alive
-        last = options.budget and steps == options.max_steps  # nothing needs this step's gradient
+        last = options.budget and steps == total  # nothing needs this step's gradient
 
         def point(t):
             return (base + t[:, None] * P).reshape(-1)
 
         t = torch.ones_like(rb)
-        if last:
-            trial, f_new = None, value(point(t))
-        else:
-            trial = evaluate(point(t))
-            f_new = trial[2]
+        full = None  # the residual at the full step, when known
+        if last and not (coupled and coupling.value is None):
+            trial, f_new = None, value(point(t), coupled)
+        else:  # (the merit's last trial: its gradient without a graph, which gives the residual too)
+            trial = evaluate(point(t), coupled, graph=not last)
+            f_new, full = trial[3], trial[4]
+            trial = None if last else trial
         done = torch.isfinite(f_new) & (f_new <= f + 1e-4 * slope)
-        t_full_ok = None if trial is None else torch.isfinite(trial[3]) & (trial[3] <= (1 - 1e-4) * rb)
+        t_full_ok = None if full is None else torch.isfinite(full) & (full <= (1 - 1e-4) * rb)
         if t_full_ok is not None:
             # near a root the objective's change falls below its rounding, where Armijo's test is
             # noise: the full step is taken if the residual decreases and the objective does not rise
@@ -342,7 +419,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
                 curv = (f_new - f - t * slope) / (t * t)
                 shorter = torch.where(torch.isfinite(curv) & (curv > 0), -slope / (2 * curv), 0.5 * t)
                 t = torch.where(done, t, torch.minimum(torch.maximum(shorter, 0.1 * t), 0.5 * t))
-                f_new = value(point(t))
+                f_new = value(point(t), coupled)
                 done = done | (torch.isfinite(f_new) & (f_new <= f + 1e-4 * t * slope))
                 if bool(done.all()):
                     break
@@ -350,7 +427,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
                 # near a root the objective's decrease falls below its rounding: a block without
                 # Armijo's decrease keeps the full step if its residual decreases; the others stay
                 if t_full_ok is None:
-                    full = evaluate(point(torch.ones_like(t)), graph=False)[3]
+                    full = evaluate(point(torch.ones_like(t)), coupled, graph=False)[4]
                     t_full_ok = torch.isfinite(full) & (full <= (1 - 1e-4) * rb)
                 rescued = ~done & t_full_ok
                 if not bool((done | rescued).any()):
@@ -358,20 +435,20 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
                         status, steps = "stalled", steps - 1
                         break
                     if not last:  # budget mode: keep the point (its graph rebuilt), spend the step
-                        z, g, f, rb = evaluate(z)
+                        z, g, G, f, rb = evaluate(z, coupled)
                     continue
                 t = torch.where(done, t, torch.where(rescued, torch.ones_like(t), torch.zeros_like(t)))
                 reuse = trial is not None and bool((t == 1).all())
         if last:
             z, g, rb = point(t), None, torch.full_like(rb, math.nan)
         elif reuse:
-            z, g, f, rb = trial
+            z, g, G, f, rb = trial
         else:
             trial = None  # freed before the next graph is built
-            z, g, f, rb = evaluate(point(t))
+            z, g, G, f, rb = evaluate(point(t), coupled)
         r = float(rb.norm())
         history.append(r)
-        if not options.budget and _stalled(history, r, tol):
+        if not options.budget and not warming and _stalled(history[first:], r, tol):
             status = "stalled"
             break
         tol = options.atol + 0.5 * rtol * float(z.detach().norm())
