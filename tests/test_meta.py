@@ -757,5 +757,17 @@ def test_fixed_steps_runs_its_budget_and_reports_done():
     assert info.converged and info.steps == 3 and info.residual > 1e-3 * float(b.norm())
     assert "fixed budget of 3 steps" in info.message
     assert math.isclose(info.residual, float((A @ x - b).norm()), rel_tol=1e-8)
+    # its GMRES(3) without restart: the core GMRES's iterate after 3 steps, on a non-symmetric system
+    N = A + (M - M.T)
+    x, info = FixedSteps(steps=3).solve(N, b)
+    core, _ = inn.GMRES(max_steps=3, rtol=0.0, atol=0.0).solve(N, b)
+    assert info.matvecs == 3 and torch.allclose(x, core, rtol=1e-9, atol=1e-12)
+    assert math.isclose(info.residual, float((N @ x - b).norm()), rel_tol=1e-8)
+    # a warm start from the solution stays there (one product more); one worse than zero is dropped
+    exact = torch.linalg.solve(N, b)
+    xw, infow = FixedSteps(steps=2).solve(N, b, x0=exact)
+    assert infow.matvecs == 3 and infow.warm == 1 and torch.allclose(xw, exact, rtol=1e-9, atol=1e-12)
+    xb, infob = FixedSteps(steps=3).solve(N, b, x0=-100 * exact)
+    assert infob.warm == 0 and torch.allclose(xb, x, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="steps"):
         FixedSteps(steps=0)

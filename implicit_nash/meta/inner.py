@@ -153,6 +153,50 @@ def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: torch.
     return x.reshape(-1), steps
 
 
+def _gmres(matvec: Callable, b: torch.Tensor, steps: int, x0: Optional[torch.Tensor] = None,
+           rtol: float = 0.0) -> Tuple[torch.Tensor, int, float, List[float]]:
+    """GMRES(``steps``) without restart, for small fixed budgets: the iterate of least residual
+    over the Krylov space from ``x0`` (or 0: also when ``x0``'s residual is not below b's), stopped early when the recurrence's residual falls to
+    ``rtol`` times the first one or the space is exhausted. Classical Gram--Schmidt run twice (the
+    basis stays orthogonal for these few steps); inner products all-reduced when sharded. Returns
+    the iterate, the products used, the recurrence's residual norm (the true one in exact
+    arithmetic, without the product that measuring it costs) and the residual history."""
+    r = b if x0 is None else b - matvec(x0)
+    products = int(x0 is not None)
+    beta = _collective.norm(r)
+    x = torch.zeros_like(b) if x0 is None else x0
+    if x0 is not None and not beta < _collective.norm(b):  # a start no better than 0 is discarded
+        r, x, beta = b, torch.zeros_like(b), _collective.norm(b)
+    if not math.isfinite(beta) or beta == 0.0:
+        return x, products, beta, [beta]
+    V = torch.empty((steps + 1, b.numel()), dtype=b.dtype, device=b.device)
+    V[0] = r / beta
+    H = torch.zeros(steps + 1, steps, dtype=torch.float64)
+    e1 = torch.zeros(steps + 1, dtype=torch.float64)
+    e1[0] = beta
+    history, k = [beta], 0
+    for j in range(steps):
+        w = matvec(V[j])
+        products += 1
+        basis = V[: j + 1]
+        h = _collective.allsum(basis @ w)
+        w = w - h @ basis
+        h2 = _collective.allsum(basis @ w)
+        w = w - h2 @ basis
+        hn = _collective.norm(w)
+        H[: j + 1, j] = (h + h2).to(torch.float64)
+        H[j + 1, j] = hn
+        k = j + 1
+        y = torch.linalg.lstsq(H[: k + 1, :k], e1[: k + 1, None]).solution
+        history.append(float((e1[: k + 1] - H[: k + 1, :k] @ y[:, 0]).norm()))
+        if not math.isfinite(hn) or hn <= 1e-14 * beta or history[-1] <= rtol * beta:
+            break
+        V[j + 1] = w / hn
+    if not math.isfinite(history[-1]):
+        return torch.full_like(b, math.nan), products, math.nan, history
+    return x + y[:, 0].to(b.dtype) @ V[:k], products, history[-1], history
+
+
 def _matvec_on(Fz: torch.Tensor, z: torch.Tensor, symmetric: bool, counts: dict) -> Callable:
     """Products with :math:`P = \\partial_z F` on one graph of ``F`` (the layer's
     :func:`~implicit_nash.implicit.graph_products`; a symmetric ``P`` needs only the VJP), counted."""
@@ -378,11 +422,10 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
         eta = _forcing(options, r, r0)
         Gr = _rows(G, rows)
         if coupled and coupling.value is None:  # not a potential game: GMRES, line search on the merit
-            P, info = GMRES(max_steps=options.krylov_steps, rtol=max(eta, 1e-30)).solve(LinearOperator(matvec), -G)
+            P, _, res, _ = _gmres(matvec, -G, options.krylov_steps, rtol=eta)
             P = _rows(P, 1)
             # d/dt 1/2 |F(z + t p)|^2 at 0 is F^T (P p) = -|F|^2 + F^T (P p + F) <= -|F| (|F| - |P p + F|)
-            res = info.residual if math.isfinite(info.residual) else r
-            slope = -rb * (rb - min(res, r))
+            slope = -rb * (rb - min(res, r) if math.isfinite(res) else 0.0)
         else:
             P, _ = _truncated_cg(matvec, -G, options.krylov_steps, eta * rb, rows)
             P = _rows(P, rows)
@@ -483,9 +526,18 @@ class FixedSteps(LinearSolver):
 
     def solve(self, A, b, *, groups: int = 1, x0: Optional[torch.Tensor] = None):
         base = GMRES() if self.solver is None else self.solver
-        inner = dataclasses.replace(base, max_steps=self.steps, rtol=0.0, atol=0.0)
-        x, info = inner.solve(A, b, groups=groups, **({} if x0 is None else {"x0": x0}))
+        if type(base) is GMRES and groups == 1 and self.steps <= base.restart:
+            # GMRES(steps) itself, without the core loop's true-residual product at the end
+            x, products, residual, history = _gmres(as_operator(A), b, self.steps, x0)
+            info = LinearSolveInfo(True, products - (x0 is not None), products, residual, math.nan, history,
+                                   "", "converged", warm=int(x0 is not None and history[0] < _collective.norm(b)))
+        else:
+            inner = dataclasses.replace(base, max_steps=self.steps, rtol=0.0, atol=0.0)
+            x, info = inner.solve(A, b, groups=groups, **({} if x0 is None else {"x0": x0}))
         if not bool(torch.isfinite(x).all()):  # a real failure, not the budget: report it as it is
+            if info.converged:
+                info = LinearSolveInfo(False, self.steps, info.matvecs, math.nan, math.nan, info.history,
+                                       "a product returned NaN or inf", "non_finite")
             return x, info
         out = dataclasses.replace(info, converged=True, status="converged",
                                   message=f"fixed budget of {self.steps} steps: relative residual "
