@@ -160,7 +160,8 @@ def _gmres(matvec: Callable, b: torch.Tensor, steps: int, x0: Optional[torch.Ten
     ``rtol`` times the first one or the space is exhausted. Classical Gram--Schmidt run twice (the
     basis stays orthogonal for these few steps); inner products all-reduced when sharded. Returns
     the iterate, the products used, the recurrence's residual norm (the true one in exact
-    arithmetic, without the product that measuring it costs) and the residual history."""
+    arithmetic, without the product that measuring it costs) and the residual history (at the start
+    and the end; after every step with ``rtol``)."""
     r = b if x0 is None else b - matvec(x0)
     products = int(x0 is not None)
     beta = _collective.norm(r)
@@ -187,10 +188,12 @@ def _gmres(matvec: Callable, b: torch.Tensor, steps: int, x0: Optional[torch.Ten
         H[: j + 1, j] = (h + h2).to(torch.float64)
         H[j + 1, j] = hn
         k = j + 1
-        y = torch.linalg.lstsq(H[: k + 1, :k], e1[: k + 1, None]).solution
-        history.append(float((e1[: k + 1] - H[: k + 1, :k] @ y[:, 0]).norm()))
-        if not math.isfinite(hn) or hn <= 1e-14 * beta or history[-1] <= rtol * beta:
-            break
+        end = not math.isfinite(hn) or hn <= 1e-14 * beta or k == steps
+        if rtol > 0 or end:  # the small least-squares problem (only at the end for a fixed budget)
+            y = torch.linalg.lstsq(H[: k + 1, :k], e1[: k + 1, None]).solution
+            history.append(float((e1[: k + 1] - H[: k + 1, :k] @ y[:, 0]).norm()))
+            if end or history[-1] <= rtol * beta:
+                break
         V[j + 1] = w / hn
     if not math.isfinite(history[-1]):
         return torch.full_like(b, math.nan), products, math.nan, history
