@@ -741,6 +741,22 @@ def test_task_cg_solves_each_block_with_its_own_krylov_space():
     assert torch.allclose(xg, x, rtol=1e-8, atol=1e-10)
     xw, infow = TaskCG(steps=1).solve(A, b, x0=x)
     assert infow.matvecs == 2 and torch.allclose(xw, x, rtol=1e-8, atol=1e-10)
+    # method="gmres": GMRES per block (indefinite blocks too), in both layouts, with warm starts
+    N = torch.block_diag(*mats[:2], mats[2] - 3 * torch.eye(n, dtype=torch.float64))
+    exact = torch.linalg.solve(N, b)
+    xg, infog = TaskCG(blocks=blocks, steps=n, method="gmres").solve(N, b)
+    assert infog.converged and torch.allclose(xg, exact, rtol=1e-8, atol=1e-10)
+    x2g, _ = TaskCG(blocks=blocks, steps=2, method="gmres").solve(N, b)
+    for i in range(blocks):
+        alone, _ = inn.GMRES(max_steps=2, rtol=0.0, atol=0.0).solve(N[i * n:(i + 1) * n, i * n:(i + 1) * n],
+                                                                     b[i * n:(i + 1) * n])
+        assert torch.allclose(x2g[i * n:(i + 1) * n], alone, rtol=1e-9, atol=1e-11)
+    x2l, _ = TaskCG(blocks=blocks, steps=2, sizes=sizes, method="gmres").solve(N[perm][:, perm], b[perm])
+    assert torch.allclose(x2l, x2g[perm], rtol=1e-9, atol=1e-11)
+    xw, infow = TaskCG(steps=1, method="gmres").solve(N, b, groups=blocks, x0=exact)
+    assert infow.matvecs == 2 and torch.allclose(xw, exact, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="method"):
+        TaskCG(method="minres")
     with pytest.raises(ValueError, match="do not make"):
         TaskCG(blocks=4, steps=2).solve(A, b)
     with pytest.raises(ValueError, match="steps"):
