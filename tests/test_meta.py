@@ -755,8 +755,20 @@ def test_task_cg_solves_each_block_with_its_own_krylov_space():
     assert torch.allclose(x2l, x2g[perm], rtol=1e-9, atol=1e-11)
     xw, infow = TaskCG(steps=1, method="gmres").solve(N, b, groups=blocks, x0=exact)
     assert infow.matvecs == 2 and torch.allclose(xw, exact, rtol=1e-8, atol=1e-10)
+    # method="minres": GMRES's iterates (symmetric blocks, an indefinite one among them), both layouts,
+    # and warm starts (a start worse than zero is dropped, as by GMRES)
+    for steps in (1, 2, n):
+        xm, infom = TaskCG(blocks=blocks, steps=steps, method="minres").solve(N, b)
+        xg, _ = TaskCG(blocks=blocks, steps=steps, method="gmres").solve(N, b)
+        assert infom.converged and torch.allclose(xm, xg, rtol=1e-8, atol=1e-10)
+    xml, _ = TaskCG(blocks=blocks, steps=2, sizes=sizes, method="minres").solve(N[perm][:, perm], b[perm])
+    assert torch.allclose(xml, x2g[perm], rtol=1e-9, atol=1e-11)
+    for start in (exact, -100 * exact, exact + 0.1 * b):
+        xm, infom = TaskCG(steps=2, method="minres").solve(N, b, groups=blocks, x0=start)
+        xg, _ = TaskCG(steps=2, method="gmres").solve(N, b, groups=blocks, x0=start)
+        assert infom.matvecs == 3 and torch.allclose(xm, xg, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="method"):
-        TaskCG(method="minres")
+        TaskCG(method="bicg")
     with pytest.raises(ValueError, match="do not make"):
         TaskCG(blocks=4, steps=2).solve(A, b)
     with pytest.raises(ValueError, match="steps"):

@@ -161,16 +161,16 @@ class IMAML(Algorithm):
                                                               krylov_steps=max(self.newton.krylov_steps, 20)))
 
     def _backward_solver(self, uncoupled: bool, layer_blocks: int, B: int, sizes):
-        """The tolerance mode's ``linear_solver``; with ``cg_budget``, one GMRES per task for uncoupled
+        """The tolerance mode's ``linear_solver``; with ``cg_budget``, one MINRES per task for uncoupled
         tasks (iMAML's practice: each task's system has its own Krylov space), else ``linear_solver``
         run for ``cg_budget`` iterations on the whole coupled system. The layer hands the tasks over
         as its blocks (``layer_blocks = B``), or, when sharded over ranks (where the layer takes no
         blocks), as one vector laid out leaf after leaf (``sizes``)."""
         if self.cg_budget is None:
             return self.linear_solver
-        if uncoupled:  # GMRES per task (see TaskCG's method: CG per task trained worse)
-            return TaskCG(steps=self.cg_budget, method="gmres") if layer_blocks > 1 else \
-                TaskCG(blocks=B, steps=self.cg_budget, sizes=tuple(sizes), method="gmres")
+        if uncoupled:  # MINRES per task (see TaskCG's method: CG per task trained worse)
+            return TaskCG(steps=self.cg_budget, method="minres") if layer_blocks > 1 else \
+                TaskCG(blocks=B, steps=self.cg_budget, sizes=tuple(sizes), method="minres")
         return FixedSteps(solver=self.linear_solver, steps=self.cg_budget)
 
     @staticmethod
