@@ -32,9 +32,9 @@ IMAML = {"algorithm": "imaml"}
 P_C = {**IMAML, "penalty": "centroid", "weight": 0.1}
 P_R = {**IMAML, "penalty": "robust", "weight": 0.01}
 CONFIGS = {
-    "iMAML, default budget (2 Newton x 3 CG, 5 CG per task back)": IMAML,
-    "iMAML, 2 Newton x 5 CG, 5 CG per task back": {**IMAML, "inner_budget": 2, "krylov_steps": 5, "cg_budget": 5},
-    "iMAML, 1 Newton x 5 CG, 5 CG per task back": {**IMAML, "inner_budget": 1, "krylov_steps": 5, "cg_budget": 5},
+    "iMAML, default budget (2 Newton x 3 CG, 5 MINRES per task back)": IMAML,
+    "iMAML, 2 Newton x 5 CG, 5 MINRES per task back": {**IMAML, "inner_budget": 2, "krylov_steps": 5, "cg_budget": 5},
+    "iMAML, 1 Newton x 5 CG, 5 MINRES per task back": {**IMAML, "inner_budget": 1, "krylov_steps": 5, "cg_budget": 5},
     "Nash-iMAML + p_C(0.1), default budget (2 Newton x 3 CG on the coupled system, 5 GMRES back)": P_C,
     "Nash-iMAML + p_R(0.01, 1), default budget (1 own + 1 coupled Newton step x 3, 5 GMRES back)": P_R,
     "iMAML, tanh network, default budget (--inner-mode budgeted)": {**IMAML, "activation": "tanh",

@@ -29,14 +29,14 @@ import torch  # noqa: E402
 from implicit_nash.meta.config import resolve  # noqa: E402
 from implicit_nash.meta.trainer import Run  # noqa: E402
 
-# the ReLU preset's default (inner_mode auto = budgeted: 2 Newton x 3 CG forward, 5 CG per task back)
+# the ReLU preset's default (inner_mode auto = budgeted: 2 Newton x 3 CG forward, 5 MINRES per task back)
 DEFAULT = {"algorithm": "imaml", "hypergrad_check_every": 0}
 CONFIGS = {
     "MAML (3 unrolled steps)": {"algorithm": "maml"},
-    "iMAML budgeted, default (2 Newton x 3 CG, 5 CG per task back)": DEFAULT,
-    "iMAML budgeted, 2 Newton x 5 CG, 5 CG per task back": {**DEFAULT, "inner_budget": 2, "krylov_steps": 5,
+    "iMAML budgeted, default (2 Newton x 3 CG, 5 MINRES per task back)": DEFAULT,
+    "iMAML budgeted, 2 Newton x 5 CG, 5 MINRES per task back": {**DEFAULT, "inner_budget": 2, "krylov_steps": 5,
                                                            "cg_budget": 5},
-    "iMAML budgeted, 1 Newton x 5 CG, 5 CG per task back": {**DEFAULT, "inner_budget": 1, "krylov_steps": 5,
+    "iMAML budgeted, 1 Newton x 5 CG, 5 MINRES per task back": {**DEFAULT, "inner_budget": 1, "krylov_steps": 5,
                                                            "cg_budget": 5},
     "Nash-iMAML + p_C(0.1), budgeted (default: 2 Newton x 3 CG on the coupled system, 5 GMRES back)": {**DEFAULT, "penalty": "centroid", "weight": 0.1},
     "Nash-iMAML + p_R(0.01, 1), budgeted (default: 1 own + 1 coupled Newton step x 3, 5 GMRES back)": {**DEFAULT, "penalty": "robust", "weight": 0.01},
@@ -44,7 +44,7 @@ CONFIGS = {
     "MAML, tanh network": {"algorithm": "maml", "activation": "tanh"},
     "iMAML to tolerance, tanh network (default there; converges)": {**DEFAULT, "activation": "tanh"},
 }
-BREAKDOWN = "iMAML budgeted, default (2 Newton x 3 CG, 5 CG per task back)"
+BREAKDOWN = "iMAML budgeted, default (2 Newton x 3 CG, 5 MINRES per task back)"
 
 
 def breakdown(run, maml, steps: int):

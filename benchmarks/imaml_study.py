@@ -27,7 +27,7 @@ from imaml_budget_error import IMAML, P_C, P_R, SINUSOID, pooled  # noqa: E402
 from implicit_nash.meta.config import resolve  # noqa: E402
 from implicit_nash.meta.trainer import train  # noqa: E402
 
-# the ReLU network's default mode (budgeted): plain iMAML 2 Newton x 3 CG per task forward, 5 CG per
+# the ReLU network's default mode (budgeted): plain iMAML 2 Newton x 3 CG per task forward, 5 MINRES per
 # task back; p_C 2 Newton x 3 CG on the coupled system, 5 GMRES back; p_R 1 Newton step on the tasks'
 # own problems + 1 coupled step of 3 GMRES, 5 GMRES back
 CONFIGS = {
@@ -81,7 +81,7 @@ def main() -> None:
         f"iMAML and Nash-iMAML against MAML on the sinusoid, {args.iterations} meta-iterations", env,
         f"seeds {args.seeds}; test on 490 tasks (one per amplitude sub-interval)",
         ["sinusoid preset: meta-batch 25, 5 shots, 1-40-40-1 ReLU, float32, inner lr 0.01, outer lr 0.001, lam 10",
-         "budgeted (the ReLU default): iMAML 2 Newton x 3 CG per task forward, 5 CG per task back; p_C 2 Newton x "
+         "budgeted (the ReLU default): iMAML 2 Newton x 3 CG per task forward, 5 MINRES per task back; p_C 2 Newton x "
          "3 CG on the coupled system, 5 GMRES back; p_R 1 Newton step on the tasks' own problems + 1 coupled step "
          "of 3 GMRES, 5 GMRES back; meta-gradient error measured every "
          f"{args.check_every} iterations against Newton-Krylov + GMRES to tolerance",
