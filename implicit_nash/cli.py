@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
            "budgeted with a ReLU network, whose inner minimiser sits on a kink where no tolerance can be met; "
            "tolerance with tanh)")
     t("--inner-budget", type=int, help="iMAML: a fixed number of Newton steps (default 2 when budgeted)")
-    t("--cg-budget", type=int, help="iMAML: a fixed number of backward CG iterations (default 5 when budgeted)")
+    t("--cg-budget", type=int, help="iMAML: a fixed number of backward Krylov iterations (default 5 when budgeted: "
+                                    "MINRES per task, GMRES on a coupled Nash-iMAML system)")
     t("--krylov-steps", type=int,
       help="iMAML: Krylov iterations per Newton step (default: exactly 3 when budgeted, at most 20 to tolerance)")
     t("--hypergrad-check-every", type=int,

@@ -646,7 +646,7 @@ class FixedSteps(LinearSolver):
 @dataclass(frozen=True, kw_only=True)
 class TaskCG(LinearSolver):
     """Conjugate gradients run for a fixed number of iterations on each of ``blocks`` independent
-    symmetric systems at once (iMAML's backward: one CG per task on :math:`(H_i + \\lambda I)
+    symmetric systems at once (iMAML's backward: one CG, or MINRES, per task on :math:`(H_i + \\lambda I)
     u_i = v_i`, its budget of 5 iterations).
 
     The operator must be block diagonal in the ``blocks`` (uncoupled tasks; their layout in the
