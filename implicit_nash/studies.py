@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .meta.config import ConfigError, resolve
 from .meta.stats import holm, mean_ci95, paired_seeds
-from .reproduce import (PAIRED_RULE, TAIL, _rows, check_counts, finished_run, paired_comparisons, train_rows,
-                        write_outputs)
+from .reproduce import (PAIRED_RULE, STABLE_SETTINGS, TAIL, _rows, check_counts, finished_run, paired_comparisons,
+                        train_rows, write_outputs)
 
 __all__ = ["STUDIES", "study", "trajectories"]
 
@@ -34,9 +34,6 @@ STUDIES: Dict[str, Dict[str, Any]] = {
     "step-size": {"option": "inner_lr", "symbol": "alpha", "values": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "log": True,
                   "figures": "7-10"},
 }
-# Meta-SGD with the paper's three inner steps diverges on 2-3 of 5 seeds (results/table2.md); with one
-# inner step (Li et al.'s setting) it is stable (results/metasgd_steps/sweep.md). The studies use that.
-STABLE_SETTINGS: Dict[str, Dict[str, Any]] = {"metasgd": {"inner_steps": 1}}
 
 
 def _study_rows(name: str, algorithms: Optional[Sequence[str]], values: Sequence[float]) -> List[Dict[str, Any]]:
