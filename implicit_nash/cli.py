@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seeds", type=int, default=5, help="seeds per row, trained together (the paper: 5 trials)")
     rep.add_argument("--jobs", type=int, default=1, help="rows trained in parallel processes")
     rep.add_argument("--algorithms", nargs="+", help="only these algorithms' rows (default: all)")
+    rep.add_argument("--rows", nargs="+", metavar="KEY",
+                     help="table2, robustness, table3, table4: only these rows, by their run directory's name "
+                          "(e.g. trmaml trmaml_pC_0.1 trmaml_pR_0.01_r1); the plain row of each algorithm is needed "
+                          "for the paired comparisons, and the Holm family is the rows run (default: all)")
     rep.add_argument("--out", help="output directory (default: runs/<name>); the same command again resumes it")
     rep.add_argument("--force", action="store_true",
                      help="write into --out although it holds a report of another budget or rows")
@@ -296,6 +300,8 @@ def _reproduce(args) -> int:
         if args.iterations is not None and args.iterations < 1:
             return _fail(f"--iterations must be positive, got {args.iterations}")
         out = args.out or str(Path("runs") / args.name)
+        if args.rows and args.name in ("trajectories", "batch-size", "step-size"):
+            return _fail(f"--rows is for the tables (table2, robustness, table3, table4), not {args.name}")
         if args.name == "trajectories":
             from .studies import trajectories
             trajectories(out, source=args.source, iterations=args.iterations or 70000, seeds=args.seeds,
@@ -308,7 +314,8 @@ def _reproduce(args) -> int:
         else:
             reproduce(args.name, out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
                       algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,
-                      data_root=args.data_root, force=args.force, report_only=args.report_only, grid=args.grid)
+                      data_root=args.data_root, force=args.force, report_only=args.report_only, grid=args.grid,
+                      only_rows=args.rows)
     except (ConfigError, DataError, FloatingPointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -249,8 +249,12 @@ def run_rows(configs: Dict[str, Dict[str, Any]], runs_dir: Path, *, jobs: int = 
 def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: int = 5, jobs: int = 1,
               algorithms: Optional[List[str]] = None, progress: bool = True, data_root: Optional[str] = None,
               overrides: Optional[Dict[str, Any]] = None, force: bool = False,
-              log: Callable[[str], None] = print, report_only: bool = False, grid: str = "auto") -> Dict[str, Any]:
+              log: Callable[[str], None] = print, report_only: bool = False, grid: str = "auto",
+              only_rows: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run (or finish) a reproduction and write its table, JSON and figure; returns the JSON.
+
+    ``only_rows``: run and report only these rows (by key, in the table's order); the paired
+    comparisons' Holm family is then the rows run.
 
     ``grid``: whether rows that differ only in penalty weights train as one grid (see :func:`run_rows`).
 
@@ -275,6 +279,13 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
         if unknown:
             raise ConfigError(f"unknown algorithm(s) {', '.join(unknown)}; choose from {', '.join(_NAMES.values())}")
         rows = [r for r in rows if r["algorithm"] in algorithms]
+    if only_rows:
+        unknown = [k for k in only_rows if k not in {r["key"] for r in rows}]
+        if unknown:
+            raise ConfigError(f"unknown row(s) {', '.join(unknown)} for reproduce {name}"
+                              f"{' --algorithms ' + ' '.join(algorithms) if algorithms else ''}; "
+                              f"choose from {', '.join(r['key'] for r in rows)}")
+        rows = [r for r in rows if r["key"] in only_rows]
     out = Path(out_dir)
     budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
     _refuse_overwrite(out / f"{name}.json", {"budget": budget, "overrides": overrides or {},
@@ -295,6 +306,8 @@ def reproduce(name: str, out_dir: str, *, iterations: Optional[int] = None, seed
     report["report_only"] = report_only
     if algorithms:
         report["command"] += " --algorithms " + " ".join(algorithms)
+    if only_rows:
+        report["command"] += " --rows " + " ".join(r["key"] for r in rows)
     write_outputs(out, name, report, _markdown(report), lambda path: _figure(report, rows, results, path), log)
     return report
 

@@ -132,3 +132,17 @@ def test_table3_pipeline_on_a_celeba_fixture(tmp_path):
                                                     "val_tasks": 1, "test_tasks": 2}, log=lambda s: None)
     assert rep["metric"] == "mse" and rep["scale"] == 100.0 and len(rep["rows"]) == 3
     assert "MSE x 1e-2" in (tmp_path / "t3" / "table3.md").read_text()
+
+
+def test_reproduce_only_some_rows(tmp_path, capsys):
+    out = tmp_path / "rows"
+    rep = reproduce("robustness", out, iterations=2, seeds=2, algorithms=["maml"], progress=False, overrides=TINY,
+                    log=lambda s: None, only_rows=["maml_pR_0.01_r2", "maml"])
+    assert [r["key"] for r in rep["rows"]] == ["maml", "maml_pR_0.01_r2"]  # the table's order
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["maml", "maml_pR_0.01_r2"]
+    assert rep["rows"][1]["paired"]["family_size"] == 2
+    assert rep["command"].endswith("--algorithms maml --rows maml maml_pR_0.01_r2")
+    with pytest.raises(ConfigError, match="unknown row.*cavia.*choose from maml, maml_pC_0.1"):
+        reproduce("robustness", out, iterations=2, seeds=2, algorithms=["maml"], only_rows=["cavia"])
+    assert main(["reproduce", "step-size", "--rows", "maml", "--out", str(tmp_path / "s")]) == 2
+    assert "--rows is for the tables" in capsys.readouterr().err
