@@ -139,11 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = command("reproduce", "reproduce the paper's tables (all seeds, all rows; cached and resumable)")
     rep.add_argument("name", choices=["table2", "robustness", "table3", "table4", "batch-size", "step-size",
-                                      "trajectories"],
+                                      "trajectories", "sweep-summary"],
                      help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6; table3: CelebA "
                           "image completion; table4: MiniImageNet (both need --data-root); batch-size, step-size: "
                           "Appendix F's studies (Figures 3-10); trajectories: Figures 2 and 11-13 from the finished "
-                          "Table 2 runs in --source")
+                          "Table 2 runs in --source; sweep-summary: every algorithm's weight sweep of --iterations "
+                          "side by side, from the robustness reports in --source/*/ (trains nothing)")
     rep.add_argument("--iterations", type=int, help="meta-iterations per run (default: the paper's, 70000 for "
                                                     "sinusoid)")
     rep.add_argument("--data-root", help="dataset folder for table3 (CelebA) and table4 (MiniImageNet)")
@@ -164,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--values", type=float, nargs="+",
                      help="batch-size, step-size: the grid (default: B 5 10 15 20 25; alpha 1e-4 3e-4 1e-3 3e-3 1e-2)")
     rep.add_argument("--source", default="results",
-                     help="trajectories: the directory of the Table 2 runs")
+                     help="trajectories: the directory of the Table 2 runs; sweep-summary: the directory whose "
+                          "subdirectories hold robustness reports")
     rep.add_argument("--grid", choices=["auto", "on", "off"], default="auto",
                      help="train the rows that differ only in penalty weights and inner step sizes as one grid "
                           "(one vmap over rows and seeds, one job): on, off, or auto (where it measured faster: "
@@ -300,9 +302,15 @@ def _reproduce(args) -> int:
         if args.iterations is not None and args.iterations < 1:
             return _fail(f"--iterations must be positive, got {args.iterations}")
         out = args.out or str(Path("runs") / args.name)
-        if args.rows and args.name in ("trajectories", "batch-size", "step-size"):
+        if args.rows and args.name in ("trajectories", "batch-size", "step-size", "sweep-summary"):
             return _fail(f"--rows is for the tables (table2, robustness, table3, table4), not {args.name}")
-        if args.name == "trajectories":
+        if args.name == "sweep-summary":
+            from .studies import sweep_summary
+            if args.iterations is None:
+                return _fail("reproduce sweep-summary needs --iterations N, the budget of the reports to read")
+            sweep_summary(args.out or str(Path("runs") / "sweep_summary"), source=args.source,
+                          iterations=args.iterations)
+        elif args.name == "trajectories":
             from .studies import trajectories
             trajectories(out, source=args.source, iterations=args.iterations or 70000, seeds=args.seeds,
                          overrides=overrides or None)

@@ -23,7 +23,7 @@ from .meta.stats import holm, mean_ci95, paired_seeds
 from .reproduce import (PAIRED_RULE, STABLE_SETTINGS, TAIL, _rows, check_counts, finished_run, paired_comparisons,
                         train_rows, write_outputs)
 
-__all__ = ["STUDIES", "study", "trajectories"]
+__all__ = ["STUDIES", "study", "sweep_summary", "trajectories"]
 
 # The grids. Batch size: the paper's B in {5, 10, 15, 20, 25} (Appendix F.2). Step size: the paper
 # does not print its grid (F.3 repeats F.2's sentence), so we take 5 values over two decades, evenly
@@ -460,5 +460,127 @@ def _trajectory_figure(algo, number, mine, runs, rep, path: Path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
     fig.suptitle(f"{algo} and its Nash-GBML (the paper's Figure {number}): validation MSE during training, mean over "
                  f"seeds with 95% t-bands; {rep['iterations']} iterations", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# --- Tables 5-6 at one budget, all algorithms side by side -------------------------------------------
+
+def sweep_summary(out_dir: str, *, source: str = "results", iterations: int = 10000,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Tables 5-6 of every algorithm at one budget, side by side, from the weight-sweep reports already
+    written (``SOURCE/*/robustness.json``, e.g. ``reproduce robustness --algorithms trmaml ...``).
+
+    Only reports of exactly ``iterations`` iterations are read (budgets are never pooled); two reports
+    of one algorithm at that budget are refused. Each row keeps the paired statistics and verdict of its
+    own table (Holm over that table), which are not recomputed. Writes ``DIR/sweep_summary.{json,md,png}``:
+    per algorithm and weight, the paired Δ (Nash − plain) of the mean and worst-case test MSE with its
+    95% t-interval over seeds and verdict, and per algorithm the counts in the direction the paper claims.
+    """
+    reports = {}
+    for path in sorted(Path(source).glob("*/robustness.json")):
+        rep = json.loads(path.read_text())
+        if rep.get("iterations") != iterations:
+            continue
+        for algo in dict.fromkeys(r["group"] for r in rep["rows"]):
+            if algo in reports:
+                raise ConfigError(f"two weight-sweep reports of {algo} at {iterations} iterations: "
+                                  f"{reports[algo]['source']} and {path.parent}")
+            reports[algo] = {"source": str(path.parent), "command": rep["command"], "budget": rep["budget"],
+                             "stable_settings": rep.get("stable_settings", {}),
+                             "rows": [r for r in rep["rows"] if r["group"] == algo]}
+    if not reports:
+        raise ConfigError(f"no weight-sweep report (*/robustness.json) of {iterations} iterations in {source}")
+    algos = {}
+    for algo, rep in reports.items():
+        rows = rep["rows"]
+        nash = [r for r in rows if r["penalty"]["penalty"] != "none"]
+        tested = [r for r in nash if r.get("paired", {}).get("tested")]
+        counts = {}
+        for kind, stat in (("centroid", "mean"), ("robust", "worst")):
+            rs = [r for r in tested if r["penalty"]["penalty"] == kind]
+            counts[kind] = {"stat": stat, "tested": len(rs),
+                            "lower": sum(r["paired"][stat]["difference"] < 0 for r in rs),
+                            **{v: [r["label"] for r in rs if r["paired"][stat]["verdict"] == v]
+                               for v in ("better", "worse")}}
+        algos[algo] = {**{k: rep[k] for k in ("source", "command", "budget", "stable_settings")},
+                       "rows": len(rows), "finished": sum("failed" not in r for r in rows),
+                       "family_size": tested[0]["paired"]["family_size"] if tested else 0,
+                       "plain": next((r["ours"] for r in rows if r["penalty"]["penalty"] == "none" and "ours" in r), None),
+                       "counts": counts,
+                       "comparisons": [{"label": r["label"], "penalty": r["penalty"], "failed": r.get("failed"),
+                                        "paired": r.get("paired")} for r in nash]}
+    report = {"summary": "Tables 5-6, every algorithm at one budget", "iterations": iterations, "source": source,
+              "command": f"implicit-nash reproduce sweep-summary --source {source} --iterations {iterations}",
+              "algorithms": algos}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_outputs(Path(out_dir), "sweep_summary", report, _summary_markdown(report),
+                  lambda path: _summary_figure(report, path), log)
+    return report
+
+
+def _summary_markdown(rep) -> str:
+    lines = [f"# Tables 5-6 at {rep['iterations']:,} iterations: every algorithm's weight sweep, paired with its "
+             "plain row", "", f"Command: `{rep['command']}` (reads the weight-sweep reports below; trains nothing).",
+             "", f"**Budget: {rep['iterations']:,} of the paper's 70,000 iterations, 5 seeds per row** (each table's "
+             "own budget line below). Reports at other budgets are not read, so nothing is pooled across budgets. "
+             "Each row keeps the paired statistics and verdict of its own table (Holm over that table's tested "
+             "mean and worst-case comparisons). Δ = Nash − plain, mean over seeds ± 95% t-interval; negative is "
+             "lower error.", "", PAIRED_RULE, ""]
+    for algo, a in rep["algorithms"].items():
+        if a["stable_settings"] and algo == "Meta-SGD":
+            lines += [f"{algo}: one inner step (`inner_steps = 1`), the stable setting "
+                      "(`results/metasgd_steps/`), not the paper's three (which diverge).", ""]
+    lines += ["| algorithm | report | rows finished | Holm family | plain: mean | plain: worst | p_C lowers the mean "
+              "| p_R lowers the worst case | better | worse |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for algo, a in rep["algorithms"].items():
+        c, p = a["counts"], a["plain"]
+        better = [f"{x} ({c[k]['stat']})" for k in c for x in c[k]["better"]]
+        worse = [f"{x} ({c[k]['stat']})" for k in c for x in c[k]["worse"]]
+        lines.append(f"| {algo} | `{a['source']}` | {a['finished']} of {a['rows']} | {a['family_size']} | "
+                     f"{_cell(p['mean']) if p else ''} | {_cell(p['worst']) if p else ''} | "
+                     f"{c['centroid']['lower']} of {c['centroid']['tested']} | {c['robust']['lower']} of "
+                     f"{c['robust']['tested']} | {', '.join(better) or 'none'} | {', '.join(worse) or 'none'} |")
+    lines += ["", "## Every weight", "",
+              "| algorithm | row | Δ mean | p (Holm) | verdict | Δ worst | p (Holm) | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
+    for algo, a in rep["algorithms"].items():
+        for r in a["comparisons"]:
+            pr = r["paired"] or {}
+            if r["failed"] or not pr.get("tested"):
+                why = r["failed"] or pr.get("reason", "")
+                lines.append(f"| {algo} | {r['label']} | | | not tested: {why} | | | |")
+                continue
+            cells = [f"{pr[m]['difference']:+.3f} ± {pr[m]['ci']:.3f} | {pr[m]['p_holm']:.3g} | {pr[m]['verdict']}"
+                     for m in ("mean", "worst")]
+            lines.append(f"| {algo} | {r['label']} | {' | '.join(cells)} |")
+    lines += ["", "## The reports", ""]
+    for algo, a in rep["algorithms"].items():
+        lines.append(f"- {algo}: `{a['source']}/robustness.md`, budget {a['budget']}; command `{a['command']}`.")
+    return "\n".join(lines) + "\n"
+
+
+def _summary_figure(rep, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = rep["algorithms"]
+    fig, axes = plt.subplots(2, len(algos), figsize=(4.2 * len(algos), 6.5), squeeze=False)
+    for j, (algo, a) in enumerate(algos.items()):
+        comps = [r for r in a["comparisons"] if r["paired"] and r["paired"].get("tested")]
+        labels = [r["label"][len(algo):].lstrip(" +") for r in comps]
+        for i, stat in enumerate(("mean", "worst")):
+            ax = axes[i][j]
+            for k, r in enumerate(comps):
+                e = r["paired"][stat]
+                color = {"better": "C2", "worse": "C3"}.get(e["verdict"], "C0")
+                ax.errorbar([k], [e["difference"]], yerr=[e["ci"]], marker="o", ms=3, capsize=2, lw=1, color=color)
+            ax.axhline(0.0, color="k", lw=0.6)
+            ax.set_xticks(range(len(comps)))
+            ax.set_xticklabels(labels, rotation=90, fontsize=6)
+            ax.set_title(f"{algo}: paired Δ {stat} (Nash − plain)", fontsize=9)
+    fig.suptitle(f"Tables 5-6 at {rep['iterations']:,} iterations, 5 seeds: paired differences with 95% t-intervals "
+                 "(green: better, red: worse, blue: no detectable difference)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)

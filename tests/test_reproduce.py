@@ -1,5 +1,6 @@
 """The reproduction pipeline end to end on a tiny budget: files, schema, caching, extension."""
 import json
+import shutil
 
 import pytest
 
@@ -7,6 +8,7 @@ from implicit_nash.cli import main
 from implicit_nash.meta.config import ConfigError
 from implicit_nash.meta.stats import mean_ci95, t_critical_95
 from implicit_nash.reproduce import ROWSETS, paper_tables, reproduce
+from implicit_nash.studies import sweep_summary
 
 TINY = {"eval_every": 2, "val_tasks": 490, "test_tasks": 490}
 
@@ -146,3 +148,17 @@ def test_reproduce_only_some_rows(tmp_path, capsys):
         reproduce("robustness", out, iterations=2, seeds=2, algorithms=["maml"], only_rows=["cavia"])
     assert main(["reproduce", "step-size", "--rows", "maml", "--out", str(tmp_path / "s")]) == 2
     assert "--rows is for the tables" in capsys.readouterr().err
+    # the four-algorithm summary reads the reports of one budget only, keeping each table's verdicts
+    summary = sweep_summary(str(tmp_path / "sum"), source=str(tmp_path), iterations=2, log=lambda s: None)
+    maml = summary["algorithms"]["MAML"]
+    assert maml["finished"] == 2 and maml["family_size"] == 2 and maml["counts"]["robust"]["tested"] == 1
+    assert maml["comparisons"][0]["paired"] == rep["rows"][1]["paired"]
+    assert (tmp_path / "sum" / "sweep_summary.png").is_file()
+    assert "Budget: 2 of the paper's 70,000 iterations" in (tmp_path / "sum" / "sweep_summary.md").read_text()
+    with pytest.raises(ConfigError, match="no weight-sweep report .* of 3 iterations"):
+        sweep_summary(str(tmp_path / "sum"), source=str(tmp_path), iterations=3)
+    shutil.copytree(out, tmp_path / "rows_again", ignore=shutil.ignore_patterns("runs"))
+    with pytest.raises(ConfigError, match="two weight-sweep reports of MAML at 2 iterations"):
+        sweep_summary(str(tmp_path / "sum"), source=str(tmp_path), iterations=2)
+    assert main(["reproduce", "sweep-summary", "--source", str(tmp_path)]) == 2
+    assert "needs --iterations" in capsys.readouterr().err
