@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--algorithms", nargs="+", help="only these algorithms' rows (default: all)")
     rep.add_argument("--rows", nargs="+", metavar="KEY",
                      help="table2, robustness, table3, table4: only these rows, by their run directory's name "
-                          "(e.g. trmaml trmaml_pC_0.1 trmaml_pR_0.01_r1); the plain row of each algorithm is needed "
+                          "(e.g. trmaml trmaml_pC_0.1 trmaml_pR_0.01_r1), trained in this order and reported in "
+                          "the table's; the plain row of each algorithm is needed "
                           "for the paired comparisons, and the Holm family is the rows run (default: all)")
     rep.add_argument("--out", help="output directory (default: runs/<name>); the same command again resumes it")
     rep.add_argument("--force", action="store_true",

@@ -580,7 +580,7 @@ def _summary_figure(rep, path: Path) -> None:
             ax.set_xticks(range(len(comps)))
             ax.set_xticklabels(labels, rotation=90, fontsize=6)
             ax.set_title(f"{algo}: paired Δ {stat} (Nash − plain)", fontsize=9)
-    fig.suptitle(f"Tables 5-6 at {rep['iterations']:,} iterations, 5 seeds: paired differences with 95% t-intervals "
+    fig.suptitle(f"Tables 5-6 at {rep['iterations']:,} iterations, 5 seeds: paired differences with 95% t-intervals\n"
                  "(green: better, red: worse, blue: no detectable difference)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)

@@ -141,6 +141,9 @@ def test_reproduce_only_some_rows(tmp_path, capsys):
     rep = reproduce("robustness", out, iterations=2, seeds=2, algorithms=["maml"], progress=False, overrides=TINY,
                     log=lambda s: None, only_rows=["maml_pR_0.01_r2", "maml"])
     assert [r["key"] for r in rep["rows"]] == ["maml", "maml_pR_0.01_r2"]  # the table's order
+    # ... but trained in the order given
+    assert ((out / "runs" / "maml_pR_0.01_r2" / "config.json").stat().st_mtime_ns
+            < (out / "runs" / "maml" / "config.json").stat().st_mtime_ns)
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["maml", "maml_pR_0.01_r2"]
     assert rep["rows"][1]["paired"]["family_size"] == 2
     assert rep["command"].endswith("--algorithms maml --rows maml maml_pR_0.01_r2")
