@@ -3,7 +3,9 @@ import json
 import shutil
 
 import pytest
+import torch
 
+from implicit_nash._compat import tree_leaves
 from implicit_nash.cli import main
 from implicit_nash.meta.config import ConfigError
 from implicit_nash.meta.stats import mean_ci95, t_critical_95
@@ -134,6 +136,24 @@ def test_table3_pipeline_on_a_celeba_fixture(tmp_path):
                                                     "val_tasks": 1, "test_tasks": 2}, log=lambda s: None)
     assert rep["metric"] == "mse" and rep["scale"] == 100.0 and len(rep["rows"]) == 3
     assert "MSE x 1e-2" in (tmp_path / "t3" / "table3.md").read_text()
+
+
+@pytest.mark.parametrize("inner_steps, same", [(1, True), (2, False)])
+def test_one_inner_step_leaves_the_nash_penalties_without_effect(inner_steps, same):
+    """Why Meta-SGD's stable setting cannot test Nash-GBML: p_C and p_R have zero gradient when every
+    player is at theta, and one inner step starts (and ends its gradient evaluation) there, so the
+    Nash rows train exactly as the plain one; from the second inner step on they differ."""
+    from implicit_nash.meta.config import resolve
+    from implicit_nash.meta.trainer import Run
+    base = {"algorithm": "metasgd", "inner_steps": inner_steps, "dtype": "float64", "meta_batch": 5,
+            "hidden": [8, 8], "seeds": [0, 1]}
+    runs = [Run(resolve({**base, **pen})) for pen in ({}, {"penalty": "centroid", "weight": 0.1},
+                                                      {"penalty": "robust", "weight": 0.01, "robustness": 1.0})]
+    for _ in range(3):
+        losses = [r.step() for r in runs]
+    for other, loss in zip(runs[1:], losses[1:]):
+        equal = all(torch.equal(a, b) for a, b in zip(tree_leaves(runs[0].theta), tree_leaves(other.theta)))
+        assert equal == same and (loss == losses[0]) == same
 
 
 def test_reproduce_only_some_rows(tmp_path, capsys):
