@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .meta.config import ConfigError, resolve
 from .meta.stats import holm, mean_ci95, paired_seeds
-from .reproduce import (PAIRED_RULE, STABLE_SETTINGS, TAIL, _rows, check_counts, finished_run, paired_comparisons,
-                        train_rows, write_outputs)
+from .reproduce import (PAIRED_RULE, ROWSETS, STABLE_NOTE, STABLE_SETTINGS, TAIL, _rows, check_counts, finished_run,
+                        paired_comparisons, train_rows, write_outputs)
 
 __all__ = ["STUDIES", "study", "sweep_summary", "trajectories"]
 
@@ -493,8 +493,11 @@ def sweep_summary(out_dir: str, *, source: str = "results", iterations: int = 10
                              "rows": [r for r in rep["rows"] if r["group"] == algo]}
     if not reports:
         raise ConfigError(f"no weight-sweep report (*/robustness.json) of {iterations} iterations in {source}")
+    table = ROWSETS["robustness"]()
+    order = list(dict.fromkeys(r["group"] for r in table))  # the paper's order: MAML, Meta-SGD, CAVIA, TR-MAML
     algos = {}
-    for algo, rep in reports.items():
+    for algo in sorted(reports, key=lambda a: order.index(a) if a in order else len(order)):
+        rep = reports[algo]
         rows = rep["rows"]
         nash = [r for r in rows if r["penalty"]["penalty"] != "none"]
         tested = [r for r in nash if r.get("paired", {}).get("tested")]
@@ -502,11 +505,12 @@ def sweep_summary(out_dir: str, *, source: str = "results", iterations: int = 10
         for kind, stat in (("centroid", "mean"), ("robust", "worst")):
             rs = [r for r in tested if r["penalty"]["penalty"] == kind]
             counts[kind] = {"stat": stat, "tested": len(rs),
-                            "lower": sum(r["paired"][stat]["difference"] < 0 for r in rs),
-                            **{v: [r["label"] for r in rs if r["paired"][stat]["verdict"] == v]
-                               for v in ("better", "worse")}}
+                            "lower": sum(r["paired"][stat]["difference"] < 0 for r in rs)}
+        verdicts = {v: [f"{r['label']} ({m})" for r in tested for m in ("mean", "worst")
+                        if r["paired"][m]["verdict"] == v] for v in ("better", "worse")}
         algos[algo] = {**{k: rep[k] for k in ("source", "command", "budget", "stable_settings")},
                        "rows": len(rows), "finished": sum("failed" not in r for r in rows),
+                       "paper_rows": sum(r["group"] == algo for r in table), **verdicts,
                        "family_size": tested[0]["paired"]["family_size"] if tested else 0,
                        "plain": next((r["ours"] for r in rows if r["penalty"]["penalty"] == "none" and "ours" in r), None),
                        "counts": counts,
@@ -529,17 +533,14 @@ def _summary_markdown(rep) -> str:
              "Each row keeps the paired statistics and verdict of its own table (Holm over that table's tested "
              "mean and worst-case comparisons). Δ = Nash − plain, mean over seeds ± 95% t-interval; negative is "
              "lower error.", "", PAIRED_RULE, ""]
-    for algo, a in rep["algorithms"].items():
-        if a["stable_settings"] and algo == "Meta-SGD":
-            lines += [f"{algo}: one inner step (`inner_steps = 1`), the stable setting "
-                      "(`results/metasgd_steps/`), not the paper's three (which diverge).", ""]
-    lines += ["| algorithm | report | rows finished | Holm family | plain: mean | plain: worst | p_C lowers the mean "
-              "| p_R lowers the worst case | better | worse |", "|---|---|---|---|---|---|---|---|---|---|"]
+    if any(a["stable_settings"] for a in rep["algorithms"].values()):
+        lines += [STABLE_NOTE, ""]
+    lines += ["| algorithm | report | rows finished (of the paper's) | Holm family | plain: mean | plain: worst | p_C lowers the mean "
+              "| p_R lowers the worst case | better (metric) | worse (metric) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for algo, a in rep["algorithms"].items():
         c, p = a["counts"], a["plain"]
-        better = [f"{x} ({c[k]['stat']})" for k in c for x in c[k]["better"]]
-        worse = [f"{x} ({c[k]['stat']})" for k in c for x in c[k]["worse"]]
-        lines.append(f"| {algo} | `{a['source']}` | {a['finished']} of {a['rows']} | {a['family_size']} | "
+        better, worse = a["better"], a["worse"]
+        lines.append(f"| {algo} | `{a['source']}` | {a['finished']} of {a['paper_rows']} | {a['family_size']} | "
                      f"{_cell(p['mean']) if p else ''} | {_cell(p['worst']) if p else ''} | "
                      f"{c['centroid']['lower']} of {c['centroid']['tested']} | {c['robust']['lower']} of "
                      f"{c['robust']['tested']} | {', '.join(better) or 'none'} | {', '.join(worse) or 'none'} |")
