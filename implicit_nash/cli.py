@@ -137,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     t("--no-progress", action="store_true", help="no progress bar")
 
     rep = command("reproduce", "reproduce the paper's tables (all seeds, all rows; cached and resumable)")
-    rep.add_argument("name", choices=["table2", "robustness", "table3", "table4", "batch-size", "step-size",
-                                      "trajectories"],
+    rep.add_argument("name", choices=["table2", "robustness", "table3", "table4", "faces", "digits", "batch-size",
+                                      "step-size", "trajectories"],
                      help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6; table3: CelebA "
-                          "image completion; table4: MiniImageNet (both need --data-root); batch-size, step-size: "
+                          "image completion; table4: MiniImageNet (both need --data-root); faces, digits: stand-ins "
+                          "for Tables 3 and 4 on data that ships with scikit-image / scikit-learn (LFW faces, "
+                          "digits); batch-size, step-size: "
                           "Appendix F's studies (Figures 3-10); trajectories: Figures 2 and 11-13 from the finished "
                           "Table 2 runs in --source")
     rep.add_argument("--iterations", type=int, help="meta-iterations per run (default: the paper's, 70000 for "
