@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     t("--test-tasks", type=int, help=_preset_help("test_tasks", "test tasks"))
     t("--eval-batch", type=int, help=_preset_help("eval_batch", "evaluation tasks adapted at a time (bounds "
                                                               "evaluation memory)", paper=False))
+    t("--task-vectorisation", choices=["auto", "vmap", "loop"],
+      help="the tasks of a meta-batch: vmapped, looped over with plain autograd (faster for convolutional "
+           "networks on the CPU), or auto (the default: loop for convolutions on the CPU, else vmap); seeds "
+           "trained together and the implicit meta-gradient always vmap")
     t("--device", help="cpu or cuda (default cpu)")
     t("--dtype", choices=["float32", "float64"], help="floating-point precision (default float32)")
     t("--threads", type=int, help="torch CPU threads (default: 1 for sinusoid, whose tiny network gains nothing "
@@ -197,7 +201,7 @@ _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "pena
                "context_dim", "task_lr", "lam", "inner_solver", "inner_mode", "inner_budget", "cg_budget",
                "krylov_steps", "hypergrad_check_every", "lr_init", "activation", "eval_every", "checkpoint_every",
                "val_tasks", "test_tasks", "eval_batch", "device", "dtype", "threads", "data_root", "ways", "shots",
-               "query_shots", "filters",
+               "query_shots", "filters", "task_vectorisation",
                "distributed")
 
 
