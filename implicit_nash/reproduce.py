@@ -66,8 +66,8 @@ def _label(r) -> str:
 
 # Stand-in rows whose paper weight is replaced: Table 4's centroid weights for MAML (1e4) and Meta-SGD
 # (1e6) make the digits meta-loss non-finite at iterations 2 and 1 for every seed (measured on training
-# iterations only, before any evaluation), because the centroid scale (B/(alpha N))^2 is about 4 on digits
-# (N = C(6, 3) training tasks) against about 1e-9 on MiniImageNet; those rows use Table 2's weight instead.
+# iterations only, before any evaluation), because the centroid scale (B/(alpha N))^2 is about 1.3 on digits
+# (N = C(7, 3) = 35 training tasks) against about 7e-10 on MiniImageNet; those rows use Table 2's weight instead.
 STANDIN_WEIGHTS = {("digits", "MAML", "centroid"): 0.1, ("digits", "Meta-SGD", "centroid"): 0.1}
 
 
@@ -108,8 +108,9 @@ PAPER_TABLE = {"robustness": "table5", "faces": "table3", "digits": "table4"}
 STANDINS = {"faces": ("CelebA", "scikit-image's LFW subset (100 real face photographs, 25x25 grey; 80 / 10 / 10 "
                                 "images for training / validation / test), image completion with CelebA's "
                                 "protocol (100 support pixels, every pixel queried)"),
-            "digits": ("MiniImageNet", "scikit-learn's digits (8x8 handwritten digits; classes split for "
-                                       "meta-training / validation / test), 3-way 5-shot classification")}
+            "digits": ("MiniImageNet", "scikit-learn's digits (8x8 handwritten digits; classes 0-6 for "
+                                       "meta-training and validation, 7-9 for test), 3-way 5-shot classification "
+                                       "with conv-4 (32 filters)")}
 PAPER_BUDGETS = {"table3": "50,000 iterations, meta-batch 25, 5 trials (paper, Appendix F)",
                  "table4": "60,000 iterations, meta-batch 2, 5 trials (paper, Appendix F)"}
 
