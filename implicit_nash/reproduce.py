@@ -545,10 +545,12 @@ def _g(x: float) -> str:
 def _paired_section(rep) -> List[str]:
     """The paired comparisons with the plain rows, and the paper's two claims judged by them."""
     rows = [r for r in rep["rows"] if "paired" in r]
+    sign = "positive: higher accuracy" if rep["metric"] == "accuracy" else "negative: lower error"
     lines = ["", "## Paired comparisons with the plain row", "",
              "Each seed fixes the initialisation and the task stream of every row, and every run is tested on "
              "the same groups of tasks, so each Nash-GBML row is compared with its plain row in pairs. "
-             "Δ = Nash − plain (negative: lower error). Per seed: the mean of the paired differences "
+             f"Δ = Nash − plain ({sign}). "
+             "Per seed: the mean of the paired differences "
              "± its 95% t-interval, the paired t-test's p (raw and Holm-adjusted over the table) and the exact "
              "sign-flip p over all 2^n sign patterns. Over groups: the mean per-group difference (averaged "
              "over seeds) with its 95% bootstrap interval over the groups (the worst case: over the hardest "
@@ -703,7 +705,7 @@ def _figure(rep, rows, results, path: Path) -> None:
     metric = rep["metric"]
     fig, axes = plt.subplots(len(algos), 3, figsize=(12, 2.8 * len(algos)), squeeze=False)
     for i, algo in enumerate(algos):
-        for r in [r for r in rows if r["group"] == algo and r["key"] in results]:
+        for k, r in enumerate([r for r in rows if r["group"] == algo and r["key"] in results]):
             m = results[r["key"]]
             keep = [j for j, run in enumerate(m["runs"]) if run.get("diverged_at") is None]
             hist = [{"iteration": h["iteration"], "runs": [h["runs"][j] for j in keep]} for h in m["val_history"]]
@@ -712,9 +714,14 @@ def _figure(rep, rows, results, path: Path) -> None:
                 stats = [mean_ci95([run[key] for run in h["runs"]]) for h in hist]
                 mid = [s["mean"] for s in stats]
                 ci = [0.0 if math.isnan(s["ci"]) else s["ci"] for s in stats]
-                line, = axes[i][j].plot(its, mid, lw=1.2, label=r["label"])
-                axes[i][j].fill_between(its, [m - c for m, c in zip(mid, ci)], [m + c for m, c in zip(mid, ci)],
-                                        color=line.get_color(), alpha=0.2)
+                if len(its) == 1:  # one validation (a short budget): a point with its interval, rows side by side
+                    axes[i][j].errorbar([k], mid, yerr=ci, fmt="o", capsize=3, label=r["label"])
+                    axes[i][j].set_xticks([])
+                    axes[i][j].set_xlim(-1, 3)
+                else:
+                    line, = axes[i][j].plot(its, mid, lw=1.2, label=r["label"])
+                    axes[i][j].fill_between(its, [m - c for m, c in zip(mid, ci)], [m + c for m, c in zip(mid, ci)],
+                                            color=line.get_color(), alpha=0.2)
                 if metric == "mse" and min(mid) > 0:
                     axes[i][j].set_yscale("log")
                 axes[i][j].set_title(f"{algo}: {key.split('_')[1]} {metric}", fontsize=9)
