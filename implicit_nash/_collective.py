@@ -16,7 +16,7 @@ ranks:
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import List, Optional, Union
 
 import torch
 
@@ -70,25 +70,61 @@ def allsum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _device() -> torch.device:
-    """Where a tensor built here for a collective must live: NCCL only reduces CUDA tensors (this
-    process's current device), gloo reduces CPU tensors."""
+def _backend_devices(backend: str) -> List[str]:
+    """The device types a backend string reduces: ``"nccl"`` -> ``["cuda"]``, ``"gloo"`` -> ``["cpu",
+    "cuda"]``, ``"cpu:gloo,cuda:nccl"`` -> ``["cpu", "cuda"]`` (unknown backends: CPU)."""
     import torch.distributed as dist
-    if dist.get_backend(_GROUP) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    if ":" in backend:
+        return [part.split(":")[0].strip() for part in backend.split(",")]
+    return list(getattr(dist.Backend, "backend_capability", {}).get(backend.lower(), ["cpu"]))
+
+
+def _group_devices() -> List[str]:
+    """The device types the process group of :func:`sharded` reduces."""
+    import torch.distributed as dist
+    try:
+        from torch.distributed.distributed_c10d import _device_capability
+        return list(_device_capability(_GROUP))
+    except (ImportError, AttributeError, RuntimeError):  # older torch: from the backend's name
+        return _backend_devices(str(dist.get_backend(_GROUP)))
+
+
+def _pick_device(types: List[str], like: Optional[torch.device] = None, index=None) -> torch.device:
+    """Where a tensor built for a collective must live, given the device types the group reduces:
+    ``like`` (the device of the inputs) when the group reduces it, else the CPU when it does, else
+    this process's current device of the group's first type (NCCL: the current CUDA device).
+    ``index(kind)``: the current device index of a type (default ``torch.<kind>.current_device()``)."""
+    if like is not None and like.type in types:
+        return like
+    if "cpu" in types:
+        return torch.device("cpu")
+    kind = types[0]
+    return torch.device(kind, index(kind) if index is not None else getattr(torch, kind).current_device())
+
+
+def _device(like: Optional[torch.device] = None) -> torch.device:
+    """The device of a tensor built here for a collective (NCCL reduces only CUDA tensors, gloo CPU
+    tensors; :func:`_pick_device`)."""
+    return _pick_device(_group_devices(), like)
 
 
 def _reduce_number(x, dtype: torch.dtype, op: str):
     import torch.distributed as dist
-    t = torch.tensor([x], dtype=dtype, device=_device())
+    if isinstance(x, torch.Tensor):  # on the device of the input, when the group reduces it there
+        t = x.detach().reshape(1).to(dtype=dtype, device=_device(x.device), copy=True)
+    else:
+        t = torch.tensor([x], dtype=dtype, device=_device())
     dist.all_reduce(t, op=getattr(dist.ReduceOp, op), group=_GROUP)
     return t.item()
 
 
-def allmax(x: float) -> float:
-    """The maximum of a Python number over ranks."""
-    return float(_reduce_number(x, torch.float64, "MAX")) if _ACTIVE else x
+def allmax(x: Union[float, torch.Tensor]) -> float:
+    """The maximum of a number (a Python number or a one-element tensor) over ranks. The tensor that is
+    reduced is built on the device the group reduces (:func:`_pick_device`): a tensor's own device when
+    the group reduces it, else the CPU (gloo), else the current CUDA device (NCCL)."""
+    if not _ACTIVE:
+        return float(x)
+    return float(_reduce_number(x, torch.float64, "MAX"))
 
 
 def total(n: int) -> int:

@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     t("--test-tasks", type=int, help=_preset_help("test_tasks", "test tasks"))
     t("--eval-batch", type=int, help=_preset_help("eval_batch", "evaluation tasks adapted at a time (bounds "
                                                               "evaluation memory)", paper=False))
+    t("--task-vectorisation", choices=["auto", "vmap", "loop"],
+      help="the tasks of a meta-batch: vmapped, looped over with plain autograd (faster for convolutional "
+           "networks on the CPU), or auto (the default: loop for convolutions on the CPU, else vmap); seeds "
+           "trained together and the implicit meta-gradient always vmap")
     t("--device", help="cpu or cuda (default cpu)")
     t("--dtype", choices=["float32", "float64"], help="floating-point precision (default float32)")
     t("--threads", type=int, help="torch CPU threads (default: 1 for sinusoid, whose tiny network gains nothing "
@@ -138,10 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     t("--no-progress", action="store_true", help="no progress bar")
 
     rep = command("reproduce", "reproduce the paper's tables (all seeds, all rows; cached and resumable)")
-    rep.add_argument("name", choices=["table2", "robustness", "table3", "table4", "batch-size", "step-size",
-                                      "trajectories", "sweep-summary"],
+    rep.add_argument("name", choices=["table2", "robustness", "table3", "table4", "faces", "digits", "batch-size",
+                                      "step-size", "trajectories", "sweep-summary"],
                      help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6; table3: CelebA "
-                          "image completion; table4: MiniImageNet (both need --data-root); batch-size, step-size: "
+                          "image completion; table4: MiniImageNet (both need --data-root); faces, digits: stand-ins "
+                          "for Tables 3 and 4 on data that ships with scikit-image / scikit-learn (LFW faces, "
+                          "digits); batch-size, step-size: "
                           "Appendix F's studies (Figures 3-10); trajectories: Figures 2 and 11-13 from the finished "
                           "Table 2 runs in --source; sweep-summary: every algorithm's weight sweep of --iterations "
                           "side by side, from the robustness reports in --source/*/ (trains nothing)")
@@ -203,7 +209,7 @@ _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "pena
                "context_dim", "task_lr", "lam", "inner_solver", "inner_mode", "inner_budget", "cg_budget",
                "krylov_steps", "hypergrad_check_every", "lr_init", "activation", "eval_every", "checkpoint_every",
                "val_tasks", "test_tasks", "eval_batch", "device", "dtype", "threads", "data_root", "ways", "shots",
-               "query_shots", "filters",
+               "query_shots", "filters", "task_vectorisation",
                "distributed")
 
 

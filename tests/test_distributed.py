@@ -77,3 +77,25 @@ def test_solvers_that_cannot_shard_say_so(tmp_path):
     with pytest.raises(RuntimeError, match="needs torch.distributed"):
         with sharded():
             pass
+
+
+def test_collective_tensors_live_on_the_groups_device(tmp_path):
+    # NCCL cannot run here (no GPU): the choice of device is checked as logic, and on a real gloo group
+    from implicit_nash import _collective as C
+    assert C._backend_devices("nccl") == ["cuda"]
+    assert C._backend_devices("gloo") == ["cpu", "cuda"]
+    assert C._backend_devices("cpu:gloo,cuda:nccl") == ["cpu", "cuda"]
+    cuda1 = torch.device("cuda", 1)
+    assert C._pick_device(["cuda"], index=lambda kind: 1) == cuda1  # NCCL: this process's CUDA device
+    assert C._pick_device(["cuda"], like=cuda1, index=lambda kind: 0) == cuda1  # the input's own device
+    assert C._pick_device(["cpu", "cuda"], index=lambda kind: 1) == torch.device("cpu")
+    assert C._pick_device(["cpu", "cuda"], like=cuda1) == cuda1
+    assert C._pick_device(["cpu"], like=torch.device("meta")) == torch.device("cpu")
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with C.sharded():
+            assert set(C._group_devices()) >= {"cpu"}
+            assert C._device() == torch.device("cpu")
+            assert C.allmax(2.5) == 2.5 and C.allmax(torch.tensor(-1.5)) == -1.5 and C.total(3) == 3
+    finally:
+        torch.distributed.destroy_process_group()

@@ -185,3 +185,28 @@ def test_reproduce_only_some_rows(tmp_path, capsys):
         sweep_summary(str(tmp_path / "sum"), source=str(tmp_path), iterations=2)
     assert main(["reproduce", "sweep-summary", "--source", str(tmp_path)]) == 2
     assert "needs --iterations" in capsys.readouterr().err
+
+
+def test_standin_tables_on_faces_and_digits(tmp_path):
+    faces, digits = ROWSETS["faces"](), ROWSETS["digits"]()
+    assert len(faces) == len(digits) == 9 and {r["group"] for r in digits} == {"MAML", "Meta-SGD", "CAVIA"}
+    assert [r["key"] for r in faces] == [r["key"] for r in ROWSETS["table3"]()]  # Table 3's rows and weights
+    pc = {r["group"]: r for r in digits if r["options"]["penalty"] == "centroid"}
+    # Table 4's centroid weights for MAML and Meta-SGD diverge on digits: Table 2's weight instead
+    assert pc["MAML"]["options"]["weight"] == pc["Meta-SGD"]["options"]["weight"] == 0.1
+    assert pc["CAVIA"]["options"] == {"penalty": "centroid", "weight": 1000.0} and pc["CAVIA"]["key"] == "cavia_pC_1000"
+    assert "Table 2's weight" in pc["MAML"]["label"]
+    tiny = {"eval_every": 2, "val_tasks": 2, "test_tasks": 3}
+    rep = reproduce("digits", tmp_path / "d", iterations=2, seeds=2, algorithms=["maml"], progress=False,
+                    overrides={**tiny, "filters": 4}, log=lambda s: None)
+    assert rep["metric"] == "accuracy" and rep["scale"] == 100.0 and rep["stands_in_for"] == "MiniImageNet"
+    assert [r["key"] for r in rep["rows"]] == ["maml", "maml_pC_0.1", "maml_pR_0.1_r1"]
+    assert all("paired" in r for r in rep["rows"][1:]) and "paired" not in rep["rows"][0]
+    md = (tmp_path / "d" / "digits.md").read_text()
+    assert md.startswith("# Stand-in for the paper's Table 4: digits") and "not the paper's experiment" in md
+    assert "Not compared: the paper's numbers are for MiniImageNet" in md and "Budget used: 2 iterations x 2 seeds" in md
+    assert "60,000 iterations" in md and (tmp_path / "d" / "digits.png").is_file()
+    rep = reproduce("faces", tmp_path / "f", iterations=2, seeds=2, algorithms=["cavia"], progress=False,
+                    overrides={**tiny, "hidden": [8]}, log=lambda s: None)
+    assert rep["metric"] == "mse" and rep["stands_in_for"] == "CelebA" and len(rep["rows"]) == 3
+    assert "LFW" in (tmp_path / "f" / "faces.md").read_text()

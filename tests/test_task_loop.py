@@ -105,3 +105,23 @@ def test_per_task_backward_is_first_order_only():
 def test_bad_task_vectorisation():
     with pytest.raises(ValueError, match="task_vectorisation must be one of"):
         MAML(task_vectorisation="threads")
+
+
+def test_task_vectorisation_config_key_reaches_the_algorithm():
+    from implicit_nash.cli import build_parser, _TRAIN_KEYS
+    from implicit_nash.meta.config import ConfigError, build_algorithm, resolve
+
+    args = build_parser().parse_args(["train", "sinusoid", "--out", "x", "--task-vectorisation", "loop"])
+    c = resolve({**{k: getattr(args, k) for k in _TRAIN_KEYS}, "task": "sinusoid"})
+    algo = build_algorithm(c, 100)
+    assert algo.task_vectorisation == "loop"
+    # an MLP, which auto would vmap, is looped over
+    assert algo._loops(torch.nn.Linear(1, 1), torch.zeros(2, 5, 1), "unrolled")
+    assert build_algorithm(resolve({"task": "sinusoid"}), 100).task_vectorisation == "auto"
+    for bad, match in (({"task_vectorisation": "threads"}, "must be one of auto, vmap, loop"),
+                       ({"task_vectorisation": "loop", "seeds": [0, 1]}, "seeds trained together"),
+                       ({"task_vectorisation": "loop", "algorithm": "imaml"}, "implicit meta-gradient")):
+        with pytest.raises(ConfigError, match=match):
+            resolve({"task": "sinusoid", **bad})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "sinusoid", "--out", "x", "--task-vectorisation", "threads"])

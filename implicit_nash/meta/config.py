@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 from ..penalties import CentroidPenalty, ProximalPenalty, RobustPenalty
 from ..solvers import PRGD
 from . import ALGORITHMS
+from .base import TASK_VECTORISATIONS
 from .inner import NewtonKrylov
 
 __all__ = ["ConfigError", "DEFAULTS", "PRESETS", "resolve", "build_algorithm", "load_config_file", "upgrade",
@@ -88,6 +89,7 @@ DEFAULTS: Dict[str, Any] = {
     "ways": 5,
     "filters": 32,
     "image_size": 32,
+    "task_vectorisation": "auto",  # the tasks of a batch: "auto", "vmap" or "loop" (Algorithm.task_vectorisation)
     "distributed": False,       # shard the meta-batch over torch.distributed ranks (under torchrun)
     "device": "cpu",
     "dtype": "float32",
@@ -307,6 +309,7 @@ def _validate(c: Dict[str, Any]) -> None:
             raise ConfigError(f"seeds must be a non-empty list of non-negative integers, got {seeds!r}")
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"seeds must be distinct, got {seeds!r}")
+    _check_task_vectorisation(c)
     if c["meta_gradient"] is not None and c["meta_gradient"] not in ("unrolled", "first_order", "implicit"):
         raise ConfigError(f"unknown meta_gradient {c['meta_gradient']!r}; choose unrolled, first_order or implicit")
     if c["algorithm"] == "fomaml" and c["meta_gradient"] not in (None, "first_order"):
@@ -341,6 +344,20 @@ def _validate(c: Dict[str, Any]) -> None:
                 raise ConfigError(f"{key} must be at least 490 (one per test sub-interval), got {c[key]}")
 
 
+def _check_task_vectorisation(c: Dict[str, Any]) -> None:
+    """``task_vectorisation`` is auto, vmap or loop; ``loop`` only where the tasks can be looped over."""
+    tv = c["task_vectorisation"]
+    if tv not in TASK_VECTORISATIONS:
+        raise ConfigError(f"task_vectorisation must be one of {', '.join(TASK_VECTORISATIONS)}, got {tv!r}")
+    if tv != "loop":
+        return
+    if c["algorithm"] == "imaml" or c["meta_gradient"] == "implicit":
+        raise ConfigError("task_vectorisation loop: the implicit meta-gradient always vmaps the tasks; use auto or vmap")
+    if c["seeds"] is not None and len(c["seeds"]) > 1:
+        raise ConfigError("task_vectorisation loop: seeds trained together are vmapped, and their tasks with them; "
+                          "train one seed (--seed) or use auto or vmap")
+
+
 def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
     """The algorithm object a resolved configuration describes."""
     name = c["algorithm"]
@@ -360,7 +377,7 @@ def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e).splitlines()[0]) from None
     kwargs: Dict[str, Any] = {"inner_steps": c["inner_steps"], "inner_lr": float(c["inner_lr"]), "penalty": penalty,
-                              "loss": loss}
+                              "loss": loss, "task_vectorisation": c["task_vectorisation"]}
     if c["meta_gradient"] is not None:
         kwargs["meta_gradient"] = c["meta_gradient"]
     if name == "cavia":
