@@ -642,16 +642,13 @@ def _fmt(x: Dict[str, float]) -> str:
 
 
 def _markdown(rep) -> str:
-    if rep["reproduction"] == "robustness":  # Table 5 is MAML's sweep, Table 6 the other three algorithms'
+    name = rep["reproduction"]
+    if name == "robustness":  # Table 5 is MAML's sweep, Table 6 the other three algorithms'
         groups = list(dict.fromkeys(r["group"] for r in rep["rows"]))
         tables = "Table 5" if groups == ["MAML"] else ("Table 6" if "MAML" not in groups else "Tables 5-6")
         what = f"{'/'.join(groups)} weight sweep, {tables}, 5-shot 3-step sinusoid"
     else:
-        what = paper_tables()[rep['reproduction']]['what']
-
-
-    name = rep["reproduction"]
-    what = paper_tables()[PAPER_TABLE.get(name, name)]['what']
+        what = paper_tables()[PAPER_TABLE.get(name, name)]['what']
     # the paper's "95% CI over 5 trials" is the paper's; ours is over the seeds run
     what = what.replace("95% CI over 5 trials", f"95% CI over {len(rep['seeds'])} seeds (the paper: 5 trials)")
     standin = STANDINS.get(name)
@@ -674,9 +671,6 @@ def _markdown(rep) -> str:
         lines += [f"Overrides of the paper's hyperparameters: `{json.dumps(rep['overrides'])}`", ""]
     if rep.get("stable_settings"):
         lines += [STABLE_NOTE, ""]
-    lines += ["| row | ours: mean | worst | std | paper: mean | worst | std | vs plain: paired verdict (mean; worst) "
-
-
     ref = f"paper ({standin[0]}, reference only)" if standin is not None else "paper"
     lines += [f"| row | ours: mean | worst | std | {ref}: mean | worst | std | vs plain: paired verdict (mean; worst) "
               "| vs plain: unpaired, as the paper compares (ours) |",
