@@ -13,11 +13,10 @@ not an exact one; the tanh rows have a reference that converges.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 
-from _common import RESULTS_DIR, ensure_importable, environment, median, report_head
+from _common import ensure_importable, environment, median, report_head, write_results
 
 ensure_importable()
 
@@ -80,8 +79,7 @@ def main() -> None:
         time.perf_counter() - start,
         ["configuration", "checks", "relative error median", "relative error max", "inner error median",
          "reference solves short of tolerance"], rows)
-    (RESULTS_DIR / "imaml_budget_error.md").write_text("\n".join(lines) + "\n")
-    (RESULTS_DIR / "imaml_budget_error.json").write_text(json.dumps({"environment": env, "results": raw}, indent=2))
+    write_results("imaml_budget_error", False, {"environment": env, "results": raw}, lines)
     print("\n".join(lines))
 
 

@@ -14,10 +14,9 @@ backward's error). With the ReLU network the reference itself stops on a kink (c
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from _common import RESULTS_DIR, ensure_importable, environment, median, report_head
+from _common import ensure_importable, environment, median, report_head, write_results
 
 ensure_importable()
 
@@ -90,8 +89,7 @@ def main() -> None:
         ["configuration", "test MSE mean (over seeds)", "per seed", "test MSE worst", "ms / iteration",
          "meta-gradient rel. error median / max (all checks)", "inner error median", "unconverged solves",
          "reference solves stopped on a kink"], rows)
-    (RESULTS_DIR / "imaml_study.md").write_text("\n".join(lines) + "\n")
-    (RESULTS_DIR / "imaml_study.json").write_text(json.dumps({"environment": env, "runs": raw}, indent=2))
+    write_results("imaml_study", False, {"environment": env, "runs": raw}, lines)
     print("\n".join(lines))
 
 
