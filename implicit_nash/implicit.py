@@ -186,6 +186,7 @@ class Problem:
         self.z_name = z_name
         self.groups = groups
         self.warm_start = warm_start
+        self.shared: Optional[_SharedGraph] = None  # set during a first-order backward only
 
     # ------------------------------------------------------------------ functions of (z, params)
     def G(self, z: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -312,8 +313,11 @@ class Problem:
         if precision is None:  # the graph is built at the first eager product (a compiled solve needs none)
             zz = z.detach().requires_grad_(True)
             built = []
+            shared = self.shared if self.shared is not None and self.shared.serves(z, params) else None
 
             def products():
+                if shared is not None:  # the backward's one graph of G, which theta_vjp uses too
+                    return shared.products()
                 if not built:
                     with torch.enable_grad():
                         G = self.G(zz, [p.detach() for p in params])
@@ -415,6 +419,9 @@ class Problem:
         floats = _Floating(params, needed)
         if not floats.idx:
             return floats.scatter(())
+        if self.shared is not None and self.shared.serves(z, params) and not torch.is_grad_enabled() \
+                and not functorch_active():
+            return self.shared.theta_vjp(u)
         if not torch.is_grad_enabled() and not functorch_active():
             # a first-order backward: plain autograd on detached copies (torch.func's wrapping costs more)
             with torch.enable_grad():
@@ -436,12 +443,14 @@ class Problem:
         return g(tuple(tangents[i] for i in floats.idx))[0]
 
 
-def graph_products(G: torch.Tensor, z: torch.Tensor) -> Tuple[Callable, Callable]:
+def graph_products(G: torch.Tensor, z: torch.Tensor, unused: bool = False) -> Tuple[Callable, Callable]:
     """``(u -> A^T u, u -> A u)`` for :math:`A = \\partial G / \\partial z` on one autograd graph of
     ``G(z)`` (kept): :math:`A^\\top u` is a VJP; :math:`A u` is the VJP of the linear map
-    :math:`w \\mapsto A^\\top w`, whose graph is built at the first call and reused."""
+    :math:`w \\mapsto A^\\top w`, whose graph is built at the first call and reused. ``unused``: the
+    graph may not reach ``z`` (it was built for other inputs too), and then :math:`A = 0`."""
     def AT(u):
-        return torch.autograd.grad(G, z, u, retain_graph=True)[0]
+        (g,) = torch.autograd.grad(G, z, u, retain_graph=True, allow_unused=unused)
+        return torch.zeros_like(z) if g is None else g
 
     lazy = []
 
@@ -449,12 +458,55 @@ def graph_products(G: torch.Tensor, z: torch.Tensor) -> Tuple[Callable, Callable
         if not lazy:
             with torch.enable_grad():
                 w = torch.zeros_like(G, requires_grad=True)
-                (gw,) = torch.autograd.grad(G, z, w, retain_graph=True, create_graph=True)
+                (gw,) = torch.autograd.grad(G, z, w, retain_graph=True, create_graph=True, allow_unused=unused)
             lazy.append((w, gw))
         w, gw = lazy[0]
+        if gw is None:  # G does not reach z
+            return torch.zeros_like(G)
         return torch.autograd.grad(gw, w, u, retain_graph=True)[0]
 
     return AT, A
+
+
+class _SharedGraph:
+    """One autograd graph of :math:`G(z, p)` for a first-order backward, with both ``z`` and the
+    parameters that need a gradient as inputs: the linear solve's products with :math:`A^\\top`
+    (VJPs in ``z``) and the final :math:`-(\\partial_p G)^\\top u` (a VJP in ``p``) both run on it,
+    so the backward evaluates ``G`` with its graph once instead of twice. Built at the first use (a
+    compiled linear solve takes no eager product, and then only ``theta_vjp`` builds it)."""
+
+    def __init__(self, problem: "Problem", z: torch.Tensor, params: Sequence[torch.Tensor],
+                 needed: Optional[Sequence[bool]]):
+        self.problem, self.z, self.params = problem, z, list(params)
+        self.floats = _Floating(params, needed)
+        self.built = None
+
+    def serves(self, z: torch.Tensor, params: Sequence[torch.Tensor]) -> bool:
+        """Whether ``(z, params)`` are the tensors this graph is built at (the same objects)."""
+        return z is self.z and len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def _build(self):
+        if self.built is None:
+            with torch.enable_grad():
+                zz = self.z.detach().requires_grad_(True)
+                leaves = [v.detach().requires_grad_(True) for v in self.floats.values]
+                G = self.problem.G(zz, self.floats.fill(leaves, detach_rest=True))
+            products = graph_products(G, zz, unused=True) if G.requires_grad else (torch.zeros_like, torch.zeros_like)
+            self.built = (G, leaves, products)
+        return self.built
+
+    def products(self) -> Tuple[Callable, Callable]:
+        return self._build()[2]
+
+    def theta_vjp(self, u: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        if not self.floats.idx:
+            return self.floats.scatter(())
+        G, leaves, _ = self._build()
+        found = (torch.autograd.grad(G, leaves, -u, allow_unused=True) if G.requires_grad
+                 else [None] * len(leaves))
+        self.built = None  # the last use: the graph is freed
+        return self.floats.scatter([torch.zeros_like(v) if g is None else g
+                                    for v, g in zip(self.floats.values, found)])
 
 
 class _Floating:
@@ -511,8 +563,14 @@ class EquilibriumFn(torch.autograd.Function):
         problem: Problem = ctx.problem
         if not any(ctx.needs_input_grad[2:]):
             return (None, None) + (None,) * len(params)
-        u = LinearSolveFn.apply(problem, True, v, z, *params)
-        grads = problem.theta_vjp(u, z, params, ctx.needs_input_grad[2:])
+        first_order = not torch.is_grad_enabled() and not functorch_active()
+        if first_order:  # one graph of G serves the linear solve and the product with dG/dp
+            problem.shared = _SharedGraph(problem, z, params, ctx.needs_input_grad[2:])
+        try:
+            u = LinearSolveFn.apply(problem, True, v, z, *params)
+            grads = problem.theta_vjp(u, z, params, ctx.needs_input_grad[2:])
+        finally:
+            problem.shared = None
         return (None, None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])])
 
     @staticmethod

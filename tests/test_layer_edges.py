@@ -452,3 +452,91 @@ def test_vmap_over_set_parameters_and_nash_layer_under_vmap():
     thetas = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
     out = torch.func.vmap(lambda th: layer(torch.zeros(3, 2), th))(thetas)
     assert torch.allclose(out, torch.stack([layer(torch.zeros(3, 2), th) for th in thetas]), atol=1e-9)
+
+
+def test_a_first_order_backward_evaluates_the_residual_with_its_graph_once():
+    """The backward's linear solve and its product with dG/dtheta share one graph of the residual
+    (one evaluation, not two), with the same gradient: the dense -(dr/dz)^-T (dr/dtheta)^T v,
+    also for a ball set (G = z - proj(z - F)) and a theta entry that needs no gradient."""
+    g = torch.Generator().manual_seed(3)
+    n = 5
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = M @ M.T / n + torch.eye(n, dtype=torch.float64)
+    Bm = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    calls = []
+
+    def residual(z, th):
+        calls.append(torch.is_grad_enabled())
+        return A @ z + 0.1 * z ** 3 - Bm @ th["w"] * th["s"]
+
+    def forward(z0, th):
+        z = z0.clone()
+        for _ in range(50):  # Newton on the root
+            J = A + torch.diag(0.3 * z ** 2)
+            z = z - torch.linalg.solve(J, residual(z, th))
+        return z
+
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(1.5, dtype=torch.float64)  # data: no gradient asked
+    v = torch.randn(n, generator=g, dtype=torch.float64)
+    for solver in (inn.CG(rtol=1e-12), inn.GMRES(rtol=1e-12)):
+        solve = inn.custom_root(residual, linear_solver=solver, symmetric=True, check=False)(forward)
+        z = solve(torch.zeros(n, dtype=torch.float64), {"w": w, "s": s})
+        calls.clear()
+        (gw,) = torch.autograd.grad((v * z).sum(), w)
+        assert calls.count(True) == 1, calls
+        J = A + torch.diag(0.3 * z.detach() ** 2)
+        expected = (Bm * s).T @ torch.linalg.solve(J.T, v)
+        torch.testing.assert_close(gw, expected, rtol=1e-9, atol=1e-12)
+    # second order still differentiates through the same backward (no shared graph there)
+    solve = inn.custom_root(residual, linear_solver=inn.GMRES(rtol=1e-12), symmetric=True, check=False)(forward)
+    w2 = w.detach().clone().requires_grad_(True)
+
+    def f(x):
+        return (v * solve(torch.zeros(n, dtype=torch.float64), {"w": x, "s": s})).sum()
+    (gw,) = torch.autograd.grad(f(w2), w2, create_graph=True)
+    (hw,) = torch.autograd.grad(gw.sum(), w2)
+    eps = 1e-6
+    e = torch.zeros(3, dtype=torch.float64)
+    fd = []
+    for i in range(3):
+        e.zero_()
+        e[i] = eps
+        xp = (w.detach() + e).requires_grad_(True)
+        xm = (w.detach() - e).requires_grad_(True)
+        fd.append((torch.autograd.grad(f(xp), xp)[0].sum() - torch.autograd.grad(f(xm), xm)[0].sum()) / (2 * eps))
+    torch.testing.assert_close(hw, torch.stack(fd), rtol=1e-5, atol=1e-7)
+
+
+def test_a_first_order_backward_through_a_ball_set_shares_the_graph_too():
+    """A set with parameters: G = z - proj(z - F); the radius and the game's parameter both get
+    their gradients from the one graph, equal to finite differences."""
+    g = torch.Generator().manual_seed(4)
+    n = 4
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = M @ M.T / n + torch.eye(n, dtype=torch.float64)
+    target = 3.0 * torch.randn(n, generator=g, dtype=torch.float64)
+    calls = []
+
+    def F(z, th):
+        calls.append(torch.is_grad_enabled())
+        return A @ z - th
+
+    def value(th, r):
+        return inn.solve_vi(F, torch.zeros(n, dtype=torch.float64), th, constraint=inn.Ball(radius=r),
+                            solver=inn.PRGD(rtol=1e-13)).square().sum()
+
+    th = target.clone().requires_grad_(True)
+    r = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    out = value(th, r)
+    calls.clear()
+    gth, gr = torch.autograd.grad(out, (th, r))
+    assert calls.count(True) == 1, calls
+    eps = 1e-6
+    with torch.no_grad():
+        fd_r = (value(th, r + eps) - value(th, r - eps)) / (2 * eps)
+        e = torch.zeros(n, dtype=torch.float64)
+        e[0] = eps
+        fd_t = (value(th + e, r) - value(th - e, r)) / (2 * eps)
+    torch.testing.assert_close(gr, fd_r, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(gth[0], fd_t, rtol=1e-5, atol=1e-8)
