@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "MINRES per task, GMRES on a coupled Nash-iMAML system)")
     t("--krylov-steps", type=int,
       help="iMAML: Krylov iterations per Newton step (default: exactly 3 when budgeted, at most 20 to tolerance)")
+    t("--compiled", action="store_true", default=None,
+      help="budgeted iMAML: run the Newton steps' and the backward's fixed Krylov iterations as compiled "
+           "programs (torch.compile, inductor: the same iterates, about 1.5x faster per meta-iteration on the "
+           "sinusoid preset; the first iterations take a minute or so to compile)")
     t("--hypergrad-check-every", type=int,
       help="budgeted iMAML: measure the meta-gradient's error against a tight solve every K iterations "
            "(default 100; 0: never)")
@@ -207,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "inner_solver", "inner_mode", "inner_budget", "cg_budget",
-               "krylov_steps", "hypergrad_check_every", "lr_init", "activation", "eval_every", "checkpoint_every",
+               "krylov_steps", "hypergrad_check_every", "compiled", "lr_init", "activation", "eval_every", "checkpoint_every",
                "val_tasks", "test_tasks", "eval_batch", "device", "dtype", "threads", "data_root", "ways", "shots",
                "query_shots", "filters", "task_vectorisation",
                "distributed")

@@ -799,3 +799,96 @@ def test_fixed_steps_runs_its_budget_and_reports_done():
     assert infob.warm == 0 and torch.allclose(xb, x, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="steps"):
         FixedSteps(steps=0)
+
+
+def test_budget_krylov_programs_equal_the_eager_iterations():
+    """The compiled inner solves' programs, written without host synchronisation, give the eager
+    methods' iterates: fixed-budget CG per block (an indefinite block stops at its curvature, a
+    zero block stays put) and GMRES with and without an exhausted Krylov space."""
+    from implicit_nash.meta.inner import _cg_budget, _gmres, _gmres_budget, _truncated_cg
+    gen = torch.Generator().manual_seed(5)
+    n, rows = 12, 4
+    mats = []
+    for i in range(rows):
+        M = torch.randn(n, n, generator=gen, dtype=torch.float64)
+        S = M @ M.T / n + (0.5 if i != 2 else -3.0) * torch.eye(n, dtype=torch.float64)  # row 2 indefinite
+        mats.append(S)
+
+    def mv(v):
+        return torch.cat([a @ x for a, x in zip(mats, v.reshape(rows, -1))])
+
+    b = torch.randn(rows * n, generator=gen, dtype=torch.float64)
+    b[3 * n:] = 0.0  # a zero right-hand side
+    for steps in (1, 3, 6):
+        eager, _ = _truncated_cg(mv, b, steps, torch.zeros(rows, dtype=torch.float64), rows)
+        torch.testing.assert_close(_cg_budget(mv, b, steps, rows), eager, rtol=1e-12, atol=1e-14)
+    for r in (1, rows):
+        x, _, res, _ = _gmres(mv, b, 5, rows=r)
+        x2, res2 = _gmres_budget(mv, b, 5, r)
+        torch.testing.assert_close(x2, x, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res2, res, rtol=1e-8, atol=1e-12)
+    x3, res3 = _gmres_budget(lambda v: 2.0 * v, b, 5, rows)  # the Krylov space is exhausted at once
+    torch.testing.assert_close(x3, b / 2)
+    assert float(res3.max()) < 1e-12
+
+
+@pytest.mark.parametrize("pen_name", [None, "centroid", "robust_mild"])
+def test_compiled_budgeted_imaml_gives_the_eager_meta_gradient(pen_name, batch):
+    """IMAML(compiled=True): the Newton steps' Krylov iterations (forward-over-reverse products) and
+    the backward's budgeted MINRES / GMRES as compiled programs (aot_eager here: no C++ compiler)
+    give the eager meta-gradient in float64, at first order and at second order (the backward
+    differentiated again), and nothing runs eagerly (no warning)."""
+    import dataclasses
+    import warnings
+    pen = None if pen_name is None else (RobustPenalty(weight=0.02, robustness=1.0, C=1e-2)
+                                         if pen_name == "robust_mild" else PENALTIES[pen_name])
+    from implicit_nash.meta.inner import NewtonKrylov
+    eager = IMAML(lam=5.0, penalty=pen, budget=2, cg_budget=4, newton=NewtonKrylov(krylov_steps=3))
+    model, theta = setup(eager)
+
+    def first_and_second(algo):
+        ls = leaves(theta)
+        gs = torch.autograd.grad(algo.task_losses(model, theta, batch).mean(), ls, create_graph=True)
+        g = torch.cat([x.reshape(-1) for x in gs])
+        v = torch.linspace(-1, 1, g.numel(), dtype=g.dtype)
+        h = torch.cat([x.reshape(-1) for x in torch.autograd.grad((g * v).sum(), ls)])
+        return g.detach(), h
+
+    g, h = first_and_second(eager)
+    compiled = dataclasses.replace(eager, compiled=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        gc, hc = first_and_second(compiled)
+        gf = _grad(compiled, model, theta, batch)  # a first-order backward (the trainer's)
+    torch.testing.assert_close(gc, g, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(gf, g, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(hc, h, rtol=1e-7, atol=1e-10)
+    assert float((g - _grad(IMAML(lam=5.0, penalty=pen, budget=1, cg_budget=1), model, theta, batch)).norm()) > 1e-6
+
+
+def test_compiled_imaml_that_cannot_compile_says_so_and_runs_eagerly(batch, monkeypatch):
+    """A compilation failure (here: an unknown backend) is no silent change: the Newton steps run
+    eagerly with a RuntimeWarning naming the reason, the backward's solve says 'ran eagerly' in its
+    info, and the meta-gradient is the eager one."""
+    import dataclasses
+    import implicit_nash.meta.imaml as imaml_module
+    from implicit_nash.meta.inner import FixedSteps, TaskCG
+    monkeypatch.setattr(imaml_module, "_NOTED", set())
+    eager = IMAML(lam=5.0, budget=2, cg_budget=3)
+    model, theta = setup(eager)
+    g = _grad(eager, model, theta, batch)
+    broken = dataclasses.replace(eager, compiled=True, backend="no_such_backend")
+    with pytest.warns(RuntimeWarning, match="ran eagerly: the compiled Newton step failed"):
+        gb = _grad(broken, model, theta, batch)
+    torch.testing.assert_close(gb, g, rtol=1e-12, atol=1e-14)
+    op = inn.LinearOperator(lambda v: 3.0 * v, symmetric=True)
+    b = torch.ones(6, dtype=torch.float64)
+    for solver in (TaskCG(blocks=2, steps=2, method="minres", compiled=True),
+                   FixedSteps(steps=2, compiled=True)):
+        x, info = solver.solve(op, b)
+        torch.testing.assert_close(x, b / 3)
+        assert "ran eagerly: the operator has no functional form" in info.message, info.message
+    with pytest.raises(ValueError, match="runs MINRES only"):
+        TaskCG(steps=2, compiled=True)
+    with pytest.raises(TypeError, match="compiled must be True or False"):
+        IMAML(compiled="yes")

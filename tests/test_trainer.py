@@ -262,3 +262,21 @@ def test_imaml_inner_mode_auto_is_budgeted_with_relu_and_tolerance_with_tanh():
     assert upgrade(old)["inner_mode"] == "tolerance" and not build_algorithm(upgrade(old), 10).budgeted
     maml = {k: v for k, v in tiny().items() if k != "inner_mode"}
     assert upgrade({**maml, "krylov_steps": 20}) == tiny()
+
+
+def test_compiled_key_reaches_budgeted_imaml_and_is_refused_where_it_would_do_nothing():
+    from implicit_nash.cli import build_parser
+    args = build_parser().parse_args(["train", "sinusoid", "--algorithm", "imaml", "--compiled", "--out", "x"])
+    assert args.compiled is True
+    algo = build_algorithm(resolve({"task": "sinusoid", "algorithm": "imaml", "compiled": True}), 10)
+    assert algo.compiled and algo.budgeted
+    assert not build_algorithm(resolve({"task": "sinusoid", "algorithm": "imaml"}), 10).compiled
+    with pytest.raises(ConfigError, match="budgeted mode's fixed Krylov iterations"):
+        resolve({"task": "sinusoid", "algorithm": "imaml", "compiled": True, "activation": "tanh"})
+    with pytest.raises(ConfigError, match="Newton-Krylov inner solver"):
+        resolve({"task": "sinusoid", "algorithm": "imaml", "compiled": True, "inner_solver": "prgd"})
+    from implicit_nash.meta.config import unused_options
+    with pytest.raises(ConfigError, match="--compiled is used only by --algorithm imaml"):
+        unused_options(resolve({"task": "sinusoid", "algorithm": "maml", "compiled": True}), ["compiled"])
+    with pytest.raises(ConfigError, match="compiled must be true or false"):
+        resolve({"task": "sinusoid", "algorithm": "imaml", "compiled": "yes"})

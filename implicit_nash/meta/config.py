@@ -72,6 +72,8 @@ DEFAULTS: Dict[str, Any] = {
     "krylov_steps": None,       # iMAML: Krylov iterations per Newton step (None: 3 budgeted, exactly; 20 at most
                                 # to tolerance)
     "hypergrad_check_every": 100,  # budgeted iMAML: measure the meta-gradient's error every k iterations
+    "compiled": False,          # budgeted iMAML: the Newton steps' and the backward's Krylov iterations as
+                                # compiled programs (torch.compile, inductor); the first iterations compile
     "throw": None,              # None: False for iMAML (see IMAML's docstring), True otherwise
     "hidden": [40, 40],
     "activation": "relu",
@@ -145,7 +147,7 @@ _USED_BY = {
     "task_lr": ("--algorithm trmaml", lambda c: c["algorithm"] == "trmaml"),
     **{key: ("--algorithm imaml", lambda c: c["algorithm"] == "imaml")
        for key in ("lam", "inner_solver", "inner_mode", "inner_budget", "cg_budget", "krylov_steps",
-                   "hypergrad_check_every")},
+                   "hypergrad_check_every", "compiled")},
     "robustness": ("--penalty robust", lambda c: c["penalty"] == "robust"),
     "robust_c": ("--penalty robust", lambda c: c["penalty"] == "robust"),
     "penalty_alpha": ("--penalty centroid", lambda c: c["penalty"] == "centroid"),
@@ -228,9 +230,9 @@ def _resolve_inner_mode(c: Dict[str, Any]) -> None:
     given = c["inner_budget"] is not None or c["cg_budget"] is not None
     mode = c["inner_mode"]
     if c["inner_solver"] != "newton":
-        if given or mode == "budgeted" or c["krylov_steps"] is not None:
-            raise ConfigError("the budgeted mode and --krylov-steps belong to the Newton-Krylov inner solver; "
-                              "drop them or use --inner-solver newton")
+        if given or mode == "budgeted" or c["krylov_steps"] is not None or c.get("compiled"):
+            raise ConfigError("the budgeted mode, --krylov-steps and --compiled belong to the Newton-Krylov inner "
+                              "solver; drop them or use --inner-solver newton")
         c["inner_mode"] = "tolerance"
         return
     if mode == "tolerance" and given:
@@ -239,6 +241,9 @@ def _resolve_inner_mode(c: Dict[str, Any]) -> None:
     if mode == "auto":
         mode = "budgeted" if given or c["activation"] == "relu" else "tolerance"
     c["inner_mode"] = mode
+    if c.get("compiled") and mode == "tolerance":
+        raise ConfigError("--compiled runs the budgeted mode's fixed Krylov iterations; this run solves to "
+                          "tolerance: drop --compiled or use --inner-mode budgeted")
     if mode == "budgeted":
         if not given:
             c["inner_budget"], c["cg_budget"] = BUDGET_DEFAULTS["inner_budget"], BUDGET_DEFAULTS["cg_budget"]
@@ -293,6 +298,8 @@ def _validate(c: Dict[str, Any]) -> None:
         raise ConfigError(f"inner_mode must be auto, budgeted or tolerance, got {c['inner_mode']!r}")
     if c["krylov_steps"] is not None:
         _num(c, "krylov_steps", integer=True)
+    if not isinstance(c["compiled"], bool):
+        raise ConfigError(f"compiled must be true or false, got {c['compiled']!r}")
     for key in ("inner_budget", "cg_budget"):
         if c[key] is not None:
             _num(c, key, integer=True)
@@ -393,6 +400,7 @@ def build_algorithm(c: Dict[str, Any], num_train_tasks: int, loss: str = "mse"):
         kwargs["newton"] = NewtonKrylov(max_steps=min(c["inner_max_steps"], 50), krylov_steps=c["krylov_steps"] or 20)
         kwargs["budget"] = c["inner_budget"]
         kwargs["cg_budget"] = c["cg_budget"]
+        kwargs["compiled"] = bool(c["compiled"])
     else:
         kwargs["solver"] = PRGD(max_steps=c["inner_max_steps"])
     try:

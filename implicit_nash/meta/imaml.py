@@ -103,6 +103,16 @@ def closed_form_coupling(penalty, anchor: torch.Tensor, B: int) -> Coupling:
     return Coupling(gradient, jvp)
 
 
+_NOTED = set()
+
+
+def _note_once(message: str) -> None:
+    """A compiled inner solve that ran eagerly (the same iterates, slower): said once per reason."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        warnings.warn(f"iMAML(compiled=True): {message}", RuntimeWarning, stacklevel=4)
+
+
 @dataclass(frozen=True, kw_only=True)
 class IMAML(Algorithm):
     """Implicit MAML with proximal weight ``lam``; ``meta_gradient="implicit"`` by default.
@@ -133,6 +143,8 @@ class IMAML(Algorithm):
     newton: NewtonKrylov = dataclasses.field(default_factory=NewtonKrylov)
     budget: Optional[int] = None
     cg_budget: Optional[int] = None
+    compiled: bool = False
+    backend: str = "inductor"
     name = "imaml"
 
     def __post_init__(self):
@@ -140,6 +152,10 @@ class IMAML(Algorithm):
         ProximalPenalty(lam=self.lam)  # validates lam
         if not isinstance(self.newton, NewtonKrylov):
             raise TypeError(f"newton must be a NewtonKrylov, got {type(self.newton).__name__}")
+        if not isinstance(self.compiled, bool):
+            raise TypeError(f"compiled must be True or False, got {self.compiled!r}")
+        if not isinstance(self.backend, str) or not self.backend:
+            raise ValueError(f"backend must be the name of a torch.compile backend, got {self.backend!r}")
         for name in ("budget", "cg_budget"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -169,9 +185,10 @@ class IMAML(Algorithm):
         if self.cg_budget is None:
             return self.linear_solver
         if uncoupled:  # MINRES per task (see TaskCG's method: CG per task trained worse)
-            return TaskCG(steps=self.cg_budget, method="minres") if layer_blocks > 1 else \
+            return TaskCG(steps=self.cg_budget, method="minres", compiled=self.compiled,
+                          backend=self.backend) if layer_blocks > 1 else \
                 TaskCG(blocks=B, steps=self.cg_budget, sizes=tuple(sizes), method="minres")
-        return FixedSteps(solver=self.linear_solver, steps=self.cg_budget)
+        return FixedSteps(solver=self.linear_solver, steps=self.cg_budget, compiled=self.compiled, backend=self.backend)
 
     @staticmethod
     def _objective(game, flat, theta):
@@ -226,6 +243,10 @@ class IMAML(Algorithm):
         options = self.newton if self.budget is None else dataclasses.replace(
             self.newton, max_steps=self.budget, budget=True)
         coupling = None if uncoupled else self._coupling(B)
+        # compiled Newton steps when a meta-gradient is recorded (training), not at evaluation: each
+        # new shape of the task batch is a compilation
+        backend = self.backend if self.compiled and options.budget and torch.is_grad_enabled() \
+            and not functorch_active() else None
 
         def forward(phi0, th):
             """Newton-Krylov on the inner game (no graph); the layer differentiates its output."""
@@ -247,7 +268,7 @@ class IMAML(Algorithm):
                     coupled = dataclasses.replace(options, max_steps=options.max_steps - warm)
                 res = newton_krylov(None, z0, coupled, symmetric=symmetric, blocks=B, warm=warm,
                                     objective=self._objective(build(self.own_penalty()), flat, th),
-                                    coupling=coupling(flat, th))
+                                    coupling=coupling(flat, th), compiled=backend)
             else:
                 if penalty is not None and penalty.coupled and not penalty.symmetric:
                     # p_R without the closed form: the same warm start, then Newton-GMRES on F
@@ -258,7 +279,10 @@ class IMAML(Algorithm):
                 # line search; F is then the gradient of the costs' sum, taken by plain autograd on
                 # their graph
                 res = newton_krylov(F, z0, options, symmetric=symmetric, blocks=B if uncoupled else 1,
-                                    objective=self._objective(game, flat, th) if uncoupled else None)
+                                    objective=self._objective(game, flat, th) if uncoupled else None,
+                                    compiled=backend if uncoupled else None)
+            if res.message:
+                _note_once(res.message)
             if not res.converged:
                 msg = (f"Newton-Krylov stopped with status '{res.status}' after {res.steps} steps: residual "
                        f"{res.residual:.3g}, tolerance {res.tolerance:.3g}")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -94,6 +95,7 @@ class NewtonResult:
         matvecs: Jacobian-vector products.
         evaluations: evaluations of ``F``.
         history: :math:`\\|F\\|` before every Newton step and at the end.
+        message: what else to know (a compiled solve that ran eagerly, and why).
     """
 
     value: torch.Tensor
@@ -104,6 +106,7 @@ class NewtonResult:
     matvecs: int = 0
     evaluations: int = 0
     history: List[float] = field(default_factory=list)
+    message: str = ""
 
     @property
     def converged(self) -> bool:
@@ -151,6 +154,92 @@ def _truncated_cg(matvec: Callable, b: torch.Tensor, max_steps: int, tol: torch.
         active = active & (rs.sqrt() > tol)
         steps += 1
     return x.reshape(-1), steps
+
+
+def _cg_budget(matvec: Callable, b: torch.Tensor, steps: int, blocks: int) -> torch.Tensor:
+    """:func:`_truncated_cg` with a zero tolerance (the budget mode), written without host
+    synchronisation so that ``torch.compile`` traces it whole: the same iterates (a block that
+    meets non-positive curvature stops there, Steihaug's rule; a block with a zero residual stays
+    put), every block running all ``steps`` products with its updates masked."""
+    B = _rows(b, blocks)
+    x = torch.zeros_like(B)
+    r = B.clone()
+    p = r.clone()
+    rs = (r * r).sum(1)
+    active = rs > 0
+    tiny = torch.finfo(rs.dtype).tiny
+    for k in range(steps):
+        Ap = _rows(matvec(p.reshape(-1)), blocks)
+        curv = (p * Ap).sum(1)
+        bad = active & ~(curv > 0)
+        if k == 0:
+            x = torch.where(bad[:, None], B, x)
+        active = active & ~bad
+        alpha = torch.where(active, rs, torch.zeros_like(rs)) / torch.where(active, curv, torch.ones_like(curv))
+        x = torch.addcmul(x, alpha[:, None], p)
+        r = torch.addcmul(r, alpha[:, None], Ap, value=-1)
+        rs_new = (r * r).sum(1)
+        p = torch.addcmul(r, (rs_new / rs.clamp_min(tiny))[:, None], p)
+        rs = rs_new
+        active = active & (rs > 0)
+    return x.reshape(-1)
+
+
+def _cg_budget_products(fn, steps: int, b: torch.Tensor, blocks: int, *operands) -> torch.Tensor:
+    """:func:`_cg_budget` with the product a pure function ``fn(v, *operands)``: the program that the
+    compiled Newton steps run."""
+    return _cg_budget(lambda v: fn(v, *operands), b, steps, blocks)
+
+
+def _gmres_budget(matvec: Callable, b: torch.Tensor, steps: int, rows: int = 1):
+    """:func:`_gmres` from 0 with no early stop, written without host synchronisation so that
+    ``torch.compile`` traces it whole (one process, contiguous rows): each row's iterate of least
+    residual over its Krylov space after ``steps`` products, and that residual (from the small
+    least-squares problem). A row whose Krylov space is exhausted early keeps its exact solution
+    (its later basis vectors are zero)."""
+    B = b.reshape(rows, -1)
+    beta = (B * B).sum(1).sqrt()
+    tiny = torch.finfo(b.dtype).tiny
+
+    def inverse(v, ref):
+        return torch.where(v > 1e-14 * ref, 1.0 / v.clamp_min(tiny), torch.zeros_like(v))
+
+    basis = [B * inverse(beta, beta)[:, None]]
+    H = torch.zeros(rows, steps + 1, steps, dtype=torch.float64, device=b.device)
+    for j in range(steps):
+        W = matvec(basis[j].reshape(-1)).reshape(rows, -1)
+        V = torch.stack(basis, 1)
+        h = (V * W.unsqueeze(1)).sum(2)  # classical Gram-Schmidt, twice
+        W = torch.baddbmm(W.unsqueeze(1), h.unsqueeze(1), V, alpha=-1).squeeze(1)
+        h2 = (V * W.unsqueeze(1)).sum(2)
+        W = torch.baddbmm(W.unsqueeze(1), h2.unsqueeze(1), V, alpha=-1).squeeze(1)
+        hn = (W * W).sum(1).sqrt()
+        H[:, : j + 1, j] = (h + h2).to(torch.float64)
+        H[:, j + 1, j] = hn.to(torch.float64)
+        basis.append(W * inverse(hn, beta)[:, None])
+    e1 = torch.zeros(rows, steps + 1, 1, dtype=torch.float64, device=b.device)
+    e1[:, 0, 0] = beta.to(torch.float64)
+    y = torch.linalg.pinv(H) @ e1  # (lstsq's outputs have data-dependent shapes, which dynamo refuses)
+    res = (e1 - H @ y).norm(dim=(1, 2))
+    X = torch.bmm(y.transpose(1, 2).to(b.dtype), torch.stack(basis[:steps], 1)).squeeze(1)
+    return X.reshape(-1), res.to(b.dtype)
+
+
+def _gmres_budget_products(fn, steps: int, b: torch.Tensor, rows: int, *operands):
+    """:func:`_gmres_budget` with the product a pure function ``fn(v, *operands)``."""
+    return _gmres_budget(lambda v: fn(v, *operands), b, steps, rows)
+
+
+def _hessian_product(objective: Callable, coupling: Optional["Coupling"]) -> Callable:
+    """``(v, z) -> (d^2/dz^2 sum objective(z)) v`` (+ ``coupling.jvp(z, v)``) by forward-over-reverse
+    ``torch.func``: a pure function of tensors, which ``torch.compile`` traces (the eager Newton steps
+    take the same product as a reverse pass over the gradient's graph)."""
+    from torch.func import grad, jvp
+
+    def product(v, z):
+        out = jvp(grad(lambda zz: objective(zz).sum()), (z,), (v,))[1]
+        return out if coupling is None else out + coupling.jvp(z, v)
+    return product
 
 
 def _gmres(matvec: Callable, b: torch.Tensor, steps: int, x0: Optional[torch.Tensor] = None,
@@ -232,18 +321,28 @@ def _least_squares(cols: List[torch.Tensor], beta: torch.Tensor):
         H[:, : j + 2, j] = c.to(torch.float64)
     e1 = torch.zeros(beta.shape[0], k + 1, 1, dtype=torch.float64)
     e1[:, 0, 0] = beta.to(torch.float64)
-    y = torch.linalg.lstsq(H, e1, driver="gels").solution
+    # the minimum-norm solution: H loses rank when a Krylov space is exhausted (the answer is then
+    # exact), where lstsq's full-rank driver fails
+    y = torch.linalg.pinv(H) @ e1
     return y, (e1 - H @ y).norm(dim=(1, 2))
 
 
-def _minres(op: Callable, B: torch.Tensor, steps: int, X: torch.Tensor, rows, flat):
+def _minres_products(fn, steps: int, B: torch.Tensor, *operands):
+    """MINRES from 0 on contiguous rows, with the product given as a pure function
+    ``fn(v, *operands)`` (the layer's functional form): the program that :class:`TaskCG` compiles."""
+    n = B.shape[0]
+    return _minres(lambda v: fn(v, *operands), B, steps, torch.zeros_like(B), lambda v: v.reshape(n, -1),
+                   lambda m: m.reshape(-1), start_is_zero=True)
+
+
+def _minres(op: Callable, B: torch.Tensor, steps: int, X: torch.Tensor, rows, flat, start_is_zero: bool = False):
     """MINRES (Paige and Saunders 1975) for ``steps`` iterations on independent symmetric systems
     (one per row of ``B``; ``rows``/``flat`` convert the operator's flat vectors), from ``X`` (a
     row whose start is no better than 0 starts at 0): the
     iterates of GMRES (least residual over each row's Krylov space) with a short recurrence,
     also for indefinite rows. Returns the iterate and each row's residual norm (recurrence)."""
     r1 = B.clone()
-    if bool(X.any()):  # a row whose start is no better than 0 starts at 0 (as GMRES)
+    if not start_is_zero and bool(X.any()):  # a row whose start is no better than 0 starts at 0 (as GMRES)
         r = B - rows(op(flat(X)))
         worse = ~(r.norm(dim=1) < B.norm(dim=1))
         X = torch.where(worse[:, None], torch.zeros_like(X), X)
@@ -328,7 +427,7 @@ def _stalled(history: List[float], r: float, tol: float) -> bool:
 def newton_krylov(F: Optional[Callable[[torch.Tensor], torch.Tensor]], z0: torch.Tensor, options: NewtonKrylov,
                   *, symmetric: bool, blocks: int = 1,
                   objective: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                  coupling: Optional[Coupling] = None, warm: int = 0) -> NewtonResult:
+                  coupling: Optional[Coupling] = None, warm: int = 0, compiled: Optional[str] = None) -> NewtonResult:
     r"""Solve ``F(z) = 0`` from ``z0`` by globalised Newton--Krylov (see the module docstring).
 
     ``F`` maps a flat tensor to a flat tensor and must be differentiable by ``torch.autograd`` in
@@ -357,7 +456,7 @@ def newton_krylov(F: Optional[Callable[[torch.Tensor], torch.Tensor]], z0: torch
             raise ValueError(f"objective needs blocks dividing len(z0) = {z0.numel()}, got {blocks!r}")
         if isinstance(warm, bool) or not isinstance(warm, int) or warm < 0:
             raise ValueError(f"warm must be an integer >= 0, got {warm!r}")
-        return _minimise_blocks(objective, z0, options, blocks, coupling, warm)
+        return _minimise_blocks(objective, z0, options, blocks, coupling, warm, compiled)
     if coupling is not None:
         raise ValueError("a coupling needs the block objectives (objective=)")
     if F is None:
@@ -440,7 +539,8 @@ class Coupling:
 
 
 def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, options: NewtonKrylov,
-                     blocks: int, coupling: Optional[Coupling] = None, warm: int = 0) -> NewtonResult:
+                     blocks: int, coupling: Optional[Coupling] = None, warm: int = 0,
+                     compiled: Optional[str] = None) -> NewtonResult:
     """Newton--Krylov on block objectives, uncoupled or coupled by a closed-form term (see
     newton_krylov).
 
@@ -457,9 +557,20 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
     otherwise; a value of the objectives, or their gradient for the merit), plus one evaluation
     with a graph when some block shortened. The last step of the budget mode builds no graph at
     all: its residual is not evaluated (``residual`` is NaN).
+
+    ``compiled`` (a ``torch.compile`` backend; budget mode, CG steps only): each step's CG runs as
+    one compiled program with forward-over-reverse Hessian-vector products
+    (:func:`_hessian_product`), so the objectives are evaluated without the gradient's graph. The
+    iterates are the eager method's (up to rounding). A program that fails to compile hands over to
+    the eager steps, which the result's ``message`` says.
     """
     rtol = default_rtol(z0.dtype) if options.rtol is None else options.rtol
     counts = {"matvecs": 0, "evaluations": 0}
+    notes = []
+
+    def compiles(coupled):
+        """Whether the next direction comes from the compiled program (then no graph is needed)."""
+        return compiled is not None and options.budget
 
     def evaluate(z, coupled, graph=True):
         """(z, the gradient's graph, the full gradient, the line search's objective per row, the
@@ -490,7 +601,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
 
     warm = 0 if coupling is None else warm
     coupled = coupling is not None and warm == 0
-    z, g, G, f, rb = evaluate(z0, coupled)
+    z, g, G, f, rb = evaluate(z0, coupled, graph=not compiles(coupled))
     r = float(rb.norm())
     r0 = r
     history = [r]
@@ -512,17 +623,43 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
             status, steps = stop, steps - (stop == "converged")
             break
         rows = 1 if coupled else blocks
-        hvp = _matvec_on(g, z, True, counts)
         Zd = z.detach()
-        matvec = (lambda v: hvp(v) + coupling.jvp(Zd, v)) if coupled else hvp
         eta = _forcing(options, r, r0)
         Gr = _rows(G, rows)
-        if coupled and coupling.value is None:  # not a potential game: GMRES, line search on the merit
+        P = None
+        if compiles(coupled):
+            from ..linear_solve import _compiled_version
+            try:
+                product = _hessian_product(objective, coupling if coupled else None)
+                with torch._dynamo.config.patch(recompile_limit=64), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    if coupled and coupling.value is None:  # GMRES, as below
+                        P, res = _compiled_version(_gmres_budget_products, compiled)(
+                            product, options.krylov_steps, -G, 1, Zd)
+                    else:
+                        P = _compiled_version(_cg_budget_products, compiled)(
+                            product, options.krylov_steps, -G, rows, Zd)
+                counts["matvecs"] += options.krylov_steps
+                P = _rows(P, rows)
+                if coupled and coupling.value is None:
+                    slope = -rb * (rb - torch.minimum(res, rb)).nan_to_num(0.0)
+                else:
+                    slope = (Gr * P).sum(1)
+            except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: the eager steps
+                line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                notes.append(f"ran eagerly: the compiled Newton step failed ({type(err).__name__}: {line})")
+                compiled, P = None, None
+                z, g, G, f, rb = evaluate(Zd, coupled)  # the graph the eager products need
+        if P is None and coupled and coupling.value is None:  # not a potential game: GMRES, merit line search
+            hvp = _matvec_on(g, z, True, counts)
+            matvec = lambda v: hvp(v) + coupling.jvp(Zd, v)  # noqa: E731
             P, _, res, _ = _gmres(matvec, -G, options.krylov_steps, rtol=eta)
             P = _rows(P, 1)
             # d/dt 1/2 |F(z + t p)|^2 at 0 is F^T (P p) = -|F|^2 + F^T (P p + F) <= -|F| (|F| - |P p + F|)
             slope = -rb * (rb - torch.minimum(res, rb)).nan_to_num(0.0)
-        else:
+        elif P is None:
+            hvp = _matvec_on(g, z, True, counts)
+            matvec = (lambda v: hvp(v) + coupling.jvp(Zd, v)) if coupled else hvp
             P, _ = _truncated_cg(matvec, -G, options.krylov_steps, eta * rb, rows)
             P = _rows(P, rows)
             slope = (Gr * P).sum(1)
@@ -532,6 +669,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
         base = _rows(z.detach(), rows)
         z, g = z.detach(), None  # the line search needs no graph at z: at most one graph is alive
         last = options.budget and steps == total  # nothing needs this step's gradient
+        coupled_next = coupled or (coupling is not None and steps + 1 > warm)
 
         def point(t):
             return (base + t[:, None] * P).reshape(-1)
@@ -541,7 +679,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
         if last and not (coupled and coupling.value is None):
             trial, f_new = None, value(point(t), coupled)
         else:  # (the merit's last trial: its gradient without a graph, which gives the residual too)
-            trial = evaluate(point(t), coupled, graph=not last)
+            trial = evaluate(point(t), coupled, graph=not last and not compiles(coupled_next))
             f_new, full = trial[3], trial[4]
             trial = None if last else trial
         done = torch.isfinite(f_new) & (f_new <= f + 1e-4 * slope)
@@ -574,7 +712,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
                         status, steps = "stalled", steps - 1
                         break
                     if not last:  # budget mode: keep the point (its graph rebuilt), spend the step
-                        z, g, G, f, rb = evaluate(z, coupled)
+                        z, g, G, f, rb = evaluate(z, coupled, graph=not compiles(coupled_next))
                     continue
                 t = torch.where(done, t, torch.where(rescued, torch.ones_like(t), torch.zeros_like(t)))
                 reuse = trial is not None and bool((t == 1).all())
@@ -584,7 +722,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
             z, g, G, f, rb = trial
         else:
             trial = None  # freed before the next graph is built
-            z, g, G, f, rb = evaluate(point(t), coupled)
+            z, g, G, f, rb = evaluate(point(t), coupled, graph=not compiles(coupled_next))
         r = float(rb.norm())
         history.append(r)
         if not options.budget and not warming and _stalled(history[first:], r, tol):
@@ -594,7 +732,29 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
     else:
         if not options.budget and r <= tol:
             status = "converged"
-    return NewtonResult(z.detach(), status, steps, r, tol, counts["matvecs"], counts["evaluations"], history)
+    return NewtonResult(z.detach(), status, steps, r, tol, counts["matvecs"], counts["evaluations"], history,
+                        "; ".join(notes))
+
+
+def _run_compiled(program, op, backend: str, x0, leafwise: bool, *args):
+    """``program(fn, *args, *operands)`` traced by ``torch.compile`` (``backend``) with the
+    operator's functional form ``(fn, operands)``: ``(output, "")``, or ``(None, why)`` when it
+    cannot run compiled (no functional form, a warm start, a leaf-by-leaf layout, sharded over ranks,
+    or a failed compilation); the caller then runs the eager method (the same iterates)."""
+    from ..linear_solve import _compiled_version
+    if op.functional is None:
+        return None, "the operator has no functional form"
+    if x0 is not None or leafwise or _collective.active():
+        return None, ("a warm start" if x0 is not None else "sharded over ranks" if _collective.active()
+                      else "blocks laid out leaf by leaf")
+    fn, operands = op.functional
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _compiled_version(program, backend)(fn, *args, *operands), ""
+    except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: the eager method
+        line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        return None, f"the compiled program failed ({type(err).__name__}: {line})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -614,14 +774,31 @@ class FixedSteps(LinearSolver):
 
     solver: Optional[LinearSolver] = None
     steps: int = 5
+    compiled: bool = False
+    backend: str = "inductor"
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"FixedSteps.steps must be an integer >= 1, got {self.steps!r}")
+        if not isinstance(self.compiled, bool):
+            raise TypeError(f"FixedSteps.compiled must be True or False, got {self.compiled!r}")
 
     def solve(self, A, b, *, groups: int = 1, x0: Optional[torch.Tensor] = None):
         base = GMRES() if self.solver is None else self.solver
+        why = ""
+        if self.compiled:
+            if type(base) is not GMRES or self.steps > base.restart:
+                why = "only GMRES(steps) runs compiled"
+            else:
+                out, why = _run_compiled(_gmres_budget_products, as_operator(A), self.backend, x0, False,
+                                         self.steps, b, groups)
+                if out is not None:
+                    x, res = out
+                    residual = float(res.norm())
+                    info = LinearSolveInfo(True, self.steps, self.steps, residual, math.nan,
+                                           [_collective.norm(b), residual], "", "converged")
+                    return self._done(x, b, info, " (compiled)")
         if type(base) is GMRES and self.steps <= base.restart:
             # GMRES(steps) itself (each of the ``groups`` stacked systems its own), without the core
             # loop's true-residual product at the end
@@ -632,6 +809,9 @@ class FixedSteps(LinearSolver):
         else:
             inner = dataclasses.replace(base, max_steps=self.steps, rtol=0.0, atol=0.0)
             x, info = inner.solve(A, b, groups=groups, **({} if x0 is None else {"x0": x0}))
+        return self._done(x, b, info, f" (ran eagerly: {why})" if why else "")
+
+    def _done(self, x, b, info, note: str):
         if not bool(torch.isfinite(x).all()):  # a real failure, not the budget: report it as it is
             if info.converged:
                 info = LinearSolveInfo(False, self.steps, info.matvecs, math.nan, math.nan, info.history,
@@ -639,7 +819,7 @@ class FixedSteps(LinearSolver):
             return x, info
         out = dataclasses.replace(info, converged=True, status="converged",
                                   message=f"fixed budget of {self.steps} steps: relative residual "
-                                          f"{info.residual / max(_collective.norm(b), 1e-300):.3g}")
+                                          f"{info.residual / max(_collective.norm(b), 1e-300):.3g}{note}")
         return x, out
 
 
@@ -684,6 +864,8 @@ class TaskCG(LinearSolver):
     sizes: Optional[Tuple[int, ...]] = None
     min_curvature: float = 0.0
     method: str = "cg"
+    compiled: bool = False
+    backend: str = "inductor"
 
     def __post_init__(self):
         super().__post_init__()
@@ -696,6 +878,10 @@ class TaskCG(LinearSolver):
             raise ValueError(f"TaskCG.min_curvature must be a finite number, got {self.min_curvature!r}")
         if self.method not in ("cg", "gmres", "minres"):
             raise ValueError(f"TaskCG.method must be 'cg', 'gmres' or 'minres', got {self.method!r}")
+        if not isinstance(self.compiled, bool):
+            raise TypeError(f"TaskCG.compiled must be True or False, got {self.compiled!r}")
+        if self.compiled and self.method != "minres":
+            raise ValueError(f"TaskCG(compiled=True) runs MINRES only, got method={self.method!r}")
 
     def solve(self, A, b, *, groups: int = 1, x0: Optional[torch.Tensor] = None):
         """``groups`` more systems per block layout (the layer's stacked problems: with ``blocks=1``
@@ -713,11 +899,18 @@ class TaskCG(LinearSolver):
             name = "GMRES"
         elif self.method == "minres":
             rhs = rows(b)
-            start = torch.zeros_like(rhs) if x0 is None else rows(x0)
-            X, res = _minres(op, rhs, self.steps, start, rows, flat)
+            X, why = (None, "") if not self.compiled else _run_compiled(
+                _minres_products, op, self.backend, x0, self.sizes is not None and len(self.sizes) > 1,
+                self.steps, rhs)
+            if X is None:
+                start = torch.zeros_like(rhs) if x0 is None else rows(x0)
+                X, res = _minres(op, rhs, self.steps, start, rows, flat)
+            else:
+                X, res = X
             x, residual = flat(X), float(res.norm())
             history = [float(rhs.norm()), residual]
-            matvecs, name = self.steps + (x0 is not None), "MINRES"
+            matvecs = self.steps + (x0 is not None and not (self.compiled and not why))
+            name = "MINRES" + (f" (ran eagerly: {why})" if why else " (compiled)" if self.compiled else "")
         else:
             x, residual, history = self._cg(op, rows, flat, b, x0)
             matvecs, name = self.steps + (x0 is not None), "CG"
