@@ -131,6 +131,12 @@ class IMAML(Algorithm):
             iterations.
         solver: a core forward solver (``PRGD(...)``) instead of Newton--Krylov (the previous
             behaviour; slower).
+        compiled: in budget mode, while a meta-gradient is recorded, run each Newton step's fixed
+            Krylov iterations (forward-over-reverse Hessian-vector products) and the backward's
+            budgeted solve as programs compiled by ``torch.compile`` with ``backend``: the same
+            iterates, about 1.5 times faster per meta-iteration on the sinusoid preset, after a
+            compilation in the first iterations. What cannot compile runs eagerly and says so.
+        backend: the ``torch.compile`` backend (default ``"inductor"``, which needs a C++ compiler).
 
     The backward's linear solver stays GMRES by default even for the symmetric games (plain iMAML,
     p_C): with a ReLU network the Hessian of a large-amplitude sinusoid task has eigenvalues below
