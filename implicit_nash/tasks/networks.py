@@ -6,6 +6,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .._compat import functorch_active
+from . import _fast_ops
+
 __all__ = ["mlp", "Conv4"]
 
 
@@ -36,10 +39,18 @@ class Conv4(nn.Module):
     shift applied after the batch normalisation of block ``film_block`` (1-based), and the network is
     called as ``net(x, context)``. CAVIA's paper conditions the convolutional network through FiLM;
     which block is our choice (the third by default) and is an argument.
+
+    ``fast=True`` (the default) computes the same function with layers whose second derivatives
+    are cheaper on the CPU (:mod:`implicit_nash.tasks._fast_ops`: batch norm with a closed-form
+    double backward, max-pool as a gather, the first convolution without the images' gradient) and
+    pools before the ReLU (the same values and derivatives: max-pooling commutes with the ReLU). It
+    is used on the CPU outside ``torch.func`` transforms; ``fast=False``, other devices and vmapped
+    calls use PyTorch's own layers. Values and derivatives agree to rounding
+    (``tests/test_fast_ops.py``, float64).
     """
 
     def __init__(self, in_channels: int = 3, filters: int = 32, ways: int = 5, image_size: int = 84,
-                 context_dim: int = 0, film_block: int = 3):
+                 context_dim: int = 0, film_block: int = 3, fast: bool = True):
         super().__init__()
         if not 1 <= film_block <= 4:
             raise ValueError(f"film_block must be 1..4, got {film_block}")
@@ -54,11 +65,14 @@ class Conv4(nn.Module):
             channels, size = filters, (size // 2 if size >= 2 else size)
         self.head = nn.Linear(filters * size * size, ways)
         self.context_dim, self.film_block = context_dim, film_block
+        self.fast = bool(fast)
         self.takes_context = context_dim > 0
         if context_dim > 0:
             self.film = nn.Linear(context_dim, 2 * filters)
 
     def forward(self, x, context=None):
+        if self.fast and x.device.type == "cpu" and x.dim() == 4 and not functorch_active():
+            return self._fast_forward(x, context)
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms), 1):
             x = norm(conv(x))
             if self.takes_context and i == self.film_block:
@@ -67,4 +81,19 @@ class Conv4(nn.Module):
             x = torch.relu(x)
             if self.pools[i - 1]:
                 x = nn.functional.max_pool2d(x, 2)
+        return self.head(x.flatten(1))
+
+    def _fast_forward(self, x, context):
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms), 1):
+            if i == 1 and not x.requires_grad:
+                x = _fast_ops.input_conv(x, conv.weight, conv.bias)
+            else:
+                x = conv(x)
+            x = _fast_ops.batch_norm(x, norm.weight, norm.bias, norm.eps)
+            if self.takes_context and i == self.film_block:
+                gamma, beta = self.film(context).chunk(2, dim=-1)
+                x = x * (1 + gamma).reshape(1, -1, 1, 1) + beta.reshape(1, -1, 1, 1)
+            if self.pools[i - 1]:
+                x = _fast_ops.max_pool2x2(x)
+            x = torch.relu(x)
         return self.head(x.flatten(1))
