@@ -107,6 +107,34 @@ def test_input_conv_values_and_two_derivatives():
         _fast_ops.input_conv(x.requires_grad_(True), w, b)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_values_and_two_derivatives(bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 5, 6, generator=g, dtype=D).requires_grad_(True)
+    w = torch.randn(4, 2, 3, 3, generator=g, dtype=D).requires_grad_(True)
+    b = torch.randn(4, generator=g, dtype=D).requires_grad_(bias)
+    _close(_second_order(_fast_ops.conv, (x, w, b)),
+           _second_order(lambda x, w, b: nnf.conv2d(x, w, b, padding=1), (x, w, b)))
+
+
+def test_conv_double_backward_with_some_cotangents_missing_and_third_derivative():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 4, generator=g, dtype=D).requires_grad_(True)
+    w = torch.randn(3, 3, 3, 3, generator=g, dtype=D).requires_grad_(True)
+    b = torch.randn(3, generator=g, dtype=D).requires_grad_(True)
+    r = torch.randn(2, 3, 4, 4, generator=g, dtype=D)
+    for pick in ((0,), (1,), (2,), (0, 1, 2)):
+        out = []
+        for f in (_fast_ops.conv, lambda x, w, b: nnf.conv2d(x, w, b, padding=1)):
+            firsts = torch.autograd.grad((f(x, w, b).pow(2) * r).sum(), (x, w, b), create_graph=True)
+            proj = sum(firsts[i].pow(2).sum() for i in pick)
+            seconds = torch.autograd.grad(proj, (x, w, b), create_graph=True, allow_unused=True)
+            thirds = torch.autograd.grad(sum(s.sum() for s in seconds if s is not None), (x, w, b),
+                                         allow_unused=True)
+            out.append([torch.zeros(()) if t is None else t for t in seconds + thirds])
+        _close(out[0], out[1])
+
+
 def _batch(size, seed=0, ways=3):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(ways)

@@ -8,8 +8,9 @@ the same values and the same first and second derivatives with less work:
 * :func:`batch_norm` (training mode, batch statistics, per-channel affine): the forward and the
   backward are PyTorch's (``y = x * (w r) + (b - mu w r)``, ``native_batch_norm_backward``); the
   backward's own derivative is the closed form below instead of the generic composite one.
-* :func:`max_pool2x2` (2x2 windows, stride 2): the maxima are gathered at indices found without
-  autograd, so the derivatives are those of a gather (a scatter and a gather), as max-pool's are.
+* :func:`max_pool2x2` (2x2 windows, stride 2): the maxima are gathered at max-pool's own indices,
+  found without autograd on a channels-last copy, so the derivatives are those of a gather (a
+  scatter and a gather), as max-pool's are.
 * :func:`input_conv` (a 3x3 convolution, padding 1, whose input needs no gradient: the images):
   the double backward of PyTorch's convolution computes a transposed convolution for the input's
   gradient even when the input needs none; here it is not computed.
@@ -42,7 +43,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as nnf
 
-__all__ = ["batch_norm", "max_pool2x2", "input_conv"]
+__all__ = ["batch_norm", "max_pool2x2", "input_conv", "conv"]
 
 _DIMS = (0, 2, 3)
 
@@ -54,12 +55,10 @@ def _channel(t: torch.Tensor) -> torch.Tensor:
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        var, mean = torch.var_mean(x, _DIMS, correction=0)
-        invstd = torch.rsqrt(var + eps)
-        scale = weight * invstd
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
-        return torch.addcmul(_channel(bias - mean * scale), x, _channel(scale))
+        return y
 
     @staticmethod
     def backward(ctx, gy):
@@ -119,22 +118,14 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 
 def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
-    """``nnf.max_pool2d(x, 2)``: each 2x2 window's maximum, gathered at its index (found without
-    autograd), so that the derivatives are a gather's. Odd trailing rows/columns are dropped, as
-    max-pool drops them. Ties (measure zero for continuous inputs) go to the first element in
-    max-pool's scan order, as in max-pool."""
+    """``nnf.max_pool2d(x, 2)`` for NCHW ``x``: each 2x2 window's maximum, gathered at the index that
+    max-pool itself returns (computed without autograd on a channels-last copy, where PyTorch's CPU
+    max-pool is an order of magnitude faster than on NCHW), so that values, ties and derivatives are
+    max-pool's own: a gather's (a scatter, then a gather)."""
     N, C, H, W = x.shape
-    h, w = H // 2, W // 2
     with torch.no_grad():
-        v = x[:, :, :2 * h, :2 * w]
-        a, b, c, d = v[..., 0::2, 0::2], v[..., 0::2, 1::2], v[..., 1::2, 0::2], v[..., 1::2, 1::2]
-        right_top, right_bottom = b > a, d > c
-        top, bottom = torch.maximum(a, b), torch.maximum(c, d)
-        down = bottom > top
-        col = torch.where(down, right_bottom, right_top).to(torch.long)
-        rows = torch.arange(h, device=x.device).view(h, 1) * (2 * W)
-        cols = torch.arange(w, device=x.device) * 2
-        index = (rows + cols) + down.to(torch.long) * W + col
+        _, index = nnf.max_pool2d(x.detach().contiguous(memory_format=torch.channels_last), 2, return_indices=True)
+    h, w = index.shape[-2:]
     return x.reshape(N, C, H * W).gather(2, index.reshape(N, C, h * w)).view(N, C, h, w)
 
 
@@ -174,3 +165,55 @@ def input_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     if x.requires_grad:
         raise ValueError("input_conv is for an input that needs no gradient; use nnf.conv2d")
     return _InputConv.apply(x, weight, bias)
+
+
+_CONV = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, output padding, groups
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return nnf.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        return _ConvBackward.apply(gy, x, weight)
+
+
+class _ConvBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gy, x, weight):
+        ctx.save_for_backward(gy, x, weight)
+        return torch.ops.aten.convolution_backward(gy, x, weight, [weight.shape[0]], *_CONV, [True, True, True])
+
+    @staticmethod
+    def backward(ctx, ugx, ugw, ugb):
+        gy, x, w = ctx.saved_tensors
+        # gx = conv_transpose(gy, w), gw = correlation of x and gy, gb = sum of gy: all linear in gy.
+        # Adjoint in gy: conv(ugx, w) + conv(x, ugw) + ugb, one convolution over the stacked channels.
+        if ugx is not None and ugw is not None:
+            d_gy = nnf.conv2d(torch.cat([ugx, x], 1), torch.cat([w, ugw], 1), ugb, padding=1)
+        elif ugx is not None:
+            d_gy = nnf.conv2d(ugx, w, ugb, padding=1)
+        elif ugw is not None:
+            d_gy = nnf.conv2d(x, ugw, ugb, padding=1)
+        else:
+            d_gy = None if ugb is None else _channel(ugb).expand_as(gy)
+        # In x: gw's term <ugw, gw(x)> = <conv(x, ugw), gy>, whose gradient is conv_transpose(gy, ugw);
+        # in w: gx's term <ugx, gx(w)> = <conv(ugx, w), gy>, whose gradient is the correlation of ugx
+        # and gy. One convolution backward computes both (input ugx, weight ugw).
+        d_x = d_w = None
+        if ugx is not None or ugw is not None:
+            d_x, d_w, _ = torch.ops.aten.convolution_backward(
+                gy, x if ugx is None else ugx, w if ugw is None else ugw, None, *_CONV,
+                [ugw is not None, ugx is not None, False])
+        return d_gy, d_x, d_w
+
+
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``nnf.conv2d(x, weight, bias, padding=1)`` (3x3 kernel, stride 1) with a double backward made of
+    one convolution and one convolution backward (PyTorch's generic one computes the weight term as
+    a convolution over the batch, which is slow on the CPU)."""
+    return _Conv.apply(x, weight, bias)

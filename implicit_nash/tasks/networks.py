@@ -88,7 +88,7 @@ class Conv4(nn.Module):
             if i == 1 and not x.requires_grad:
                 x = _fast_ops.input_conv(x, conv.weight, conv.bias)
             else:
-                x = conv(x)
+                x = _fast_ops.conv(x, conv.weight, conv.bias)
             x = _fast_ops.batch_norm(x, norm.weight, norm.bias, norm.eps)
             if self.takes_context and i == self.film_block:
                 gamma, beta = self.film(context).chunk(2, dim=-1)
