@@ -82,15 +82,23 @@ def test_batch_norm_third_derivative_against_finite_differences():
     assert torch.allclose((third * direction).sum(), fd, rtol=1e-7)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", [(2, 3, 6, 8), (1, 2, 5, 7), (3, 1, 2, 2)])
-def test_max_pool_values_and_two_derivatives(shape):
+def test_max_pool_values_and_two_derivatives(shape, channels_last):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=g, dtype=D).requires_grad_(True)
+    x = torch.randn(shape, generator=g, dtype=D)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     _close(_second_order(_fast_ops.max_pool2x2, (x,)), _second_order(lambda t: nnf.max_pool2d(t, 2), (x,)))
 
 
-def test_max_pool_ties_go_where_max_pool_sends_them():
-    x = torch.tensor([[[[1.0, 1.0, 0.0, 2.0], [1.0, 1.0, 2.0, 2.0]]]], dtype=D, requires_grad=True)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool_ties_go_where_max_pool_sends_them(channels_last):
+    x = torch.tensor([[[[1.0, 1.0, 0.0, 2.0], [1.0, 1.0, 2.0, 2.0]]]], dtype=D)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     for f in (_fast_ops.max_pool2x2, lambda t: nnf.max_pool2d(t, 2)):
         gx, = torch.autograd.grad(f(x).sum(), x)
         assert gx.tolist() == [[[[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]]]
