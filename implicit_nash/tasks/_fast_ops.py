@@ -79,36 +79,54 @@ class _BatchNormBackward(torch.autograd.Function):
     def backward(ctx, u, a, c):
         g, x, w, mean, r = ctx.saved_tensors
         M = x.numel() // x.shape[1]
-        if torch.is_grad_enabled():  # this backward is being recorded: the statistics as functions of x
-            var, mean = torch.var_mean(x, _DIMS, correction=0)
-            r = torch.rsqrt(var + ctx.eps)
-        xhat = (x - _channel(mean)) * _channel(r)
-        gxm = (g * xhat).sum(_DIMS) / M  # mean of g * xhat
-        g_mean = g.sum(_DIMS) / M
         zero = torch.zeros_like(w)
         a = zero if a is None else a
         c = zero if c is None else c
-        if u is None:
-            u_mean = ux = ug = zero
-        else:
-            u_mean = u.sum(_DIMS) / M
-            ux = (u * xhat).sum(_DIMS) / M
-            ug = (u * g).sum(_DIMS) / M
-        wr, wr2 = w * r, w * r * r
-        cov = ug - u_mean * g_mean - ux * gxm
-        d_w = r * M * cov
-        # d_g = w r P u + a xhat + c
-        d_g = torch.addcmul(_channel(c - wr * u_mean), xhat, _channel(a - wr * ux))
-        # d_x = -w r^2 [cov xhat + gxm P u + ux P g] + a r P g
-        coef_g = a * r - wr2 * ux
-        coef_x = -wr2 * cov + wr2 * ux * gxm + wr2 * ux * gxm - a * r * gxm
-        const = wr2 * gxm * u_mean - coef_g * g_mean
-        d_x = torch.addcmul(_channel(const), xhat, _channel(coef_x))
-        d_x.addcmul_(g, _channel(coef_g))
+        if torch.is_grad_enabled():  # recorded (a third derivative): out of place, statistics as functions of x
+            var, mean = torch.var_mean(x, _DIMS, correction=0)
+            r = torch.rsqrt(var + ctx.eps)
+            xhat = (x - _channel(mean)) * _channel(r)
+            means = [g.sum(_DIMS) / M, (g * xhat).sum(_DIMS) / M]
+            if u is not None:
+                means += [u.sum(_DIMS) / M, (u * xhat).sum(_DIMS) / M, (u * g).sum(_DIMS) / M]
+            k = _bn_coefficients(M, w, r, a, c, *means)
+            d_g = torch.addcmul(_channel(k["g_const"]), xhat, _channel(k["g_xhat"]))
+            d_x = torch.addcmul(_channel(k["x_const"]), xhat, _channel(k["x_xhat"]))
+            d_x = torch.addcmul(d_x, g, _channel(k["x_g"]))
+            if u is not None:
+                d_g = torch.addcmul(d_g, u, _channel(k["g_u"]))
+                d_x = torch.addcmul(d_x, u, _channel(k["x_u"]))
+            return d_g, d_x, k["w"], None, None, None
+        # Not recorded (second order, the usual case): the same with two full-size allocations (xhat,
+        # which becomes d_x, and one buffer, which becomes d_g); fresh memory is what costs most here.
+        xhat = torch.sub(x, _channel(mean)).mul_(_channel(r))
+        buf = torch.mul(g, xhat)
+        means = [g.sum(_DIMS) / M, buf.sum(_DIMS) / M]
         if u is not None:
-            d_g.addcmul_(u, _channel(wr))
-            d_x.addcmul_(u, _channel(-wr2 * gxm))
-        return d_g, d_x, d_w, None, None, None
+            means.append(u.sum(_DIMS) / M)
+            means.append(torch.mul(u, xhat, out=buf).sum(_DIMS) / M)
+            means.append(torch.mul(u, g, out=buf).sum(_DIMS) / M)
+        k = _bn_coefficients(M, w, r, a, c, *means)
+        d_g = torch.addcmul(_channel(k["g_const"]), xhat, _channel(k["g_xhat"]), out=buf)
+        d_x = xhat.mul_(_channel(k["x_xhat"])).add_(_channel(k["x_const"])).addcmul_(g, _channel(k["x_g"]))
+        if u is not None:
+            d_g.addcmul_(u, _channel(k["g_u"]))
+            d_x.addcmul_(u, _channel(k["x_u"]))
+        return d_g, d_x, k["w"], None, None, None
+
+
+def _bn_coefficients(M, w, r, a, c, g_mean, gx, u_mean=None, ux=None, ug=None):
+    """Per-channel coefficients of the batch-norm double backward (module docstring):
+    d_g = g_u u + g_xhat xhat + g_const, d_x = x_u u + x_g g + x_xhat xhat + x_const, d_w = w;
+    ``gx``, ``ux``, ``ug`` are the channel means of g xhat, u xhat and u g."""
+    if u_mean is None:
+        u_mean = ux = ug = torch.zeros_like(w)
+    wr, wr2 = w * r, w * r * r
+    cov = ug - u_mean * g_mean - ux * gx
+    x_g = a * r - wr2 * ux
+    return {"w": r * M * cov, "g_u": wr, "g_xhat": a - wr * ux, "g_const": c - wr * u_mean,
+            "x_u": -wr2 * gx, "x_g": x_g, "x_xhat": -wr2 * cov + 2 * wr2 * ux * gx - a * r * gx,
+            "x_const": wr2 * gx * u_mean - x_g * g_mean}
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
