@@ -132,7 +132,12 @@ PRESETS["faces"] = {"inner_steps": 5, "inner_lr": 0.01, "outer_lr": 0.001, "meta
 PRESETS["digits"] = {"inner_steps": 5, "inner_lr": 0.1, "outer_lr": 0.001, "meta_batch": 4, "iterations": 2000,
                      "ways": 3, "shots": 5, "query_shots": 10, "filters": 32, "context_dim": 32,
                      "val_tasks": 100, "test_tasks": 600, "eval_every": 250, "checkpoint_every": 250}
-ALGORITHM_PRESETS = {("miniimagenet", "cavia"): {"inner_lr": 1.0, "outer_lr": 1e-3}}
+# CAVIA on digits: inner lr 10 for the context (the digits preset's 0.1 left every CAVIA row at chance).
+# Chosen on validation data only (the 20% held-out images of the meta-training classes 0-6, never the
+# test classes 7-9): 3 seeds x 250 iterations, validation accuracy at iteration 250 for inner lr 0.1 /
+# 1 / 10 / 100: 0.327 / 0.907 / 0.980 / 0.977 (docs/reproduce.rst, "CAVIA's inner learning rate").
+ALGORITHM_PRESETS = {("miniimagenet", "cavia"): {"inner_lr": 1.0, "outer_lr": 1e-3},
+                     ("digits", "cavia"): {"inner_lr": 10.0}}
 
 TASKS = tuple(PRESETS)
 PENALTIES = ("none", "centroid", "robust", "proximal")
