@@ -208,8 +208,10 @@ class Loop:
 
 
 def restart_and_time(m, init, batch, iters: int, sync=lambda: None) -> float:
-    """Reset ``m``'s parameters to ``init`` and its Adam, run ``iters`` meta-iterations; seconds per
-    iteration (``sync`` waits for the device)."""
+    """Reset ``m``'s parameters to ``init`` (a list, or a dict in ``m.params``' order) and its Adam, run
+    ``iters`` meta-iterations; seconds per iteration (``sync`` waits for the device)."""
+    if isinstance(init, dict):
+        init = list(init.values())
     with torch.no_grad():
         for v, v0 in zip(m.params.values(), init):  # by position: Conv4's parameters in Conv4's order
             v.copy_(v0)
