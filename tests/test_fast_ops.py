@@ -46,6 +46,13 @@ def test_batch_norm_values_and_two_derivatives(shape, shift):
     _close(ours, ref)
 
 
+def test_batch_norm_refuses_one_value_per_channel_as_pytorch_does():
+    x, w, b = _inputs((1, 3, 1, 1))
+    for f in (lambda: _fast_ops.batch_norm(x, w, b), lambda: nnf.batch_norm(x, None, None, w, b, training=True)):
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            f()
+
+
 def test_batch_norm_double_backward_with_some_cotangents_missing():
     x, w, b = _inputs((3, 4, 4, 4))
     for keep in ("x", "w", "b"):

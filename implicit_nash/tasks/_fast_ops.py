@@ -132,6 +132,8 @@ def _bn_coefficients(M, w, r, a, c, g_mean, gx, u_mean=None, ux=None, ug=None):
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """``nnf.batch_norm(x, None, None, weight, bias, training=True, eps=eps)`` for NCHW ``x``, with a
     closed-form double backward (see the module docstring)."""
+    if x.numel() // x.shape[1] < 2:  # the check nnf.batch_norm makes
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
     return _BatchNorm.apply(x, weight, bias, eps)
 
 
