@@ -22,7 +22,7 @@ Decisions where the paper is ambiguous (each is a key, so a flag):
   [0.005, 0.1] for sinusoids.
 * ``lr_clip``: Meta-SGD's learned step sizes clamped to ``[lo, hi]`` in the inner steps (``null``: not
   clamped, as Li et al. and the paper). Not the paper's: a setting in which Meta-SGD with more than one
-  inner step trains stably (``results/metasgd_clip/``).
+  inner step trains stably (``results/metasgd_stable/``).
 """
 from __future__ import annotations
 
