@@ -9,8 +9,8 @@ flag). With ``lr_clip=(lo, hi)`` the inner steps use the learned step sizes clam
 (the learned values themselves are left as they are; outside the interval their gradient is zero). Our
 choice, not the paper's: with three inner steps the learned step sizes drift far from ``inner_lr``, and to
 negative values, and the adaptation diverges on some seeds (``results/table2.md``); a clamp keeps every
-inner step a descent step of bounded size. The paper's penalty scale uses :math:`\\alpha = 0.05` for Meta-SGD (Appendix E), which the
-configuration layer fills in.
+inner step a descent step of bounded size. The paper's penalty scale uses :math:`\\alpha = 0.05` for
+Meta-SGD (Appendix E), which the configuration layer fills in.
 """
 from __future__ import annotations
 
