@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
            "(default 100; 0: never)")
     t("--lr-init", type=float, nargs=2, metavar=("LO", "HI"),
       help="Meta-SGD: draw the initial step sizes uniformly from [LO, HI) (default: --inner-lr everywhere)")
+    t("--lr-clip", type=float, nargs=2, metavar=("LO", "HI"),
+      help="Meta-SGD: clamp the learned step sizes to [LO, HI] in the inner steps (default: not clamped)")
     t("--activation", choices=["relu", "tanh"], help="MLP activation (default relu, the paper's)")
     t("--eval-every", type=int, help=_preset_help("eval_every", "validate every N iterations", paper=False))
     t("--checkpoint-every", type=int, help=_preset_help("checkpoint_every", "write checkpoint.pt every N iterations", paper=False))
@@ -211,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("algorithm", "penalty", "weight", "robustness", "robust_c", "penalty_alpha", "num_tasks",
                "meta_gradient", "inner_steps", "inner_lr", "outer_lr", "meta_batch", "iterations", "seed", "seeds",
                "context_dim", "task_lr", "lam", "inner_solver", "inner_mode", "inner_budget", "cg_budget",
-               "krylov_steps", "hypergrad_check_every", "compiled", "lr_init", "activation", "eval_every", "checkpoint_every",
+               "krylov_steps", "hypergrad_check_every", "compiled", "lr_init", "lr_clip", "activation", "eval_every",
+               "checkpoint_every",
                "val_tasks", "test_tasks", "eval_batch", "device", "dtype", "threads", "data_root", "ways", "shots",
                "query_shots", "filters", "task_vectorisation",
                "distributed")

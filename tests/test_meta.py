@@ -161,6 +161,33 @@ def test_metasgd_meta_gradient_equals_reference_including_the_learned_rates(pen_
     assert all(float(t.abs().max()) > 0 for t in g[n_params:])  # the learned rates get a gradient
 
 
+@pytest.mark.parametrize("pen_name", [None, "robust1"])
+def test_metasgd_lr_clip_adapts_with_the_clamped_rates(pen_name, batch):
+    """``lr_clip=(lo, hi)``: the inner steps use the learned rates clamped to [lo, hi] (the reference
+    with the clamped rates), the rates outside get no gradient, those inside the reference's."""
+    pen = PENALTIES[pen_name]
+    algo = MetaSGD(inner_steps=2, inner_lr=0.1, penalty=pen, lr_clip=(0.0, 0.12))
+    model, theta = setup(algo)
+    with torch.no_grad():  # rates below 0, inside and above 0.12
+        for v in theta["lr"].values():
+            v.copy_(0.3 * torch.rand(v.shape) - 0.1)
+    clamped = {k: v.detach().clamp(0.0, 0.12).requires_grad_(True) for k, v in theta["lr"].items()}
+    losses = algo.task_losses(model, theta, batch)
+    ref, _ = reference_losses(theta, batch, steps=2, kind=_kind(pen_name), pen=pen, lrs=clamped)
+    assert torch.allclose(losses, ref, rtol=1e-10, atol=1e-12)
+    unclipped = MetaSGD(inner_steps=2, inner_lr=0.1, penalty=pen).task_losses(model, theta, batch)
+    assert float((unclipped - losses).detach().abs().max()) > 1e-6  # the clamp changed the adaptation
+    g = torch.autograd.grad(losses.mean(), list(theta["lr"].values()))
+    g_ref = torch.autograd.grad(ref.mean(), list(clamped.values()))
+    for (k, v), a, b in zip(theta["lr"].items(), g, g_ref):
+        inside = (v > 0.0) & (v < 0.12)
+        assert torch.all(a[~inside] == 0)
+        assert torch.allclose(a[inside], b[inside], rtol=1e-9, atol=1e-12)
+    assert any(bool((a != 0).any()) for a in g)
+    with pytest.raises(ValueError, match="lr_clip must be"):
+        MetaSGD(lr_clip=(0.1, 0.0))
+
+
 @pytest.mark.parametrize("pen_name", [None, "centroid", "robust2"])
 def test_cavia_meta_gradient_equals_reference(pen_name, batch):
     pen = PENALTIES[pen_name]

@@ -26,17 +26,20 @@ def test_rowsets_match_the_paper():
 
 
 def test_weight_sweeps_run_metasgd_in_its_stable_setting(tmp_path):
-    # Table 2 keeps the paper's three inner steps (to show the divergence); the sweeps use one
+    # Table 2 keeps the paper's three unclamped inner steps (to show the divergence); the sweeps use
+    # three with the learned steps clamped to [0, 0.1]
     steps = {r["key"]: r["options"].get("inner_steps") for r in ROWSETS["robustness"]()}
-    assert {v for k, v in steps.items() if k.startswith("metasgd")} == {1}
+    assert {v for k, v in steps.items() if k.startswith("metasgd")} == {3}
+    assert all(r["options"]["lr_clip"] == [0.0, 0.1] for r in ROWSETS["robustness"]() if r["algorithm"] == "metasgd")
     assert {v for k, v in steps.items() if not k.startswith("metasgd")} == {None}
     assert all("inner_steps" not in r["options"] for r in ROWSETS["table2"]())
     out = tmp_path / "rob"
     rep = reproduce("robustness", out, iterations=2, seeds=2, algorithms=["metasgd"], progress=False,
                     overrides=TINY, log=lambda s: None)
-    assert rep["stable_settings"] == {"metasgd": {"inner_steps": 1}} and len(rep["rows"]) == 15
-    assert json.loads((out / "runs" / "metasgd_pC_0.1" / "config.json").read_text())["inner_steps"] == 1
-    assert "Meta-SGD runs with one inner step" in (out / "robustness.md").read_text()
+    assert rep["stable_settings"] == {"metasgd": {"inner_steps": 3, "lr_clip": [0.0, 0.1]}} and len(rep["rows"]) == 15
+    cfg = json.loads((out / "runs" / "metasgd_pC_0.1" / "config.json").read_text())
+    assert cfg["inner_steps"] == 3 and cfg["lr_clip"] == [0.0, 0.1]
+    assert "Meta-SGD runs with three inner steps" in (out / "robustness.md").read_text()
     maml = reproduce("robustness", tmp_path / "maml", iterations=2, seeds=2, algorithms=["maml"], progress=False,
                      overrides=TINY, log=lambda s: None)
     assert maml["stable_settings"] == {} and "inner step" not in (tmp_path / "maml" / "robustness.md").read_text()

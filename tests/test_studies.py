@@ -49,7 +49,7 @@ def test_step_size_study_uses_meta_sgd_stable_setting(tmp_path):
     assert len(rep["rows"]) == 6 and (out / "step-size.png").is_file()
     for r in rep["rows"]:
         cfg = json.loads((out / "runs" / r["key"] / "config.json").read_text())
-        assert cfg["inner_lr"] == r["value"] and cfg["inner_steps"] == 1
+        assert cfg["inner_lr"] == r["value"] and cfg["inner_steps"] == 3 and cfg["lr_clip"] == [0.0, 0.1]
 
 
 def test_study_rejects_bad_requests(tmp_path, capsys):

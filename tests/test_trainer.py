@@ -157,6 +157,9 @@ def test_metasgd_step_sizes_drawn_per_seed_within_lr_init():
     ({"lr_init": [0.005, 0.1]}, "maml has none"),
     ({"algorithm": "metasgd", "lr_init": [0.1, 0.005]}, "lr_init must be"),
     ({"algorithm": "metasgd", "lr_init": [0.1]}, "lr_init must be"),
+    ({"lr_clip": [0.0, 0.1]}, "maml has none"),
+    ({"algorithm": "metasgd", "lr_clip": [-0.1, 0.1]}, "lr_clip must be"),
+    ({"algorithm": "metasgd", "lr_clip": [0.1, float("inf")]}, "lr_clip must be"),
 ])
 def test_bad_configurations_are_rejected(options, message):
     with pytest.raises(ConfigError, match=message):
