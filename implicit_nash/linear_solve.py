@@ -521,11 +521,7 @@ class _Chunked(LinearSolver):
         ``args``.  torch's compiler stack emits DeprecationWarnings of its own, which a
         warnings-as-errors filter would turn into a failed compilation: they are silenced here."""
         kind = _one_product if full_chunk is None else type(self)._chunk_fn
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            if full_chunk is False:
-                return kind(*args)
-            return _compiled_version(kind, self.backend)(*args)
+        return _compiled_call(kind, None if full_chunk is False else self.backend, *args)
 
     def _eager_from(self, mon, x0, why: str, steps: int = 0):
         """The eager method from ``x0`` (products counted together with the compiled ones)."""
@@ -783,6 +779,16 @@ def _compiled_version(fn: Callable, backend: str):
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=False, fullgraph=True)
     return _COMPILED[key]
+
+
+def _compiled_call(fn: Callable, backend: Optional[str], *args):
+    """``fn(*args)``, traced whole by ``torch.compile`` with ``backend`` (static shapes; ``None``: run
+    eagerly), with the recompile limit raised to :data:`_RECOMPILE_LIMIT`. torch's compiler stack
+    emits DeprecationWarnings of its own, which a warnings-as-errors filter would turn into a failed
+    compilation: they are silenced here."""
+    with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return fn(*args) if backend is None else _compiled_version(fn, backend)(*args)
 
 
 @dataclass(frozen=True, kw_only=True)

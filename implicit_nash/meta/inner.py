@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -43,7 +42,7 @@ import torch
 
 from .. import _collective
 from ..implicit import graph_products
-from ..linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver, as_operator, default_rtol
+from ..linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver, _compiled_call, as_operator, default_rtol
 
 __all__ = ["NewtonKrylov", "NewtonResult", "newton_krylov", "Coupling", "FixedSteps", "TaskCG"]
 
@@ -568,7 +567,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
     counts = {"matvecs": 0, "evaluations": 0}
     notes = []
 
-    def compiles(coupled):
+    def compiles():
         """Whether the next direction comes from the compiled program (then no graph is needed)."""
         return compiled is not None and options.budget
 
@@ -601,7 +600,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
 
     warm = 0 if coupling is None else warm
     coupled = coupling is not None and warm == 0
-    z, g, G, f, rb = evaluate(z0, coupled, graph=not compiles(coupled))
+    z, g, G, f, rb = evaluate(z0, coupled, graph=not compiles())
     r = float(rb.norm())
     r0 = r
     history = [r]
@@ -626,42 +625,31 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
         Zd = z.detach()
         eta = _forcing(options, r, r0)
         Gr = _rows(G, rows)
+        merit = coupled and coupling.value is None  # not a potential game: GMRES, line search on the merit
         P = None
-        if compiles(coupled):
-            from ..linear_solve import _compiled_version
-            try:
-                product = _hessian_product(objective, coupling if coupled else None)
-                with torch._dynamo.config.patch(recompile_limit=64), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    if coupled and coupling.value is None:  # GMRES, as below
-                        P, res = _compiled_version(_gmres_budget_products, compiled)(
-                            product, options.krylov_steps, -G, 1, Zd)
-                    else:
-                        P = _compiled_version(_cg_budget_products, compiled)(
-                            product, options.krylov_steps, -G, rows, Zd)
-                counts["matvecs"] += options.krylov_steps
-                P = _rows(P, rows)
-                if coupled and coupling.value is None:
-                    slope = -rb * (rb - torch.minimum(res, rb)).nan_to_num(0.0)
-                else:
-                    slope = (Gr * P).sum(1)
-            except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: the eager steps
-                line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-                notes.append(f"ran eagerly: the compiled Newton step failed ({type(err).__name__}: {line})")
-                compiled, P = None, None
+        if compiles():  # the same Krylov iterations as one compiled program (budget mode)
+            product = _hessian_product(objective, coupling if coupled else None)
+            out, why = _try_compiled(_gmres_budget_products if merit else _cg_budget_products, compiled,
+                                     product, options.krylov_steps, -G, rows, Zd)
+            if out is None:
+                notes.append(f"ran eagerly: the compiled Newton step failed ({why})")
+                compiled = None
                 z, g, G, f, rb = evaluate(Zd, coupled)  # the graph the eager products need
-        if P is None and coupled and coupling.value is None:  # not a potential game: GMRES, merit line search
-            hvp = _matvec_on(g, z, True, counts)
-            matvec = lambda v: hvp(v) + coupling.jvp(Zd, v)  # noqa: E731
-            P, _, res, _ = _gmres(matvec, -G, options.krylov_steps, rtol=eta)
-            P = _rows(P, 1)
-            # d/dt 1/2 |F(z + t p)|^2 at 0 is F^T (P p) = -|F|^2 + F^T (P p + F) <= -|F| (|F| - |P p + F|)
-            slope = -rb * (rb - torch.minimum(res, rb)).nan_to_num(0.0)
-        elif P is None:
+            else:
+                counts["matvecs"] += options.krylov_steps
+                P, res = out if merit else (out, None)
+        if P is None:
             hvp = _matvec_on(g, z, True, counts)
             matvec = (lambda v: hvp(v) + coupling.jvp(Zd, v)) if coupled else hvp
-            P, _ = _truncated_cg(matvec, -G, options.krylov_steps, eta * rb, rows)
-            P = _rows(P, rows)
+            if merit:
+                P, _, res, _ = _gmres(matvec, -G, options.krylov_steps, rtol=eta)
+            else:
+                P, _ = _truncated_cg(matvec, -G, options.krylov_steps, eta * rb, rows)
+        P = _rows(P, rows)
+        if merit:
+            # d/dt 1/2 |F(z + t p)|^2 at 0 is F^T (P p) = -|F|^2 + F^T (P p + F) <= -|F| (|F| - |P p + F|)
+            slope = -rb * (rb - torch.minimum(res, rb)).nan_to_num(0.0)
+        else:
             slope = (Gr * P).sum(1)
         ascent = ~(slope < 0)  # not a descent direction (negative curvature met early): steepest descent
         P = torch.where(ascent[:, None], -Gr, P)
@@ -669,7 +657,6 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
         base = _rows(z.detach(), rows)
         z, g = z.detach(), None  # the line search needs no graph at z: at most one graph is alive
         last = options.budget and steps == total  # nothing needs this step's gradient
-        coupled_next = coupled or (coupling is not None and steps + 1 > warm)
 
         def point(t):
             return (base + t[:, None] * P).reshape(-1)
@@ -679,7 +666,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
         if last and not (coupled and coupling.value is None):
             trial, f_new = None, value(point(t), coupled)
         else:  # (the merit's last trial: its gradient without a graph, which gives the residual too)
-            trial = evaluate(point(t), coupled, graph=not last and not compiles(coupled_next))
+            trial = evaluate(point(t), coupled, graph=not last and not compiles())
             f_new, full = trial[3], trial[4]
             trial = None if last else trial
         done = torch.isfinite(f_new) & (f_new <= f + 1e-4 * slope)
@@ -712,7 +699,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
                         status, steps = "stalled", steps - 1
                         break
                     if not last:  # budget mode: keep the point (its graph rebuilt), spend the step
-                        z, g, G, f, rb = evaluate(z, coupled, graph=not compiles(coupled_next))
+                        z, g, G, f, rb = evaluate(z, coupled, graph=not compiles())
                     continue
                 t = torch.where(done, t, torch.where(rescued, torch.ones_like(t), torch.zeros_like(t)))
                 reuse = trial is not None and bool((t == 1).all())
@@ -722,7 +709,7 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
             z, g, G, f, rb = trial
         else:
             trial = None  # freed before the next graph is built
-            z, g, G, f, rb = evaluate(point(t), coupled, graph=not compiles(coupled_next))
+            z, g, G, f, rb = evaluate(point(t), coupled, graph=not compiles())
         r = float(rb.norm())
         history.append(r)
         if not options.budget and not warming and _stalled(history[first:], r, tol):
@@ -736,25 +723,29 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
                         "; ".join(notes))
 
 
+def _try_compiled(program, backend: str, *args):
+    """``(program(*args) compiled with backend, "")``, or ``(None, "<error type>: <its first
+    line>")`` when tracing or compiling fails (the caller then runs the eager method)."""
+    try:
+        return _compiled_call(program, backend, *args), ""
+    except Exception as err:  # noqa: BLE001 - any tracing or compiler failure
+        line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        return None, f"{type(err).__name__}: {line}"
+
+
 def _run_compiled(program, op, backend: str, x0, leafwise: bool, *args):
     """``program(fn, *args, *operands)`` traced by ``torch.compile`` (``backend``) with the
     operator's functional form ``(fn, operands)``: ``(output, "")``, or ``(None, why)`` when it
     cannot run compiled (no functional form, a warm start, a leaf-by-leaf layout, sharded over ranks,
     or a failed compilation); the caller then runs the eager method (the same iterates)."""
-    from ..linear_solve import _compiled_version
     if op.functional is None:
         return None, "the operator has no functional form"
     if x0 is not None or leafwise or _collective.active():
         return None, ("a warm start" if x0 is not None else "sharded over ranks" if _collective.active()
                       else "blocks laid out leaf by leaf")
     fn, operands = op.functional
-    try:
-        with torch._dynamo.config.patch(recompile_limit=64), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return _compiled_version(program, backend)(fn, *args, *operands), ""
-    except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: the eager method
-        line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        return None, f"the compiled program failed ({type(err).__name__}: {line})"
+    out, why = _try_compiled(program, backend, fn, *args, *operands)
+    return out, (f"the compiled program failed ({why})" if why else "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -909,7 +900,7 @@ class TaskCG(LinearSolver):
                 X, res = X
             x, residual = flat(X), float(res.norm())
             history = [float(rhs.norm()), residual]
-            matvecs = self.steps + (x0 is not None and not (self.compiled and not why))
+            matvecs = self.steps + (x0 is not None)  # (a warm start always runs eagerly)
             name = "MINRES" + (f" (ran eagerly: {why})" if why else " (compiled)" if self.compiled else "")
         else:
             x, residual, history = self._cg(op, rows, flat, b, x0)
