@@ -173,11 +173,23 @@ def max_pool2x2(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(N, C, H * W).gather(2, index.reshape(N, C, h * w)).view(N, C, h, w)
 
 
-class _InputConv(torch.autograd.Function):
+_CONV = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, output padding, groups
+
+
+class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         return nnf.conv2d(x, weight, bias, padding=1)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        return _ConvBackward.apply(gy, x, weight)
+
+
+class _InputConv(_Conv):
+    """:class:`_Conv`'s forward; the backward gives the input no gradient."""
 
     @staticmethod
     def backward(ctx, gy):
@@ -190,8 +202,7 @@ class _InputConvBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gy, x, weight):
         ctx.save_for_backward(x)
-        _, gw, gb = torch.ops.aten.convolution_backward(gy, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1],
-                                                         False, [0, 0], 1, [False, True, True])
+        _, gw, gb = torch.ops.aten.convolution_backward(gy, x, weight, [weight.shape[0]], *_CONV, [False, True, True])
         return gw, gb
 
     @staticmethod
@@ -209,21 +220,6 @@ def input_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     if x.requires_grad:
         raise ValueError("input_conv is for an input that needs no gradient; use nnf.conv2d")
     return _InputConv.apply(x, weight, bias)
-
-
-_CONV = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, output padding, groups
-
-
-class _Conv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return nnf.conv2d(x, weight, bias, padding=1)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        return _ConvBackward.apply(gy, x, weight)
 
 
 class _ConvBackward(torch.autograd.Function):
