@@ -557,8 +557,8 @@ def _minimise_blocks(objective: Callable[[torch.Tensor], torch.Tensor], z0: torc
     with a graph when some block shortened. The last step of the budget mode builds no graph at
     all: its residual is not evaluated (``residual`` is NaN).
 
-    ``compiled`` (a ``torch.compile`` backend; budget mode, CG steps only): each step's CG runs as
-    one compiled program with forward-over-reverse Hessian-vector products
+    ``compiled`` (a ``torch.compile`` backend; budget mode): each step's CG (or, on the merit,
+    GMRES) runs as one compiled program with forward-over-reverse Hessian-vector products
     (:func:`_hessian_product`), so the objectives are evaluated without the gradient's graph. The
     iterates are the eager method's (up to rounding). A program that fails to compile hands over to
     the eager steps, which the result's ``message`` says.
