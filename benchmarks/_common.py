@@ -244,9 +244,10 @@ def interleaved_steps(runs: Dict[str, Sequence[Any]], reps: int, steps: int) -> 
     return times
 
 
-def step_timing_args(default_reps: int):
-    """The options of the meta-iteration timing benchmarks (``--reps``, ``--steps``, ``--quick``);
-    returns the parsed arguments and the repetitions to run (3 with ``--quick``). Sets one torch thread."""
+def step_timing_args(default_reps: int, extra=None):
+    """The options of the meta-iteration timing benchmarks (``--reps``, ``--steps``, ``--quick``, and
+    whatever ``extra(parser)`` adds); returns the parsed arguments and the repetitions to run (3 with
+    ``--quick``). Sets one torch thread."""
     import argparse
 
     import torch
@@ -255,6 +256,8 @@ def step_timing_args(default_reps: int):
     parser.add_argument("--reps", type=int, default=default_reps)
     parser.add_argument("--steps", type=int, default=5, help="meta-iterations per timed block")
     parser.add_argument("--quick", action="store_true")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     return args, 3 if args.quick else args.reps

@@ -29,7 +29,8 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("algorithm, extra", [("maml", None), ("cavia", None), ("trmaml", None),
-                                              ("metasgd", {"inner_steps": 1})])
+                                              ("metasgd", {"inner_steps": 1}),
+                                              ("metasgd", {"inner_steps": 3, "lr_clip": [0.0, 0.1]})])
 def test_grid_steps_equal_separate_runs(algorithm, extra):
     configs = _configs(algorithm, extra)
     separate = [Run(c) for c in configs]

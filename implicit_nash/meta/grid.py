@@ -44,7 +44,8 @@ __all__ = ["GRID_KEYS", "GRID_PAYS", "GridRun", "grid_key", "grid_groups", "trai
 # The algorithms for which one vmap over a grid measured faster than its members' runs one after
 # another (benchmarks/results/grid_runs.md, 1 CPU thread, 5 seeds per member): CAVIA (2.2x; it adapts
 # only a 4-number context, so the per-operation overhead that vmap removes dominates). MAML and
-# TR-MAML measured 0.9-1.0x (their 5-seed runs are already compute-bound): ``--grid auto`` keeps
+# TR-MAML measured 0.9-1.0x (their 5-seed runs are already compute-bound), and so did Meta-SGD in
+# its stable setting, 0.91-0.94x (benchmarks/results/grid_runs_metasgd.md): ``--grid auto`` keeps
 # them separate.
 GRID_PAYS = ("cavia",)
 
