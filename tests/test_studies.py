@@ -87,3 +87,25 @@ def test_trajectories_from_finished_table2_runs(tmp_path):
     assert len(last) == 1
     d = [a["mse_mean"] - b["mse_mean"] for a, b in zip(last[0]["runs"], last_plain[0]["runs"])]
     assert e["mean"]["difference"] == pytest.approx(sum(d) / 2)
+
+
+def test_trajectories_read_meta_sgd_rows_of_its_stable_setting(tmp_path):
+    # the weight sweep trains Meta-SGD in its stable setting (three clamped inner steps); its Table 2
+    # rows are found there, and the report says that they are not the paper's configuration
+    src = tmp_path / "sweep"
+    keys = ["metasgd", "metasgd_pC_0.1", "metasgd_pR_1e-05_r1"]
+    reproduce("robustness", src, iterations=4, seeds=2, algorithms=["metasgd"], progress=False, overrides=TINY,
+              only_rows=keys, log=lambda s: None)
+    cfg = json.loads((src / "runs" / "metasgd" / "config.json").read_text())
+    assert cfg["inner_steps"] == 3 and cfg["lr_clip"] == [0.0, 0.1]
+    rep = trajectories(tmp_path / "tr", source=str(src), iterations=4, seeds=2, overrides=TINY, log=lambda s: None)
+    assert rep["stable_setting_rows"] == keys
+    assert [e["label"] for e in rep["rows"]] == ["Meta-SGD + p_C(0.1)", "Meta-SGD + p_R(1e-05, 1)"]
+    assert "not the paper's configuration" in (tmp_path / "tr" / "trajectories.md").read_text()
+    assert (tmp_path / "tr" / "trajectories_metasgd.png").is_file()
+    # a run of another setting (here: one inner step) is not taken for either
+    path = src / "runs" / "metasgd_pC_0.1" / "metrics.json"
+    metrics = json.loads(path.read_text())
+    path.write_text(json.dumps({**metrics, "config": {**metrics["config"], "inner_steps": 1}}))
+    rep = trajectories(tmp_path / "tr2", source=str(src), iterations=4, seeds=2, overrides=TINY, log=lambda s: None)
+    assert [e["label"] for e in rep["rows"]] == ["Meta-SGD + p_R(1e-05, 1)"]
