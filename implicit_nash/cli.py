@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train the rows that differ only in penalty weights and inner step sizes as one grid "
                           "(one vmap over rows and seeds, one job): on, off, or auto (where it measured faster: "
                           "CAVIA; see benchmarks/results/grid_runs.md)")
+    rep.add_argument("--reuse", nargs="+", metavar="DIR", default=[],
+                     help="batch-size, step-size: link in the finished runs of an identical configuration from "
+                          "these reproductions' runs/ (e.g. a weight sweep's Table 2 rows, which are the study's "
+                          "rows at B = 25 or alpha = 0.001) instead of training them; the report lists them")
     rep.add_argument("--report-only", action="store_true",
                      help="train nothing: rebuild the table, JSON and figure from the rows already finished")
 
@@ -318,6 +322,8 @@ def _reproduce(args) -> int:
         out = args.out or str(Path("runs") / args.name)
         if args.rows and args.name in ("trajectories", "batch-size", "step-size", "sweep-summary"):
             return _fail(f"--rows is for the tables (table2, robustness, table3, table4), not {args.name}")
+        if args.reuse and args.name not in ("batch-size", "step-size"):
+            return _fail(f"--reuse is for the studies (batch-size, step-size), not {args.name}")
         if args.name == "sweep-summary":
             from .studies import sweep_summary
             if args.iterations is None:
@@ -332,7 +338,7 @@ def _reproduce(args) -> int:
             from .studies import study
             study(args.name, out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
                   algorithms=args.algorithms, values=args.values, progress=not args.no_progress,
-                  overrides=overrides or None, report_only=args.report_only, grid=args.grid)
+                  overrides=overrides or None, report_only=args.report_only, grid=args.grid, reuse=args.reuse)
         else:
             reproduce(args.name, out, iterations=args.iterations, seeds=args.seeds, jobs=args.jobs,
                       algorithms=args.algorithms, progress=not args.no_progress, overrides=overrides or None,

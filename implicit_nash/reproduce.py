@@ -17,7 +17,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .meta.config import ConfigError, resolve
 from .meta.stats import holm, mean_ci95, paired_groups, paired_seeds
@@ -365,6 +365,41 @@ def check_counts(seeds: int, jobs: int) -> None:
         raise ConfigError(f"--seeds must be at least 2 for confidence intervals, got {seeds}")
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+
+
+def reuse_runs(configs: Dict[str, Dict[str, Any]], runs_dir: Path, sources: Sequence[str]) -> Dict[str, str]:
+    """Take finished runs of the identical configuration from other reproductions instead of training them.
+
+    For each row of ``configs`` that has no run in ``runs_dir`` yet (no directory, or an empty one), the
+    first run in ``SOURCE/runs/*/`` (for each ``SOURCE`` in ``sources``, in order) that has finished with
+    exactly that configuration (:func:`finished_run`: every option, the budget and the seeds) is linked
+    into ``runs_dir/<row>/`` (hard links; copies where the file system refuses). Returns ``{row: the run
+    directory it came from}``. A partly trained run in ``runs_dir`` is left alone: it resumes.
+    """
+    import shutil
+    reused: Dict[str, str] = {}
+    if not sources:
+        return reused
+    for s in sources:
+        if not (Path(s) / "runs").is_dir():
+            raise ConfigError(f"--reuse {s}: no runs/ directory there")
+    candidates = [d for s in sources for d in sorted((Path(s) / "runs").iterdir()) if (d / "metrics.json").is_file()]
+    for key, config in configs.items():
+        dest = Path(runs_dir) / key
+        if dest.exists() and any(dest.iterdir()):
+            continue
+        match = next((d for d in candidates if d.resolve() != dest.resolve() and finished_run(config, str(d))), None)
+        if match is None:
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in match.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, dest / f.name)
+                except OSError:
+                    shutil.copy2(f, dest / f.name)
+        reused[key] = str(match)
+    return reused
 
 
 def train_rows(name: str, configs: Dict[str, Dict[str, Any]], out: Path, budget: str, *, jobs: int, progress: bool,

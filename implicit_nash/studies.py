@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from .meta.config import ConfigError, resolve
 from .meta.stats import holm, mean_ci95, paired_seeds
 from .reproduce import (PAIRED_RULE, ROWSETS, STABLE_NOTE, STABLE_SETTINGS, TAIL, _rows, check_counts, finished_run,
+                        reuse_runs,
                         paired_comparisons, train_rows, write_outputs)
 
 __all__ = ["STUDIES", "study", "sweep_summary", "trajectories"]
@@ -56,8 +57,12 @@ def _variant(row: Dict[str, Any]) -> str:
 def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: int = 5, jobs: int = 1,
           algorithms: Optional[Sequence[str]] = None, values: Optional[Sequence[float]] = None,
           progress: bool = True, overrides: Optional[Dict[str, Any]] = None, report_only: bool = False,
-          log: Callable[[str], None] = print, grid: str = "auto") -> Dict[str, Any]:
+          log: Callable[[str], None] = print, grid: str = "auto", reuse: Sequence[str] = ()) -> Dict[str, Any]:
     """Run (or finish, or only report) the ``batch-size`` or ``step-size`` study of Appendix F.
+
+    ``reuse``: other reproductions' directories whose finished runs of an identical configuration (for
+    example a weight sweep's Table 2 rows, which are the study's rows at B = 25 or alpha = 0.001) are
+    linked in instead of trained (:func:`implicit_nash.reproduce.reuse_runs`); the report lists them.
 
     ``grid``: whether the rows that share shapes (every row of one algorithm in the step-size study;
     the rows of one B in the batch-size study) train as one grid, one vmap over rows and seeds
@@ -95,6 +100,17 @@ def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: i
                                   "iterations": iterations, "seeds": list(range(seeds)), "threads": 1,
                                   **(overrides or {})}) for r in rows}
     budget = f"{iterations} iterations x {seeds} seeds (0..{seeds - 1}) per row, {len(rows)} rows"
+    reused = {} if report_only else reuse_runs(configs, out / "runs", list(reuse))
+    for key, src in reused.items():
+        log(f"row {key}: reused the finished run {src} (the identical configuration)")
+    # rows reused by an earlier call stay listed (their runs are hard links: the same files)
+    earlier = out / f"{name}.json"
+    if earlier.is_file():
+        try:
+            old_reused = json.loads(earlier.read_text()).get("reused", {})
+        except ValueError:
+            old_reused = {}
+        reused = {**{k: v for k, v in old_reused.items() if k in configs}, **reused}
     t0 = time.time()
     results, failures = train_rows(name, configs, out, budget, jobs=jobs, progress=progress,
                                    report_only=report_only, log=log, grid=grid)
@@ -109,7 +125,7 @@ def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: i
               "command": f"implicit-nash reproduce {name} --iterations {iterations} --seeds {seeds}"
                          f"{algos_flag} --values {' '.join(f'{v:g}' for v in values)}{flags}"
                          f"{'' if grid == 'auto' else f' --grid {grid}'}",
-              "grid": grid, "rows": table}
+              "grid": grid, "rows": table, "reused": reused}
     write_outputs(out, name, report, _study_markdown(report), lambda path: _study_figure(report, path), log)
     return report
 
@@ -157,6 +173,9 @@ def _study_markdown(rep) -> str:
              "± the 95% t-interval over seeds.", ""]
     if rep["overrides"]:
         lines += [f"Overrides: `{json.dumps(rep['overrides'])}`", ""]
+    if rep.get("reused"):
+        lines += ["Rows not trained here but reused, as finished runs of the identical configuration (every option, "
+                  "budget and seed; hard links): " + "; ".join(f"`{k}` ← `{v}`" for k, v in rep["reused"].items()), ""]
     lines += [PAIRED_RULE, "",
               f"Paired Δ = Nash − plain at the same {sym}: per seed ± 95% t-interval, Holm-adjusted p; over "
               f"groups [95% bootstrap] (the worst case over the hardest {int(TAIL * 100)}% of groups).", "",

@@ -109,3 +109,35 @@ def test_trajectories_read_meta_sgd_rows_of_its_stable_setting(tmp_path):
     path.write_text(json.dumps({**metrics, "config": {**metrics["config"], "inner_steps": 1}}))
     rep = trajectories(tmp_path / "tr2", source=str(src), iterations=4, seeds=2, overrides=TINY, log=lambda s: None)
     assert [e["label"] for e in rep["rows"]] == ["Meta-SGD + p_R(1e-05, 1)"]
+
+
+def test_study_reuses_finished_runs_of_the_identical_configuration(tmp_path):
+    # the weight sweep's Table 2 rows are the batch-size study's rows at B = 25 (the Table 2 batch)
+    sweep = tmp_path / "sweep"
+    keys = ["cavia", "cavia_pC_0.001", "cavia_pR_1e-05_r2"]
+    reproduce("robustness", sweep, iterations=2, seeds=2, algorithms=["cavia"], progress=False, overrides=TINY,
+              only_rows=keys, log=lambda s: None)
+    with pytest.raises(ConfigError, match="no runs/ directory"):
+        study("batch-size", tmp_path / "bad", iterations=2, seeds=2, algorithms=["cavia"], values=[25],
+              progress=False, overrides=TINY, reuse=[str(tmp_path / "none")], log=lambda s: None)
+    out = tmp_path / "bs"
+    logged = []
+    rep = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 25], progress=False,
+                overrides=TINY, reuse=[str(sweep)], log=logged.append)
+    assert rep["reused"] == {f"{k}_B25": str(sweep / "runs" / k) for k in keys}
+    for k in keys:  # the same files, not retrained
+        a, b = out / "runs" / f"{k}_B25" / "checkpoint.pt", sweep / "runs" / k / "checkpoint.pt"
+        assert a.stat().st_ino == b.stat().st_ino
+    assert not any("reused" in line for line in logged if "_B5" in line)
+    by_key = {r["key"]: r for r in rep["rows"]}
+    swept = json.loads((sweep / "robustness.json").read_text())
+    plain = next(r for r in swept["rows"] if r["key"] == "cavia")
+    assert by_key["cavia_B25"]["ours"]["mean"] == plain["ours"]["mean"]
+    assert "reused, as finished runs of the identical configuration" in (out / "batch-size.md").read_text()
+    # a run of another configuration is not taken: at B = 5 nothing matched, so those rows trained here
+    assert (out / "runs" / "cavia_B5" / "checkpoint.pt").stat().st_nlink == 1
+    # a later call without --reuse keeps the list
+    again = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 25], progress=False,
+                  overrides=TINY, log=lambda s: None)
+    assert again["reused"] == rep["reused"]
+    assert main(["reproduce", "table2", "--reuse", str(sweep), "--out", str(tmp_path / "t2")]) == 2
