@@ -374,7 +374,8 @@ def reuse_runs(configs: Dict[str, Dict[str, Any]], runs_dir: Path, sources: Sequ
     first run in ``SOURCE/runs/*/`` (for each ``SOURCE`` in ``sources``, in order) that has finished with
     exactly that configuration (:func:`finished_run`: every option, the budget and the seeds) is linked
     into ``runs_dir/<row>/`` (hard links; copies where the file system refuses). Returns ``{row: the run
-    directory it came from}``. A partly trained run in ``runs_dir`` is left alone: it resumes.
+    directory it came from}``, including rows linked earlier (their ``metrics.json`` is the same file as
+    the source's). A partly trained run in ``runs_dir`` is left alone: it resumes.
     """
     import shutil
     reused: Dict[str, str] = {}
@@ -387,6 +388,11 @@ def reuse_runs(configs: Dict[str, Dict[str, Any]], runs_dir: Path, sources: Sequ
     for key, config in configs.items():
         dest = Path(runs_dir) / key
         if dest.exists() and any(dest.iterdir()):
+            if (dest / "metrics.json").is_file():
+                same = next((d for d in candidates if d.resolve() != dest.resolve()
+                             and os.path.samefile(d / "metrics.json", dest / "metrics.json")), None)
+                if same is not None:
+                    reused[key] = str(same)
             continue
         match = next((d for d in candidates if d.resolve() != dest.resolve() and finished_run(config, str(d))), None)
         if match is None:

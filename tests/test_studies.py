@@ -140,4 +140,9 @@ def test_study_reuses_finished_runs_of_the_identical_configuration(tmp_path):
     again = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 25], progress=False,
                   overrides=TINY, log=lambda s: None)
     assert again["reused"] == rep["reused"]
+    # rows linked by hand (or by an earlier call) are recognised as reused by a call with --reuse
+    (out / "batch-size.json").unlink()
+    third = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 25], progress=False,
+                  overrides=TINY, reuse=[str(sweep)], log=lambda s: None)
+    assert third["reused"] == rep["reused"]
     assert main(["reproduce", "table2", "--reuse", str(sweep), "--out", str(tmp_path / "t2")]) == 2
