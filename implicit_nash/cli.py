@@ -149,14 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = command("reproduce", "reproduce the paper's tables (all seeds, all rows; cached and resumable)")
     rep.add_argument("name", choices=["table2", "robustness", "table3", "table4", "faces", "digits", "batch-size",
-                                      "step-size", "trajectories", "sweep-summary"],
+                                      "step-size", "trajectories", "sweep-summary", "batch-size-summary",
+                                      "step-size-summary"],
                      help="table2: Table 2's 12 rows; robustness: the weight sweeps of Tables 5-6; table3: CelebA "
                           "image completion; table4: MiniImageNet (both need --data-root); faces, digits: stand-ins "
                           "for Tables 3 and 4 on data that ships with scikit-image / scikit-learn (LFW faces, "
                           "digits); batch-size, step-size: "
                           "Appendix F's studies (Figures 3-10); trajectories: Figures 2 and 11-13 from the finished "
                           "Table 2 runs in --source; sweep-summary: every algorithm's weight sweep of --iterations "
-                          "side by side, from the robustness reports in --source/*/ (trains nothing)")
+                          "side by side, from the robustness reports in --source/*/ (trains nothing); "
+                          "batch-size-summary, step-size-summary: that study of every algorithm at --iterations "
+                          "side by side, from the study reports in --source/*/ (trains nothing)")
     rep.add_argument("--iterations", type=int, help="meta-iterations per run (default: the paper's, 70000 for "
                                                     "sinusoid)")
     rep.add_argument("--data-root", help="dataset folder for table3 (CelebA) and table4 (MiniImageNet)")
@@ -178,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--values", type=float, nargs="+",
                      help="batch-size, step-size: the grid (default: B 5 10 15 20 25; alpha 1e-4 3e-4 1e-3 3e-3 1e-2)")
     rep.add_argument("--source", default="results",
-                     help="trajectories: the directory of the Table 2 runs; sweep-summary: the directory whose "
-                          "subdirectories hold robustness reports")
+                     help="trajectories: the directory of the Table 2 runs; sweep-summary, batch-size-summary, "
+                          "step-size-summary: the directory whose subdirectories hold the reports to read")
     rep.add_argument("--grid", choices=["auto", "on", "off"], default="auto",
                      help="train the rows that differ only in penalty weights and inner step sizes as one grid "
                           "(one vmap over rows and seeds, one job): on, off, or auto (where it measured faster: "
@@ -320,7 +323,8 @@ def _reproduce(args) -> int:
         if args.iterations is not None and args.iterations < 1:
             return _fail(f"--iterations must be positive, got {args.iterations}")
         out = args.out or str(Path("runs") / args.name)
-        if args.rows and args.name in ("trajectories", "batch-size", "step-size", "sweep-summary"):
+        if args.rows and args.name in ("trajectories", "batch-size", "step-size", "sweep-summary",
+                                       "batch-size-summary", "step-size-summary"):
             return _fail(f"--rows is for the tables (table2, robustness, table3, table4), not {args.name}")
         if args.reuse and args.name not in ("batch-size", "step-size"):
             return _fail(f"--reuse is for the studies (batch-size, step-size), not {args.name}")
@@ -329,6 +333,13 @@ def _reproduce(args) -> int:
             if args.iterations is None:
                 return _fail("reproduce sweep-summary needs --iterations N, the budget of the reports to read")
             sweep_summary(args.out or str(Path("runs") / "sweep_summary"), source=args.source,
+                          iterations=args.iterations)
+        elif args.name in ("batch-size-summary", "step-size-summary"):
+            from .studies import study_summary
+            if args.iterations is None:
+                return _fail(f"reproduce {args.name} needs --iterations N, the budget of the reports to read")
+            study = args.name[:-len("-summary")]
+            study_summary(study, args.out or str(Path("runs") / f"{study}_summary"), source=args.source,
                           iterations=args.iterations)
         elif args.name == "trajectories":
             from .studies import trajectories

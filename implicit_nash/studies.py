@@ -24,7 +24,7 @@ from .reproduce import (PAIRED_RULE, ROWSETS, STABLE_NOTE, STABLE_SETTINGS, TAIL
                         reuse_runs,
                         paired_comparisons, train_rows, write_outputs)
 
-__all__ = ["STUDIES", "study", "sweep_summary", "trajectories"]
+__all__ = ["STUDIES", "study", "study_summary", "sweep_summary", "trajectories"]
 
 # The grids. Batch size: the paper's B in {5, 10, 15, 20, 25} (Appendix F.2). Step size: the paper
 # does not print its grid (F.3 repeats F.2's sentence), so we take 5 values over two decades, evenly
@@ -158,17 +158,26 @@ def _cell(x: Optional[Dict[str, float]]) -> str:
     return f"{x['mean']:.3f} ± {x['ci']:.3f}" if x["n"] > 1 else f"{x['mean']:.3f}"
 
 
-def _study_markdown(rep) -> str:
+def _study_setting(rep) -> str:
+    """The sentences on the grid and the settings, for a study report (or a summary of several)."""
     sym = rep["symbol"]
+    text = (f"Grid: {sym} in {{{', '.join(f'{v:g}' for v in rep['values'])}}}; every other hyperparameter as in "
+            "Table 2, penalties at their Table 2 weights. The centroid penalty's (B/(alpha N))^2 scale follows B "
+            "and alpha (the paper's eq. 13).")
+    if any(r["algorithm"] == "Meta-SGD" for r in rep["rows"]):
+        text += (" Meta-SGD runs in its stable setting: three inner steps with the learned step sizes clamped to "
+                 "[0, 0.1] (`inner_steps = 3`, `lr_clip = [0, 0.1]`, chosen on validation data, "
+                 "`results/metasgd_stable/`); with the paper's three unclamped steps it diverges. Its step sizes "
+                 "are learned: alpha is their initial value, and its centroid scale keeps Appendix E's alpha = 0.05.")
+    return text
+
+
+def _study_markdown(rep) -> str:
     lines = [f"# Appendix F: robustness to the {rep['study'].replace('-', ' ')} (the paper's Figures "
              f"{rep['paper_figures']})", "",
              f"Command: `{rep['command']}`", "",
              f"**Budget used: {rep['budget']}.** The paper's budget: 70,000 iterations, 5 trials.",
-             f"Grid: {sym} in {{{', '.join(f'{v:g}' for v in rep['values'])}}}; every other hyperparameter as in "
-             "Table 2, penalties at their Table 2 weights. The centroid penalty's (B/(alpha N))^2 scale follows B "
-             "and alpha (the paper's eq. 13). Meta-SGD runs in its stable setting: three inner steps with the "
-             "learned step sizes clamped to [0, 0.1] (`inner_steps = 3`, `lr_clip = [0, 0.1]`, chosen on "
-             "validation data, `results/metasgd_stable/`); with the paper's three unclamped steps it diverges.",
+             _study_setting(rep),
              "Test: 5,000 tasks in 490 amplitude groups; mean and worst case over groups of the per-group MSE, "
              "± the 95% t-interval over seeds.", ""]
     if rep["overrides"]:
@@ -176,7 +185,19 @@ def _study_markdown(rep) -> str:
     if rep.get("reused"):
         lines += ["Rows not trained here but reused, as finished runs of the identical configuration (every option, "
                   "budget and seed; hard links): " + "; ".join(f"`{k}` ← `{v}`" for k, v in rep["reused"].items()), ""]
-    lines += [PAIRED_RULE, "",
+    lines += _study_table(rep)
+    if rep["report_only"]:
+        lines += ["", "Rebuilt from the finished runs without training (`--report-only`)."]
+    else:
+        lines += ["", f"Wall time of the call that wrote this file: {rep['wall_seconds_this_call'] / 60:.1f} min "
+                  "(rows found finished were not retrained)."]
+    return "\n".join(lines) + "\n"
+
+
+def _study_table(rep) -> List[str]:
+    """The paired table and its per-algorithm summary (each algorithm's Holm family as in its rows)."""
+    sym = rep["symbol"]
+    lines = [PAIRED_RULE, "",
               f"Paired Δ = Nash − plain at the same {sym}: per seed ± 95% t-interval, Holm-adjusted p; over "
               f"groups [95% bootstrap] (the worst case over the hardest {int(TAIL * 100)}% of groups).", "",
               f"| algorithm | {sym} | variant | mean | worst | Δ mean per seed (p Holm) | Δ mean over groups "
@@ -204,9 +225,9 @@ def _study_markdown(rep) -> str:
         lines.append(f"{head} {_cell(o.get('mean'))}{div} | {_cell(o.get('worst'))} {cells} |")
     tested = [r for r in rep["rows"] if r.get("paired", {}).get("tested")]
     lines += ["", "## Summary", ""]
-    if tested:
-        lines.append(f"Holm family: {tested[0]['paired']['family_size']} tests (mean and worst case of "
-                     f"{len(tested)} Nash-GBML rows).")
+    families = {r["paired"]["family_size"] for r in tested}
+    if len(families) == 1:
+        lines.append(f"Holm family: {families.pop()} tests (mean and worst case of {len(tested)} Nash-GBML rows).")
         lines.append("")
     for algo in dict.fromkeys(r["algorithm"] for r in rep["rows"]):
         rs = [r for r in tested if r["algorithm"] == algo]
@@ -219,13 +240,10 @@ def _study_markdown(rep) -> str:
             better = sum(r["paired"][m]["verdict"] == "better" for r in rs)
             worse = sum(r["paired"][m]["verdict"] == "worse" for r in rs)
             parts.append(f"{m}: Nash lower in {lower} of {len(rs)}, paired verdict better in {better}, worse in {worse}")
-        lines.append(f"- {algo}: " + "; ".join(parts) + ".")
-    if rep["report_only"]:
-        lines += ["", "Rebuilt from the finished runs without training (`--report-only`)."]
-    else:
-        lines += ["", f"Wall time of the call that wrote this file: {rep['wall_seconds_this_call'] / 60:.1f} min "
-                  "(rows found finished were not retrained)."]
-    return "\n".join(lines) + "\n"
+        family = "" if len({r["paired"]["family_size"] for r in tested}) == 1 else \
+            f" (Holm family: {rs[0]['paired']['family_size']} tests)"
+        lines.append(f"- {algo}{family}: " + "; ".join(parts) + ".")
+    return lines
 
 
 def _study_figure(rep, path: Path) -> None:
@@ -279,6 +297,64 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def study_summary(name: str, out_dir: str, *, source: str = "results", iterations: int = 10000,
+                  log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """One study (``batch-size`` or ``step-size``) for every algorithm at one budget, side by side, from the
+    study reports already written (``SOURCE/*/<name>.json``, e.g. one ``reproduce batch-size`` per algorithm).
+
+    Only reports of exactly ``iterations`` iterations are read (budgets are never pooled); two reports of
+    one algorithm at that budget are refused. Each row keeps the paired statistics and verdict of its own
+    report (Holm over that report's tests), which are not recomputed. Writes
+    ``DIR/<name>_summary.{json,md,png}``: the figure has one row of panels per algorithm (mean and
+    worst-case test MSE against the grid value, plain and Nash-GBML overlaid, and the paired differences).
+    """
+    if name not in STUDIES:
+        raise ConfigError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
+    spec = STUDIES[name]
+    reports: Dict[str, Dict[str, Any]] = {}
+    for path in sorted(Path(source).glob(f"*/{name}.json")):
+        rep = json.loads(path.read_text())
+        if rep.get("iterations") != iterations:
+            continue
+        for algo in dict.fromkeys(r["algorithm"] for r in rep["rows"]):
+            if algo in reports:
+                raise ConfigError(f"two {name} reports of {algo} at {iterations} iterations: "
+                                  f"{reports[algo]['source']} and {path.parent}")
+            reports[algo] = {"source": str(path.parent), "command": rep["command"], "budget": rep["budget"],
+                             "rows": [r for r in rep["rows"] if r["algorithm"] == algo]}
+    if not reports:
+        raise ConfigError(f"no {name} report (*/{name}.json) of {iterations} iterations in {source}")
+    order = list(dict.fromkeys(r["group"] for r in _rows("table2")))  # the paper's order
+    algos = sorted(reports, key=lambda a: order.index(a) if a in order else len(order))
+    rows = [r for a in algos for r in reports[a]["rows"]]
+    report = {"summary": f"the {name} study, every algorithm at one budget", "study": name,
+              "symbol": spec["symbol"], "paper_figures": spec["figures"], "iterations": iterations,
+              "values": sorted({r["value"] for r in rows}), "source": source,
+              "budget": f"{iterations} iterations x 5 seeds per row (each report's own budget line below)",
+              "command": f"implicit-nash reproduce {name}-summary --source {source} --iterations {iterations}",
+              "reports": {a: {k: reports[a][k] for k in ("source", "command", "budget")} for a in algos},
+              "rows": rows}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(out, f"{name}_summary", report, _study_summary_markdown(report),
+                  lambda path: _study_figure(report, path), log)
+    return report
+
+
+def _study_summary_markdown(rep) -> str:
+    lines = [f"# Appendix F at {rep['iterations']:,} iterations: the {rep['study'].replace('-', ' ')} study of every "
+             f"algorithm (the paper's Figures {rep['paper_figures']})", "",
+             f"Command: `{rep['command']}` (reads the study reports below; trains nothing).", "",
+             f"**Budget: {rep['iterations']:,} of the paper's 70,000 iterations, 5 seeds per row.** Reports at other "
+             "budgets are not read, so nothing is pooled across budgets. Each row keeps the paired statistics and "
+             "verdict of its own report (Holm over that report's tests).", "",
+             _study_setting(rep), "", "| algorithm | report | budget | command |", "|---|---|---|---|"]
+    for algo, r in rep["reports"].items():
+        lines.append(f"| {algo} | `{r['source']}` | {r['budget']} | `{r['command']}` |")
+    lines += [""] + _study_table(rep)
+    return "\n".join(lines) + "\n"
 
 
 # --- training trajectories (Figures 2, 11-13) ---------------------------------------------------------

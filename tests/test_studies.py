@@ -6,7 +6,7 @@ import pytest
 from implicit_nash.cli import main
 from implicit_nash.meta.config import ConfigError
 from implicit_nash.reproduce import reproduce
-from implicit_nash.studies import STUDIES, study, trajectories
+from implicit_nash.studies import STUDIES, study, study_summary, trajectories
 
 TINY = {"eval_every": 2, "val_tasks": 490, "test_tasks": 490}
 
@@ -146,3 +146,29 @@ def test_study_reuses_finished_runs_of_the_identical_configuration(tmp_path):
                   overrides=TINY, reuse=[str(sweep)], log=lambda s: None)
     assert third["reused"] == rep["reused"]
     assert main(["reproduce", "table2", "--reuse", str(sweep), "--out", str(tmp_path / "t2")]) == 2
+
+
+def test_study_summary_puts_each_algorithms_report_side_by_side(tmp_path):
+    src = tmp_path / "results"
+    quiet = {"progress": False, "overrides": TINY, "log": lambda s: None, "seeds": 2}
+    study("batch-size", src / "bs_cavia", iterations=2, algorithms=["cavia"], values=[5], **quiet)
+    study("batch-size", src / "bs_maml", iterations=2, algorithms=["maml"], values=[5], **quiet)
+    study("batch-size", src / "bs_cavia_3", iterations=3, algorithms=["cavia"], values=[5], **quiet)  # other budget
+    rep = study_summary("batch-size", tmp_path / "sum", source=str(src), iterations=2, log=lambda s: None)
+    assert list(rep["reports"]) == ["MAML", "CAVIA"]  # the paper's order
+    assert [(r["algorithm"], r["variant"]) for r in rep["rows"]] == [
+        ("MAML", "plain"), ("MAML", "p_C(0.1)"), ("MAML", "p_R(0.01, 2)"),
+        ("CAVIA", "plain"), ("CAVIA", "p_C(0.001)"), ("CAVIA", "p_R(1e-05, 2)")]
+    # each row keeps its own report's paired statistics (and Holm family)
+    own = json.loads((src / "bs_cavia" / "batch-size.json").read_text())
+    assert rep["rows"][3:] == own["rows"]
+    md = (tmp_path / "sum" / "batch-size_summary.md").read_text()
+    assert "`" + str(src / "bs_maml") + "`" in md and "bs_cavia_3" not in md
+    assert (tmp_path / "sum" / "batch-size_summary.png").is_file()
+    with pytest.raises(ConfigError, match="no step-size report"):
+        study_summary("step-size", tmp_path / "s2", source=str(src), iterations=2, log=lambda s: None)
+    (src / "copy").mkdir()
+    (src / "copy" / "batch-size.json").write_text((src / "bs_cavia" / "batch-size.json").read_text())
+    with pytest.raises(ConfigError, match="two batch-size reports of CAVIA"):
+        study_summary("batch-size", tmp_path / "s3", source=str(src), iterations=2, log=lambda s: None)
+    assert main(["reproduce", "batch-size-summary", "--source", str(src), "--out", str(tmp_path / "s4")]) == 2
