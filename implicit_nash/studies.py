@@ -299,6 +299,26 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _reports_by_algorithm(source: str, filename: str, iterations: int, field: str,
+                          what: str) -> Dict[str, Dict[str, Any]]:
+    """algorithm -> its report's source, command, budget, stable settings and rows, from every
+    ``SOURCE/*/<filename>`` of exactly ``iterations`` iterations (rows grouped by their ``field``); two
+    reports of one algorithm at that budget are refused."""
+    reports: Dict[str, Dict[str, Any]] = {}
+    for path in sorted(Path(source).glob(f"*/{filename}")):
+        rep = json.loads(path.read_text())
+        if rep.get("iterations") != iterations:
+            continue
+        for algo in dict.fromkeys(r[field] for r in rep["rows"]):
+            if algo in reports:
+                raise ConfigError(f"two {what} reports of {algo} at {iterations} iterations: "
+                                  f"{reports[algo]['source']} and {path.parent}")
+            reports[algo] = {"source": str(path.parent), "command": rep["command"], "budget": rep["budget"],
+                             "stable_settings": rep.get("stable_settings", {}),
+                             "rows": [r for r in rep["rows"] if r[field] == algo]}
+    return reports
+
+
 def study_summary(name: str, out_dir: str, *, source: str = "results", iterations: int = 10000,
                   log: Callable[[str], None] = print) -> Dict[str, Any]:
     """One study (``batch-size`` or ``step-size``) for every algorithm at one budget, side by side, from the
@@ -313,17 +333,7 @@ def study_summary(name: str, out_dir: str, *, source: str = "results", iteration
     if name not in STUDIES:
         raise ConfigError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
     spec = STUDIES[name]
-    reports: Dict[str, Dict[str, Any]] = {}
-    for path in sorted(Path(source).glob(f"*/{name}.json")):
-        rep = json.loads(path.read_text())
-        if rep.get("iterations") != iterations:
-            continue
-        for algo in dict.fromkeys(r["algorithm"] for r in rep["rows"]):
-            if algo in reports:
-                raise ConfigError(f"two {name} reports of {algo} at {iterations} iterations: "
-                                  f"{reports[algo]['source']} and {path.parent}")
-            reports[algo] = {"source": str(path.parent), "command": rep["command"], "budget": rep["budget"],
-                             "rows": [r for r in rep["rows"] if r["algorithm"] == algo]}
+    reports = _reports_by_algorithm(source, f"{name}.json", iterations, "algorithm", name)
     if not reports:
         raise ConfigError(f"no {name} report (*/{name}.json) of {iterations} iterations in {source}")
     order = list(dict.fromkeys(r["group"] for r in _rows("table2")))  # the paper's order
@@ -587,18 +597,7 @@ def sweep_summary(out_dir: str, *, source: str = "results", iterations: int = 10
     per algorithm and weight, the paired Δ (Nash − plain) of the mean and worst-case test MSE with its
     95% t-interval over seeds and verdict, and per algorithm the counts in the direction the paper claims.
     """
-    reports = {}
-    for path in sorted(Path(source).glob("*/robustness.json")):
-        rep = json.loads(path.read_text())
-        if rep.get("iterations") != iterations:
-            continue
-        for algo in dict.fromkeys(r["group"] for r in rep["rows"]):
-            if algo in reports:
-                raise ConfigError(f"two weight-sweep reports of {algo} at {iterations} iterations: "
-                                  f"{reports[algo]['source']} and {path.parent}")
-            reports[algo] = {"source": str(path.parent), "command": rep["command"], "budget": rep["budget"],
-                             "stable_settings": rep.get("stable_settings", {}),
-                             "rows": [r for r in rep["rows"] if r["group"] == algo]}
+    reports = _reports_by_algorithm(source, "robustness.json", iterations, "group", "weight-sweep")
     if not reports:
         raise ConfigError(f"no weight-sweep report (*/robustness.json) of {iterations} iterations in {source}")
     table = ROWSETS["robustness"]()
