@@ -226,8 +226,9 @@ def _study_table(rep) -> List[str]:
     tested = [r for r in rep["rows"] if r.get("paired", {}).get("tested")]
     lines += ["", "## Summary", ""]
     families = {r["paired"]["family_size"] for r in tested}
-    if len(families) == 1:
-        lines.append(f"Holm family: {families.pop()} tests (mean and worst case of {len(tested)} Nash-GBML rows).")
+    one_family = len(families) == 1
+    if one_family:
+        lines.append(f"Holm family: {min(families)} tests (mean and worst case of {len(tested)} Nash-GBML rows).")
         lines.append("")
     for algo in dict.fromkeys(r["algorithm"] for r in rep["rows"]):
         rs = [r for r in tested if r["algorithm"] == algo]
@@ -240,8 +241,7 @@ def _study_table(rep) -> List[str]:
             better = sum(r["paired"][m]["verdict"] == "better" for r in rs)
             worse = sum(r["paired"][m]["verdict"] == "worse" for r in rs)
             parts.append(f"{m}: Nash lower in {lower} of {len(rs)}, paired verdict better in {better}, worse in {worse}")
-        family = "" if len({r["paired"]["family_size"] for r in tested}) == 1 else \
-            f" (Holm family: {rs[0]['paired']['family_size']} tests)"
+        family = "" if one_family else f" (Holm family: {rs[0]['paired']['family_size']} tests)"
         lines.append(f"- {algo}{family}: " + "; ".join(parts) + ".")
     return lines
 
@@ -302,8 +302,9 @@ def _save(fig, path: Path) -> None:
 def _reports_by_algorithm(source: str, filename: str, iterations: int, field: str,
                           what: str) -> Dict[str, Dict[str, Any]]:
     """algorithm -> its report's source, command, budget, stable settings and rows, from every
-    ``SOURCE/*/<filename>`` of exactly ``iterations`` iterations (rows grouped by their ``field``); two
-    reports of one algorithm at that budget are refused."""
+    ``SOURCE/*/<filename>`` of exactly ``iterations`` iterations (rows grouped by their ``field``), in the
+    paper's order of the algorithms (MAML, Meta-SGD, CAVIA, TR-MAML; others after them); two reports of
+    one algorithm at that budget are refused."""
     reports: Dict[str, Dict[str, Any]] = {}
     for path in sorted(Path(source).glob(f"*/{filename}")):
         rep = json.loads(path.read_text())
@@ -316,7 +317,8 @@ def _reports_by_algorithm(source: str, filename: str, iterations: int, field: st
             reports[algo] = {"source": str(path.parent), "command": rep["command"], "budget": rep["budget"],
                              "stable_settings": rep.get("stable_settings", {}),
                              "rows": [r for r in rep["rows"] if r[field] == algo]}
-    return reports
+    order = list(dict.fromkeys(r["group"] for r in _rows("table2")))
+    return {a: reports[a] for a in sorted(reports, key=lambda a: order.index(a) if a in order else len(order))}
 
 
 def study_summary(name: str, out_dir: str, *, source: str = "results", iterations: int = 10000,
@@ -336,8 +338,7 @@ def study_summary(name: str, out_dir: str, *, source: str = "results", iteration
     reports = _reports_by_algorithm(source, f"{name}.json", iterations, "algorithm", name)
     if not reports:
         raise ConfigError(f"no {name} report (*/{name}.json) of {iterations} iterations in {source}")
-    order = list(dict.fromkeys(r["group"] for r in _rows("table2")))  # the paper's order
-    algos = sorted(reports, key=lambda a: order.index(a) if a in order else len(order))
+    algos = list(reports)
     rows = [r for a in algos for r in reports[a]["rows"]]
     report = {"summary": f"the {name} study, every algorithm at one budget", "study": name,
               "symbol": spec["symbol"], "paper_figures": spec["figures"], "iterations": iterations,
@@ -601,9 +602,8 @@ def sweep_summary(out_dir: str, *, source: str = "results", iterations: int = 10
     if not reports:
         raise ConfigError(f"no weight-sweep report (*/robustness.json) of {iterations} iterations in {source}")
     table = ROWSETS["robustness"]()
-    order = list(dict.fromkeys(r["group"] for r in table))  # the paper's order: MAML, Meta-SGD, CAVIA, TR-MAML
     algos = {}
-    for algo in sorted(reports, key=lambda a: order.index(a) if a in order else len(order)):
+    for algo in reports:
         rep = reports[algo]
         rows = rep["rows"]
         nash = [r for r in rows if r["penalty"]["penalty"] != "none"]
