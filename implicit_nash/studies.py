@@ -103,14 +103,19 @@ def study(name: str, out_dir: str, *, iterations: Optional[int] = None, seeds: i
     reused = {} if report_only else reuse_runs(configs, out / "runs", list(reuse))
     for key, src in reused.items():
         log(f"row {key}: reused the finished run {src} (the identical configuration)")
-    # rows reused by an earlier call stay listed (their runs are hard links: the same files)
+    # rows reused by an earlier call stay listed while their run is still the same file as the source's
     earlier = out / f"{name}.json"
     if earlier.is_file():
         try:
             old_reused = json.loads(earlier.read_text()).get("reused", {})
         except ValueError:
             old_reused = {}
-        reused = {**{k: v for k, v in old_reused.items() if k in configs}, **reused}
+        still = {}
+        for k, v in old_reused.items():
+            mine, theirs = out / "runs" / k / "metrics.json", Path(v) / "metrics.json"
+            if k in configs and mine.is_file() and theirs.is_file() and os.path.samefile(mine, theirs):
+                still[k] = v
+        reused = {**still, **reused}
     t0 = time.time()
     results, failures = train_rows(name, configs, out, budget, jobs=jobs, progress=progress,
                                    report_only=report_only, log=log, grid=grid)

@@ -1,5 +1,6 @@
 """Appendix F machinery on a tiny budget: the batch-size and step-size studies and the trajectories."""
 import json
+import os
 
 import pytest
 
@@ -140,6 +141,16 @@ def test_study_reuses_finished_runs_of_the_identical_configuration(tmp_path):
     again = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 25], progress=False,
                   overrides=TINY, log=lambda s: None)
     assert again["reused"] == rep["reused"]
+    # a row whose run no longer is the source's file (here: rewritten) is no longer listed
+    target = out / "runs" / "cavia_B25" / "metrics.json"
+    content = target.read_text()
+    target.unlink()
+    target.write_text(content)
+    fourth = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 25], progress=False,
+                   overrides=TINY, log=lambda s: None)
+    assert set(fourth["reused"]) == set(rep["reused"]) - {"cavia_B25"}
+    target.unlink()
+    os.link(sweep / "runs" / "cavia" / "metrics.json", target)
     # rows linked by hand (or by an earlier call) are recognised as reused by a call with --reuse
     (out / "batch-size.json").unlink()
     third = study("batch-size", out, iterations=2, seeds=2, algorithms=["cavia"], values=[5, 25], progress=False,
