@@ -17,7 +17,7 @@ from .games import CostGame, Game
 from .implicit import Adjoint, EquilibriumFn, Implicit, Problem, Unrolled
 from .linear_solve import GMRES, LinearSolver
 from .sets import Reals, StrategySet
-from .solvers import PRGD, FlatProblem, Solution, Solver, _lipschitz_estimate, iterate
+from .solvers import FLOOR, PRGD, FlatProblem, Solution, Solver, _lipschitz_estimate, error_estimate, iterate
 
 __all__ = ["solve_vi", "nash_equilibrium", "NashLayer", "vi_solution", "nash_solution", "custom_root",
            "custom_fixed_point"]
@@ -118,6 +118,9 @@ def _root_check(tol, z_name: str) -> Callable:
     rtol, atol, enabled = tol
 
     def check(problem: FlatProblem, start: torch.Tensor, z: torch.Tensor) -> Solution:
+        """The forward's output measured as the forward solvers' answers are: the step-scaled
+        residual and the estimated error against ``atol + rtol * ||z||`` (the initial point, which the
+        forward may ignore, plays no part)."""
         problem.name = z_name
         if not enabled:
             return Solution(z, "converged", 0, math.nan, [], {"tolerance": math.nan, "root_check": False})
@@ -125,22 +128,30 @@ def _root_check(tol, z_name: str) -> Callable:
             if not bool(torch.isfinite(z).all()):
                 return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
             with torch.enable_grad():
-                F0 = problem.F(start)
-            if F0.requires_grad:
+                Fz = problem.F(z)
+            if Fz.requires_grad:
                 raise ValueError("the residual depends on tensors that require grad but are not in theta (a "
                                  "closure over parameters?); their gradient would be dropped: pass them in theta")
-            Fz = problem.F(z)
-            r0 = problem.residual_norm(start, F0)
-            r = problem.residual_norm(z, Fz)
+            if not bool(torch.isfinite(Fz).all()):
+                return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
             L = _lipschitz_estimate(problem, z, Fz)
-            rt = math.sqrt(torch.finfo(z.dtype).eps) if rtol is None else rtol
-            tol = [atol + rt * max(l * zn, a) for l, zn, a in zip(L, problem.norms(z), r0)]
-        statuses = ["converged" if x <= t else "not_a_root" for x, t in zip(r, tol)]
+            problem.set_step(L, z)
+            r = problem.residual_norm(z, Fz)
+            eps = torch.finfo(z.dtype).eps
+            rt = max(math.sqrt(eps) if rtol is None else float(rtol), FLOOR * eps)
+            znorm = problem.norms(z)
+            scale = [max(zn, fn / l if l > 0 else fn) for zn, fn, l in zip(znorm, problem.norms(Fz), L)]
+            tol = [float(atol) + rt * zn + eps ** 1.5 * s for zn, s in zip(znorm, scale)]
+        errors, note = error_estimate(problem, z)
+        statuses = ["converged" if x <= t and e <= t else "not_a_root" for x, e, t in zip(r, errors, tol)]
         status = "converged" if all(s == "converged" for s in statuses) else "not_a_root"
-        sol = Solution(z, status, 0, max(r), [max(r)],
-                       {"tolerance": min(tol), "lipschitz": max(L), "evaluations": problem.evaluations})
+        stats = {"tolerance": min(tol), "lipschitz": max(L), "evaluations": problem.evaluations, "rtol": rt}
+        if note:
+            stats["estimate"] = note
+        sol = Solution(z, status, 0, max(r), [max(r)], stats)
+        sol.error = max(errors)
         if problem.groups > 1:
-            sol.statuses, sol.residuals = statuses, r
+            sol.statuses, sol.residuals, sol.errors = statuses, r, errors
         return sol
     return check
 
@@ -306,11 +317,14 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
     any order, ``torch.func`` transforms, ``vmap`` (the forward then runs once per problem), the same
     :class:`~implicit_nash.LinearSolver` choices and failure contract.
 
-    The output is checked to be a root first: :math:`\|r(z^*)\| \le \text{atol} + \text{rtol}
-    \max(\hat L\|z^*\|, \|r(z_0)\|)` with :math:`\hat L` a finite-difference estimate of the
-    residual's Lipschitz constant at :math:`z^*` and ``rtol`` defaulting to :math:`\sqrt{\varepsilon}`;
-    a point that fails is a :class:`~implicit_nash.ConvergenceError` with status ``"not_a_root"``
-    (a warning with ``throw=False``), since its implicit gradient would be wrong.
+    The output is checked to be a root first, in the units of ``z``: both the step-scaled residual
+    :math:`\|r(z^*)\|/\hat L` (:math:`\hat L` a finite-difference estimate of the residual's
+    Lipschitz constant at :math:`z^*`) and the estimated error :math:`\|(\partial_z r)^{-1} r(z^*)\|`
+    (a Newton correction, :func:`~implicit_nash.solvers.error_estimate`) must be at most
+    :math:`\text{atol} + \text{rtol}\,\|z^*\|`, ``rtol`` defaulting to :math:`\sqrt{\varepsilon}`; the
+    initial point plays no part.  A point that fails is a :class:`~implicit_nash.ConvergenceError`
+    with status ``"not_a_root"`` (a warning with ``throw=False``), since its implicit gradient would
+    be wrong.
 
     Args:
         residual: ``residual(z, theta)``, a pytree shaped like ``z``, zero at the solution; written
@@ -318,7 +332,8 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
         linear_solver: for the implicit systems, default :class:`~implicit_nash.GMRES`.
         symmetric: the symmetry tag of :math:`\partial_z r`, if known.
         throw, rtol, atol: as above.
-        check: ``False`` skips the root check (three evaluations of the residual per call): you
+        check: ``False`` skips the root check (a few evaluations of the residual and a small
+            linear solve per call): you
             vouch that ``forward`` returns a root, as JAXopt's ``custom_root`` assumes.
         warm_start: a :class:`~implicit_nash.WarmStart` (or ``True`` for one owned by this solve):
             each implicit linear solve starts from the previous call's solution.

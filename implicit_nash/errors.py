@@ -5,6 +5,8 @@ A solve that fails raises :class:`ConvergenceError` (or, with ``throw=False``, i
 
 * ``"max_steps"``: the iteration budget ran out before the tolerance was met;
 * ``"diverged"``: the residual grew a million-fold or became non-finite;
+* ``"inaccurate"``: the answer's estimated error stays above the tolerance, which rounding in the
+  working precision does not let the solver meet (an ill-conditioned problem for its dtype);
 * ``"breakdown"``: a Krylov recurrence met a zero denominator (BiCGSTAB on a skew operator, CG on an
   indefinite one);
 * ``"singular"``: the linear system is singular to working precision;
@@ -19,7 +21,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 #: The reasons a solve can fail with.
-REASONS = ("max_steps", "diverged", "breakdown", "singular", "non_finite", "not_a_root")
+REASONS = ("max_steps", "diverged", "inaccurate", "breakdown", "singular", "non_finite", "not_a_root")
 
 
 class ConvergenceError(RuntimeError):

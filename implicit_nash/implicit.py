@@ -148,6 +148,8 @@ def _as_warm_start(value) -> Optional[WarmStart]:
 def _fmt_reason(status: str) -> str:
     return {"max_steps": "the iteration budget ran out",
             "diverged": "the iterates diverged (the game may not be monotone, or the step size is too large)",
+            "inaccurate": "the estimated error stays above the tolerance, which rounding in this dtype does not let "
+                          "the solver meet (the problem is too ill-conditioned for it: use float64 or a looser rtol)",
             "breakdown": "the Krylov recurrence broke down",
             "singular": "the Jacobian is singular to working precision (the equilibrium may be degenerate, "
                         "or the game not strongly monotone)",
@@ -256,14 +258,17 @@ class Problem:
         rec.status, rec.steps, rec.residual, rec.history = sol.status, sol.steps, sol.residual, sol.history
         rec.stats.update(sol.stats)
         rec.statuses, rec.residuals = sol.statuses, sol.residuals
+        rec.error, rec.errors = sol.error, sol.errors
         if not sol.converged:
             where = ""
             if sol.statuses:
                 bad = [i for i, s in enumerate(sol.statuses) if s not in ("converged", "completed")]
                 where = f" (problems {bad[:10]}{'...' if len(bad) > 10 else ''} of the vmapped batch)"
             msg = (f"{self.name} stopped with status '{sol.status}' after {sol.steps} steps{where}: "
-                   f"residual {sol.residual:.3g}, tolerance {sol.stats.get('tolerance', float('nan')):.3g}; "
-                   f"{_fmt_reason(sol.status)}")
+                   f"residual {sol.residual:.3g}, estimated error {sol.error:.3g}, tolerance "
+                   f"{sol.stats.get('tolerance', float('nan')):.3g} (in the units of z); {_fmt_reason(sol.status)}")
+            if sol.stats.get("estimate"):
+                msg += f" ({sol.stats['estimate']})"
             if self.throw:
                 raise ConvergenceError(msg, status=sol.status, steps=sol.steps, residual=sol.residual,
                                        history=sol.history, stage="forward")

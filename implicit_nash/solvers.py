@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -40,10 +40,23 @@ from . import _collective
 from .linear_solve import LinearSolveInfo, _check_nonneg, _check_positive, default_rtol
 
 __all__ = ["Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
-           "iterate", "initial_state", "DIVERGENCE_FACTOR"]
+           "iterate", "initial_state", "error_estimate", "DIVERGENCE_FACTOR"]
 
 #: The loop declares divergence when the residual exceeds this multiple of the initial residual.
 DIVERGENCE_FACTOR = 1e6
+
+#: The rounding floor of the forward tolerance: ``rtol`` below ``FLOOR * eps`` is raised to it.
+FLOOR = 4.0
+
+#: The error estimate's linear solve: its relative tolerance and its budget of products.
+ESTIMATE_RTOL = 1e-3
+ESTIMATE_MAX_STEPS = 200
+
+#: How many times a solve may lower its residual threshold after an error estimate above tolerance.
+MAX_ESTIMATES = 8
+
+#: Statuses from best to worst (the status of a batch is its worst member's).
+_ORDER = ["converged", "completed", "max_steps", "inaccurate", "diverged"]
 
 
 @dataclass
@@ -65,6 +78,10 @@ class Solution:
             through this solution so far, in order (one per backward pass, and one per higher-order
             or forward-mode product); empty until a backward pass runs.
         statuses, residuals: per problem, when the solve ran batched under ``torch.func.vmap``.
+        error: an estimate of :math:`\\|z - z^*\\|` at the returned point (under ``vmap``: the
+            largest of the batch; ``errors`` per problem): the norm of the Newton correction
+            :math:`\\|A^{-1} G(z)\\|` with :math:`A = \\partial_z G` of the natural map (see
+            :func:`error_estimate`).  ``nan`` where none was computed (a diverged solve).
     """
 
     value: Any
@@ -76,6 +93,8 @@ class Solution:
     backward: List[LinearSolveInfo] = field(default_factory=list)
     statuses: List[str] = field(default_factory=list)
     residuals: List[float] = field(default_factory=list)
+    error: float = math.nan
+    errors: List[float] = field(default_factory=list)
 
     @property
     def converged(self) -> bool:
@@ -86,7 +105,9 @@ class FlatProblem:
     """What a solver sees: ``F`` and the projection on flat player-major vectors.
 
     ``groups`` independent problems of equal size may be stacked into one vector (batched solves);
-    norms are then taken per group.
+    norms are then taken per group.  ``step`` (set by :func:`iterate`; ``None``: 1) is the step
+    :math:`\\eta = 1/\\hat L` of the natural residual that the solvers report, per group, so that
+    the residual :math:`\\|z - \\Pi(z - \\eta F(z))\\|` is in the units of ``z``.
     """
 
     def __init__(self, operator: Callable[[torch.Tensor], torch.Tensor],
@@ -99,7 +120,8 @@ class FlatProblem:
         self.unconstrained = unconstrained
         self.groups = groups
         self.evaluations = 0
-        self.lipschitz: Optional[torch.Tensor] = None  # per group, set by iterate()
+        self.lipschitz: Optional[List[float]] = None  # per group, set by iterate()
+        self.step: Optional[Union[float, torch.Tensor]] = None  # the residual's step 1/L, set by iterate()
         self.check_closure = False  # iterate() evaluates F(z0) with grad on and refuses a closure
         self.name = ""  # the initial point's name, for messages
         self.frozen: Optional[torch.Tensor] = None  # groups that diverged (batched solves)
@@ -112,7 +134,26 @@ class FlatProblem:
                               torch.zeros((), dtype=out.dtype, device=out.device), out)
         return out
 
+    def set_step(self, lipschitz: Sequence[float], like: torch.Tensor) -> None:
+        """The residual's step :math:`1/\\hat L` per group (1 where the estimate is zero)."""
+        steps = [1.0 / l if l > 0 and math.isfinite(1.0 / l) else 1.0 for l in lipschitz]
+        if self.groups == 1:
+            self.step = steps[0]
+        else:
+            self.step = torch.tensor(steps, dtype=like.dtype, device=like.device).repeat_interleave(
+                like.numel() // self.groups)
+
     def residual_vector(self, z: torch.Tensor, Fz: torch.Tensor) -> torch.Tensor:
+        if self.step is not None:
+            Fz = Fz * self.step
+        return Fz if self.unconstrained else z - self.project(z - Fz)
+
+    def natural_map(self, z: torch.Tensor) -> torch.Tensor:
+        """:math:`G(z) = z - \\Pi(z - \\eta F(z))` (``F`` itself, scaled, without constraints): a
+        function of ``z`` whose derivatives are taken (no evaluation count, no frozen groups)."""
+        Fz = self.operator(z)
+        if self.step is not None:
+            Fz = Fz * self.step
         return Fz if self.unconstrained else z - self.project(z - Fz)
 
     def norms(self, v: torch.Tensor) -> List[float]:
@@ -404,11 +445,80 @@ def initial_state(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Dic
     return solver.init(problem, z0, F0)
 
 
-def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
-    """Run ``solver`` on ``problem`` from the flat point ``z0``; returns a flat :class:`Solution`.
+def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE_RTOL,
+                   max_steps: int = ESTIMATE_MAX_STEPS) -> Tuple[List[float], str]:
+    r"""An estimate of :math:`\|z - z^*\|` per group: the norm of the Newton correction
+    :math:`d = A^{-1} G(z)`, :math:`G(z) = z - \Pi(z - \eta F(z))` the natural map with the
+    problem's step and :math:`A = \partial_z G(z)`, solved by GMRES to ``rtol``.
+
+    For an affine ``F`` whose active set at ``z`` is that of the solution, :math:`z - d = z^*`
+    exactly, so that :math:`\|d\| = \|z - z^*\|`; for a smooth ``F`` the two differ by
+    :math:`O(\|z - z^*\|^2)`.  The estimate includes GMRES's own error (``rtol`` times the
+    condition number that the solve has seen) and the rounding floor :math:`\varepsilon\|z\|`, and
+    it reflects the conditioning of the problem: rounding noise in :math:`G(z)` comes back
+    amplified by :math:`\|A^{-1}\|`, as it does in the iterate.  ``inf`` where the linear solve
+    fails (a Jacobian singular to working precision: no derivative exists there, and no error can
+    be bounded); returns the per-group estimates and, for a failure, why.
+    """
+    from ._compat import functorch_active
+    from .implicit import graph_products
+    from .linear_solve import GMRES, LinearOperator
+
+    z = z.detach()
+    eps = torch.finfo(z.dtype).eps
+    if functorch_active():
+        _, pull = torch.func.vjp(problem.natural_map, z)
+        Gz = problem.natural_map(z)
+
+        def AT(u):
+            return pull(u)[0]
+
+        lazy = []
+
+        def A(u):
+            if not lazy:
+                lazy.append(torch.func.vjp(AT, torch.zeros_like(z))[1])
+            return lazy[0](u)[0]
+    else:
+        with torch.enable_grad():
+            zz = z.clone().requires_grad_(True)
+            Gz = problem.natural_map(zz)
+        if Gz.requires_grad:
+            AT, A = graph_products(Gz, zz)
+        else:  # G does not depend on z
+            return [math.inf] * problem.groups, "the natural map does not depend on z (a singular Jacobian)"
+    b = Gz.detach()
+    znorm = problem.norms(z)
+    if not bool(torch.isfinite(b).all()):
+        return [math.inf] * problem.groups, "the natural map is not finite at the returned point"
+    with torch.no_grad():
+        d, info = GMRES(rtol=rtol, max_steps=max_steps).solve(LinearOperator(A, AT), b, groups=problem.groups)
+    if info.status != "converged":
+        return [math.inf] * problem.groups, f"the Newton correction's linear solve ended '{info.status}' ({info.message})"
+    dn, gn = problem.norms(d), problem.norms(b)
+    out = []
+    for dg, gg, zg in zip(dn, gn, znorm):
+        kappa = info.norm_estimate * dg / gg if gg > 0 else 0.0
+        out.append(dg * (1.0 + rtol * (1.0 + kappa)) + eps * zg)
+    return out, ""
+
+
+def _tolerances(rtol: float, atol: float, znorm: Sequence[float], floor: Sequence[float]) -> List[float]:
+    return [atol + rtol * zn + f for zn, f in zip(znorm, floor)]
+
+
+def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate: bool = True) -> Solution:
+    r"""Run ``solver`` on ``problem`` from the flat point ``z0``; returns a flat :class:`Solution`.
+
+    The stopping rule bounds the error in the answer (see the module docstring): the loop stops on
+    the step-scaled residual :math:`\rho(z) = \|z - \Pi(z - F(z)/\hat L)\|` (in the units of ``z``)
+    meeting :math:`\tau(z) = \text{atol} + \text{rtol}\,\|z\| + \varepsilon^{3/2} s_0`, then checks
+    the estimated error :math:`\|A^{-1}G(z)\|` (:func:`error_estimate`) against the same
+    :math:`\tau`; when the estimate is above it, the residual's threshold is lowered by the ratio and
+    the iteration goes on.  ``estimate=False`` stops on the residual alone (no error estimate).
 
     With ``problem.groups > 1`` every group stops on its own tolerance (the loop ends when all have);
-    ``Solution.statuses``/``residuals`` hold the per-group outcome.
+    ``Solution.statuses``/``residuals``/``errors`` hold the per-group outcome.
     """
     with torch.enable_grad() if problem.check_closure else torch.no_grad():
         F0 = problem.F(z0)
@@ -420,25 +530,33 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
     with torch.no_grad():
         if not bool(torch.isfinite(F0).all()):
             raise ValueError(f"the operator is NaN or inf at the initial point {problem.name}".rstrip())
-        r0 = problem.residual_norm(z0, F0)
     problem.lipschitz = _lipschitz_estimate(problem, z0, F0)
-    state = solver.init(problem, z0, F0)
-    rtol = default_rtol(z0.dtype) if solver.rtol is None else solver.rtol
-    atol = solver.atol
     L = problem.lipschitz
+    problem.set_step(L, z0)
     G = problem.groups
+    eps = torch.finfo(z0.dtype).eps
+    requested = default_rtol(z0.dtype) if solver.rtol is None else float(solver.rtol)
+    rtol = max(requested, FLOOR * eps)
+    atol = float(solver.atol)
+    with torch.no_grad():
+        r0 = problem.residual_norm(z0, F0)
+        # the problem's scale at the start, in the units of z: below eps^1.5 of it, a solution is zero
+        scale0 = [max(zn, fn / l if l > 0 else fn) for zn, fn, l in zip(problem.norms(z0), problem.norms(F0), L)]
+    floor = [eps ** 1.5 * s for s in scale0]
+    state = solver.init(problem, z0, F0)
     history: List[float] = []
     limit_r = [DIVERGENCE_FACTOR * max(r, atol, 1e-300) for r in r0]
-
-    def tolerance(z: torch.Tensor) -> List[float]:
-        return [atol + rtol * max(l * zn, r) for l, zn, r in zip(L, problem.norms(z), r0)]
-
-    tol = tolerance(z0)
+    factor = [1.0] * G          # the residual's threshold is factor * tau; lowered when the estimate says so
+    stuck = [False] * G         # the threshold cannot be lowered further (rounding): the error stays above tau
+    tol = _tolerances(rtol, atol, problem.norms(z0), floor)
     diverged = [False] * G
     done = False
     limit = solver.num_steps if solver.num_steps is not None else solver.max_steps
     steps = 0
     final = None
+    errors: Optional[List[float]] = None
+    note = ""
+    estimates = 0
     for steps in range(1, limit + 1):
         state = solver.step(problem, state)
         r = state["residual"]
@@ -450,32 +568,75 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Solution:
                 break
             problem.frozen = torch.tensor(diverged)
             r = [0.0 if d else x for d, x in zip(diverged, r)]
-        tol = tolerance(state["z"])
-        if solver.num_steps is None and all(x <= t for x, t in zip(r, tol)):
-            with torch.no_grad():
-                z = state["z"]
-                final = problem.residual_norm(z, problem.F(z))
-            if all(d or f <= t for d, f, t in zip(diverged, final, tol)):
-                done = True
-                break
+        if solver.num_steps is not None:
+            continue
+        znorm = problem.norms(state["z"])
+        tol = _tolerances(rtol, atol, znorm, floor)
+        if not all(x <= t * f for x, t, f in zip(r, tol, factor)):
+            continue
+        z = state["z"]
+        with torch.no_grad():
+            final = problem.residual_norm(z, problem.F(z))
+        if not all(d or x <= t * f for d, x, t, f in zip(diverged, final, tol, factor)):
             final = None
+            continue
+        if not estimate:
+            done = True
+            break
+        errors, note = error_estimate(problem, z)
+        estimates += 1
+        ok = [d or e <= t for d, e, t in zip(diverged, errors, tol)]
+        if all(ok):
+            done = True
+            break
+        for g in range(G):
+            if ok[g] or stuck[g]:
+                continue
+            lowest = FLOOR * eps * znorm[g]
+            if factor[g] * tol[g] <= lowest or not math.isfinite(errors[g]):
+                stuck[g] = True  # rounding (or a singular Jacobian) keeps the error above tau
+            else:
+                factor[g] = max(factor[g] * min(0.5, 0.5 * tol[g] / errors[g]), lowest / tol[g])
+        if all(o or s for o, s in zip(ok, stuck)) or estimates >= MAX_ESTIMATES:
+            break
+        final = None
     z = state["z"]
     if final is None:
         with torch.no_grad():
             final = problem.residual_norm(z, problem.F(z))
+        errors = None
+    if errors is None and estimate and not any(diverged):
+        errors, note = error_estimate(problem, z)
+    if errors is None:
+        errors = [math.nan] * G
+    tol = _tolerances(rtol, atol, problem.norms(z), floor)
     if solver.num_steps is not None:
         statuses = ["diverged" if d else "completed" for d in diverged]
     else:
-        statuses = ["diverged" if d else ("converged" if (done or f <= t) else "max_steps")
-                    for d, f, t in zip(diverged, final, tol)]
+        statuses = []
+        for g in range(G):
+            if diverged[g]:
+                statuses.append("diverged")
+            elif done or (final[g] <= tol[g] * factor[g] and not errors[g] > tol[g]):
+                statuses.append("converged")
+            elif stuck[g] or (estimates >= MAX_ESTIMATES and final[g] <= tol[g] * factor[g]):
+                statuses.append("inaccurate")
+            else:
+                statuses.append("max_steps")
     final = [math.nan if d else f for d, f in zip(diverged, final)]
-    order = ["converged", "completed", "max_steps", "diverged"]
-    status = max(statuses, key=order.index)
+    errors = [math.nan if d else e for d, e in zip(diverged, errors)]
+    status = max(statuses, key=_ORDER.index)
     stats = {"evaluations": problem.evaluations, "tolerance": min(tol), "step_size": state.get("step_size"),
-             "lipschitz": max(L), "r0": max(r0)}
+             "lipschitz": max(L), "rtol": rtol, "estimates": estimates}
+    if rtol > requested:
+        stats["note"] = (f"rtol={requested:g} is below the rounding floor {FLOOR:g} * eps = {rtol:.3g} of "
+                         f"{z0.dtype}: raised to it")
+    if note:
+        stats["estimate"] = note
     residual = math.nan if any(math.isnan(f) for f in final) else max(final)
     sol = Solution(z, status, steps, residual, history, stats)
+    sol.error = math.nan if any(math.isnan(e) for e in errors) else max(errors)
     if G > 1:
-        sol.statuses, sol.residuals = statuses, final
+        sol.statuses, sol.residuals, sol.errors = statuses, final, errors
         sol.stats["tolerances"] = tol
     return sol
