@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: The statuses a linear solve can end with.
-STATUSES = ("converged", "max_steps", "breakdown", "singular", "non_finite", "diverged")
+STATUSES = ("converged", "max_steps", "inaccurate", "breakdown", "singular", "non_finite", "diverged")
 
 #: A solution whose norm shows a condition number of at least ``SINGULAR / eps`` is reported singular.
 SINGULAR = 0.05
@@ -65,6 +65,12 @@ _REORTH = 0.7071
 
 #: CG refreshes its stopping threshold (and records its best iterate) every this many iterations.
 _CG_CHECK = 10
+
+#: Products of the short Arnoldi run that estimates sigma_min(A) for methods with no estimate of their own.
+_ARNOLDI_STEPS = 20
+
+#: How many times a solve whose estimated error exceeds its tolerance iterates on, from its answer.
+_ERROR_ROUNDS = 3
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -160,6 +166,13 @@ class LinearSolveInfo:
         group_residuals, group_tolerances: per block, with ``groups > 1``.
         warm: how many blocks started from the given ``x0`` (the others from zero: a start whose
             residual is not below :math:`\\|b\\|` is discarded); ``0`` without ``x0``.
+        error: an estimate of the solution's error :math:`\\|x - A^{-1}b\\|` (of the block furthest
+            from its tolerance): :math:`\\|b - Ax\\|/\\hat\\sigma_{\\min}` plus rounding, with
+            :math:`\\hat\\sigma_{\\min}` the smallest singular value of the Krylov process's projected
+            matrix (GMRES's Hessenberg, CG's Lanczos tridiagonal) or of a short Arnoldi run from the
+            solution; ``nan`` where none was computed.
+        condition: the condition estimate :math:`\\hat A/\\hat\\sigma_{\\min}` behind it.
+        group_errors: per block, with ``groups > 1``.
     """
 
     converged: bool
@@ -174,6 +187,9 @@ class LinearSolveInfo:
     group_residuals: List[float] = field(default_factory=list)
     group_tolerances: List[float] = field(default_factory=list)
     warm: int = 0
+    error: float = float("nan")
+    condition: float = float("nan")
+    group_errors: List[float] = field(default_factory=list)
 
 
 def _check_b(b: torch.Tensor) -> None:
@@ -236,11 +252,18 @@ class _Monitor:
         self.groups = groups
         self.rtol = default_rtol(b.dtype) if solver.rtol is None else solver.rtol
         self.atol = solver.atol
+        # the solution's error is held to atol + error_rtol * ||x||, error_rtol = max(rtol, sqrt(eps)):
+        # the error estimate is good to a digit or two, not to rtol = 1e-12, and the residual rule's
+        # default 10 eps^0.75 would refuse every condition number above about 1 / (10 eps^0.25)
+        self.error_rtol = max(self.rtol, math.sqrt(torch.finfo(b.dtype).eps))
         self.eps = torch.finfo(b.dtype).eps
         self.matvecs = 0
         self._pairs: List[torch.Tensor] = []
         self._known = 0.0
         self.estimate = torch.zeros(groups, dtype=torch.float64)
+        self.sigma = torch.full((groups,), math.inf, dtype=torch.float64)  # upper estimates of sigma_min(A)
+        self.check_error = True
+        self.inaccurate = ""  # why the solution's estimated error is above its tolerance
         self.bnorm = _gnorm(b, groups)
         self.best_x = torch.zeros_like(b)
         self.best_res = self.bnorm.clone()
@@ -294,6 +317,46 @@ class _Monitor:
             return
         self._known = max(self._known, ratio) if math.isfinite(ratio) else self._known
 
+    def note_sigma(self, sigma) -> None:
+        """An estimate of the smallest singular value of ``A`` (the smallest singular value of a
+        projection of ``A`` on a Krylov space, an upper bound): a number or one per block."""
+        if isinstance(sigma, torch.Tensor):
+            sig = torch.nan_to_num(sigma.detach().to("cpu", torch.float64), nan=math.inf)
+        else:
+            sig = torch.tensor([sigma if math.isfinite(sigma) else math.inf] * self.groups, dtype=torch.float64)
+        self.sigma = torch.minimum(self.sigma, sig.clamp_min(0.0))
+
+    def _sigma_by_arnoldi(self, x: torch.Tensor) -> None:
+        """``sigma`` from a short Arnoldi run on ``A`` started at ``x`` (rich in the directions that
+        ``A`` shrinks most, since ``x`` is about ``A^{-1} b``): ``min(n, 20)`` products, for the
+        methods whose recurrences give no estimate of their own."""
+        G = self.groups
+        n = self.b.numel() // G
+        k = min(n, _ARNOLDI_STEPS)
+        V = torch.zeros((k + 1, G, n), dtype=self.b.dtype, device=self.b.device)
+        start = x.detach().reshape(G, n)
+        norms = start.norm(dim=1)
+        start = torch.where((norms > 0).unsqueeze(1), start / norms.clamp_min(1e-300).unsqueeze(1),
+                            torch.full_like(start, 1.0 / math.sqrt(n)))
+        V[0] = start
+        H = torch.zeros((G, k + 1, k), dtype=torch.float64)
+        size = k
+        for j in range(k):
+            w = self(V[j].reshape(-1)).reshape(G, n)
+            for _ in range(2):  # twice is enough
+                h = torch.einsum("jgn,gn->gj", V[: j + 1], w)
+                w = w - torch.einsum("gj,jgn->gn", h, V[: j + 1])
+                H[:, : j + 1, j] += h.to("cpu", torch.float64)
+            hn = w.norm(dim=1)
+            H[:, j + 1, j] = hn.to("cpu", torch.float64)
+            if not bool(torch.isfinite(hn).all()):
+                return
+            if bool((hn <= 1e-300).all()):
+                size = j + 1
+                break
+            V[j + 1] = w / hn.clamp_min(1e-300).unsqueeze(1)
+        self.note_sigma(torch.linalg.svdvals(H[:, : size + 1, :size]).min(dim=1).values)
+
     def _update_estimate(self) -> None:
         if self._known > 0:
             self.estimate = torch.maximum(self.estimate, torch.tensor([self._known], dtype=torch.float64))
@@ -342,7 +405,10 @@ class _Monitor:
     def finish(self, steps: int, status: Optional[str] = None, message: str = "",
                verify: bool = True, product: Optional[Callable] = None) -> Tuple[torch.Tensor, LinearSolveInfo]:
         """The best iterate and its info.  ``verify`` re-measures its true residual (one product, by
-        ``product`` if given: the same operator computed another way)."""
+        ``product`` if given: the same operator computed another way).  A solution that meets the
+        residual rule is then held to its estimated error (:meth:`error_of`): an estimate above
+        ``atol + rtol * ||x||`` is status ``"inaccurate"``, which :meth:`LinearSolver.solve` may
+        still cure by iterating on."""
         x = self.best_x
         if verify and self.matvecs:
             if product is None:
@@ -356,9 +422,10 @@ class _Monitor:
             res = self.best_res
         tol = self.tolerance_for(x)
         ok = bool(torch.isfinite(res).all()) and bool((res <= tol).all())
+        xn = _gnorm(x, self.groups)
+        errors = torch.full((self.groups,), math.nan, dtype=torch.float64)
+        cond = torch.where(self.bnorm > 0, self.estimate * xn / self.bnorm.clamp_min(1e-300), torch.zeros(()))
         if ok:
-            xn = _gnorm(x, self.groups)
-            cond = torch.where(self.bnorm > 0, self.estimate * xn / self.bnorm.clamp_min(1e-300), torch.zeros(()))
             worst = float(cond.max())
             if worst * self.eps >= SINGULAR:
                 status = "singular"
@@ -367,17 +434,43 @@ class _Monitor:
                            f"is singular to working precision and no digit of the solution can be trusted")
             else:
                 status, message = "converged", "converged"
+                if self.check_error:
+                    errors = self.error_of(x, res, xn)
+                    allowed = self.atol + self.error_rtol * xn
+                    if not bool((errors <= allowed).all()):
+                        k = int((errors / allowed.clamp_min(1e-300)).argmax())
+                        status = "inaccurate"
+                        self.inaccurate = (f"the residual meets the backward-stable rule but the solution's estimated "
+                                   f"error {float(errors[k]):.3g} exceeds atol + {self.error_rtol:.3g} * ||x|| = "
+                                   f"{float(allowed[k]):.3g} "
+                                   f"(condition number estimate {float(self.estimate[k] / self.sigma[k]):.3g}, "
+                                   f"{self.b.dtype} eps {self.eps:.3g})")
         elif status is None or status == "converged":
             status, message = "max_steps", message or "max_steps reached"
         ratio = torch.where(tol > 0, res / tol.clamp_min(1e-300), torch.where(res > 0, torch.inf, 0.0))
         ratio = torch.nan_to_num(ratio, nan=math.inf)
-        k = int(ratio.argmax())
+        k = int(ratio.argmax()) if status != "inaccurate" else int(torch.nan_to_num(errors, nan=0.0).argmax())
         self.history.append(float(res.norm()))
         info = LinearSolveInfo(status == "converged", steps, self.matvecs, float(res[k]), float(tol[k]),
                                self.history, message, status, float(self.estimate.max()),
                                res.tolist() if self.groups > 1 else [], tol.tolist() if self.groups > 1 else [],
                                self.warm)
+        info.error = float(errors[k])
+        info.condition = float((self.estimate / self.sigma).max()) if bool(torch.isfinite(self.sigma).all()) else math.nan
+        if self.groups > 1:
+            info.group_errors = errors.tolist()
         return x, info
+
+    def error_of(self, x: torch.Tensor, res: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+        """The estimated error of ``x`` per block: ``||b - Ax|| / sigma_min`` (the solve's own estimate
+        of the smallest singular value, or a short Arnoldi run's) plus the rounding of ``x``."""
+        if not bool(torch.isfinite(self.sigma).all()):
+            self._sigma_by_arnoldi(x)
+        # ||A^-1|| >= ||x|| / ||b||: sigma_min <= ||b|| / ||x|| whatever the Krylov space saw
+        self.note_sigma(torch.where(xn > 0, self.bnorm / xn.clamp_min(1e-300), torch.full_like(xn, math.inf)))
+        sigma = torch.where(torch.isfinite(self.sigma), self.sigma, torch.zeros(()))
+        err = torch.where(sigma > 0, res / sigma.clamp_min(1e-300), torch.where(res > 0, math.inf, 0.0))
+        return err + self.eps * xn
 
     def zero(self) -> Tuple[torch.Tensor, LinearSolveInfo]:
         zeros = [0.0] * self.groups if self.groups > 1 else []
@@ -416,8 +509,50 @@ class LinearSolver:
         if mon.zero_rhs:
             return mon.zero()
         if mon.warm and bool((mon.res <= mon.tol).all()):  # the start already meets the tolerance
-            return mon.finish(0, verify=False)
-        return self._solve(mon)
+            x, info = mon.finish(0, verify=False)
+        else:
+            x, info = self._solve(mon)
+        return self._iterate_on(mon, x, info)
+
+    def _iterate_on(self, mon: "_Monitor", x: torch.Tensor, info: LinearSolveInfo) -> Tuple[torch.Tensor, LinearSolveInfo]:
+        """A solution whose residual passed but whose estimated error did not ("inaccurate"): go on
+        from it, to the residual that the error bound needs (``sigma_min * (atol + rtol ||x||) / 2``),
+        while that residual lies above the rounding floor ``4 eps ||A|| ||x||`` of the working
+        precision; otherwise the status stays ``"inaccurate"``."""
+        rounds = 0
+        base, why = info.message, mon.inaccurate
+        while (info.status == "inaccurate" and self.iterative and mon.check_error and rounds < _ERROR_ROUNDS
+               and info.matvecs < self.steps_limit):
+            xn = _gnorm(x, mon.groups)
+            allowed = mon.atol + mon.error_rtol * xn
+            target = float((mon.sigma * allowed).min()) / 2
+            floor = float((4 * mon.eps * mon.estimate * xn).max())
+            if not (math.isfinite(target) and target > floor):
+                why += (f"; the residual it needs ({target:.3g}) is below the rounding floor of "
+                        f"{mon.b.dtype} ({floor:.3g})")
+                break
+            rounds += 1
+            more = dataclasses.replace(self, rtol=0.0, atol=target, max_steps=self.steps_limit - info.matvecs)
+            sub = _Monitor(more, mon.op, mon.b, mon.groups, x)
+            sub.check_error = False
+            sub.estimate = torch.maximum(sub.estimate, mon.estimate)
+            y, sub_info = more._solve(sub) if not (sub.warm and bool((sub.res <= sub.tol).all())) \
+                else sub.finish(0, verify=False)
+            mon.matvecs += sub.matvecs
+            mon.note_sigma(sub.sigma)
+            mon.estimate = torch.maximum(mon.estimate, sub.estimate)
+            if not sub_info.converged:
+                why += f"; iterating on ended '{sub_info.status}' ({sub_info.message})"
+                break
+            mon.history.extend(sub_info.history)
+            mon.best_x, mon.best_res = y, _gnorm(mon.b - mon(y), mon.groups)
+            x, info = mon.finish(info.steps + sub_info.steps, verify=False)
+            why = mon.inaccurate or why
+        if info.status == "inaccurate":
+            info.message = f"{why} [{base}]"
+        elif rounds:
+            info.message = f"{base} (iterated on {rounds} time{'s' if rounds > 1 else ''} to bound the error)"
+        return x, info
 
     def _solve(self, mon: _Monitor) -> Tuple[torch.Tensor, LinearSolveInfo]:  # pragma: no cover
         raise NotImplementedError
@@ -593,6 +728,7 @@ class CG(_Chunked):
         # stricter one.  Only then is the iterate checked in full (and kept as the best one); the
         # final answer's residual is always re-measured with a true product.
         threshold = mon.threshold(x)
+        lanczos: List[Tuple[float, float]] = []  # (alpha, beta) of each iteration: CG's Lanczos tridiagonal
         while steps < self.steps_limit:
             Ap = mon(p, track=False)
             curv = _dot(p, Ap)
@@ -616,10 +752,13 @@ class CG(_Chunked):
                 threshold = mon.threshold(x)
             else:
                 mon.history.append(math.sqrt(rs_new))
+            lanczos.append((alpha, rs_new / rs))
             p = r + (rs_new / rs) * p
             rs = rs_new
         else:  # the budget ran out between two full checks: the last iterate competes for the best one
             mon.accept(x, r)
+        lanczos.append((alpha, 0.0)) if steps > len(lanczos) else None
+        mon.note_sigma(_lanczos_smallest(lanczos))
         return mon.finish(steps)
 
     def _solve_blocks(self, mon):
@@ -680,6 +819,23 @@ class CG(_Chunked):
 
     def _eager_overrides(self):
         return {"check_symmetry": False}  # tested (or trusted) once already
+
+
+def _lanczos_smallest(coefficients: List[Tuple[float, float]]) -> float:
+    """The smallest eigenvalue of CG's Lanczos tridiagonal, from its step lengths ``alpha_j`` and
+    ratios ``beta_j = ||r_{j+1}||^2 / ||r_j||^2``: an upper bound of the smallest eigenvalue of an
+    SPD operator (``inf`` without coefficients)."""
+    if not coefficients:
+        return math.inf
+    k = len(coefficients)
+    T = torch.zeros((k, k), dtype=torch.float64)
+    for j, (alpha, beta) in enumerate(coefficients):
+        T[j, j] = 1.0 / alpha + (coefficients[j - 1][1] / coefficients[j - 1][0] if j else 0.0)
+        if j + 1 < k:
+            T[j, j + 1] = T[j + 1, j] = math.sqrt(max(beta, 0.0)) / alpha
+    if not bool(torch.isfinite(T).all()):
+        return math.inf
+    return float(torch.linalg.eigvalsh(T)[0])
 
 
 def _cg_chunk(fn, k: int, state, active, threshold, *operands):
@@ -866,6 +1022,7 @@ class GMRES(LinearSolver):
                 V[j + 1] = w / hn
             if k:
                 Hk = torch.tensor([row[:k] for row in H[:k]], dtype=torch.float64)
+                mon.note_sigma(float(torch.linalg.svdvals(Hk).min()))  # sigma_min of the Hessenberg (its R)
                 gk = torch.tensor(g[:k], dtype=torch.float64).unsqueeze(1)
                 y = torch.linalg.solve_triangular(Hk, gk, upper=True).squeeze(1).to(b.dtype).to(b.device)
                 x = x + y @ V[:k]
@@ -907,6 +1064,8 @@ class GMRES(LinearSolver):
             g = torch.zeros((G, m + 1), **opts)
             g[:, 0] = beta
             size = torch.zeros(G, dtype=torch.long, device=b.device)  # each block's Krylov dimension
+            mon._update_estimate()
+            pad = mon.estimate.clamp_min(1.0).to(b.device, b.dtype)
             k = 0
             for j in range(m):
                 w = mon(V[j].reshape(-1)).reshape(G, n)
@@ -928,7 +1087,9 @@ class GMRES(LinearSolver):
                 safe = torch.where(grow, denom, 1.0)
                 cs[:, j] = torch.where(grow, col[:, j] / safe, 1.0)
                 sn[:, j] = torch.where(grow, hn / safe, 0.0)
-                col[:, j] = torch.where(grow, denom, 1.0)   # a finished block gets a unit pivot, y_j = 0
+                # a finished block gets a pivot of the size of ||A|| (y_j = 0), which leaves its smallest
+                # singular value (the error estimate's sigma_min) that of its own Krylov space
+                col[:, j] = torch.where(grow, denom, pad)
                 g[:, j + 1] = torch.where(grow, -sn[:, j] * g[:, j], 0.0)
                 g[:, j] = torch.where(grow, cs[:, j] * g[:, j], 0.0)
                 H[:, : j + 1, j] = col
@@ -944,6 +1105,7 @@ class GMRES(LinearSolver):
                 return mon.finish(steps, "breakdown", "GMRES broke down (a zero pivot in the Arnoldi process): "
                                   "the operator is singular on the Krylov space")
             y = torch.linalg.solve_triangular(H[:, :k, :k], g[:, :k].unsqueeze(2), upper=True).squeeze(2)
+            mon.note_sigma(torch.linalg.svdvals(H[:, :k, :k].to(torch.float64)).min(dim=1).values)
             x = x + torch.einsum("gk,kgn->gn", y, V[:k]).reshape(-1)
             r = b - mon(x)  # the true residual, not the recurrences' estimates
             if mon.accept(x, r):
@@ -1159,6 +1321,7 @@ class Dense(LinearSolver):
             x = torch.linalg.solve(blocks, b.reshape(mon.groups, n)).reshape(-1)
         except torch.linalg.LinAlgError as err:
             return mon.finish(1, "singular", f"LU failed: {str(err).splitlines()[0]}", verify=False)
+        mon.note_sigma(torch.linalg.svdvals(blocks.to(torch.float64)).min(dim=1).values)
         for k in range(n):  # the norm estimate: the columns' norms (exact lower bounds of ||A||)
             mon._pairs.append(torch.stack([torch.ones(mon.groups, dtype=torch.float64, device=b.device),
                                            _group_sq(rows[k], mon.groups)]))

@@ -63,7 +63,7 @@ def test_contract_fields_have_effect(name, gen):
         if f.name == "check_symmetry":
             # the check costs two products; without it CG on this SPD matrix does the same iterations
             _, info = dataclasses.replace(base, check_symmetry=False).solve(A, b)
-            assert info.matvecs == ref.matvecs - 2
+            assert info.matvecs <= ref.matvecs - 2
             continue
         if f.name in ("compiled", "chunk", "backend"):  # the same answer, computed by a compiled program
             chunk = 3 if f.name == "chunk" else 10
@@ -162,17 +162,33 @@ def test_rtol_and_atol_zero_are_accepted():
         inn.GMRES(rtol=-1.0)
 
 
-def test_backward_stable_rule_is_met_by_an_exact_solve_at_high_condition():
-    """The old rule ||Ax - b|| <= rtol ||b|| fails for an LU solution at cond 1e4 in float32."""
+@pytest.mark.parametrize("cond", [1e4, 1e5])
+def test_an_exact_solve_meets_the_residual_rule_and_its_error_is_held_to_the_tolerance(cond):
+    """An LU solution in float32 meets the backward-stable residual rule (the old rule
+    ||Ax - b|| <= rtol ||b|| failed it at cond 1e4); its error, about cond * eps relative at worst, is
+    then held to sqrt(eps) = 3.5e-4 through an estimate that is not below the truth: it converges at
+    cond 1e4 and is reported "inaccurate" at 1e5; in float64 both converge."""
     gen = torch.Generator().manual_seed(0)
     n = 40
     Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen))
-    A = (Q @ torch.diag(torch.logspace(0, 4, n)) @ Q.T).float()
-    b = torch.randn(n, generator=gen).float()
+    A64 = Q @ torch.diag(torch.logspace(0, float(torch.log10(torch.tensor(cond))), n)) @ Q.T
+    b64 = torch.randn(n, generator=gen)
+    A, b = A64.float(), b64.float()
+    truth = torch.linalg.solve(A64, b64)
     x, info = inn.Dense().solve(A, b)
-    assert info.converged, info
+    error = float((x.double() - truth).norm())
+    assert info.residual <= info.tolerance and error <= info.error <= 100 * error
+    if cond == 1e4:
+        assert info.converged and error <= 3.5e-4 * float(truth.norm())
+    else:
+        assert info.status == "inaccurate" and "exceeds" in info.message
     x2, info2 = inn.GMRES().solve(A, b)
-    assert info2.converged and info2.norm_estimate <= float(torch.linalg.matrix_norm(A, 2)) * (1 + 1e-5)
+    assert info2.norm_estimate <= float(torch.linalg.matrix_norm(A, 2)) * (1 + 1e-5)
+    assert info2.converged or info2.status == "inaccurate"
+    if info2.converged:
+        assert float((x2.double() - truth).norm()) <= 3.5e-4 * float(truth.norm())
+    x3, info3 = inn.Dense().solve(A64, b64)
+    assert info3.converged and float((x3 - truth).norm()) <= info3.error
 
 
 def test_gmres_keeps_its_best_iterate_and_flags_a_singular_system():
@@ -230,7 +246,8 @@ def test_cg_takes_its_steps_per_block_of_a_stack():
     assert len(info.group_residuals) == 3 and all(r <= t for r, t in zip(info.group_residuals, info.group_tolerances))
     alone = max(inn.CG(rtol=1e-12).solve((B + B.T) / 2, c)[1].matvecs for B, c in zip(blocks, rhs))
     joint = inn.CG(rtol=1e-12).solve(sym, b)[1].matvecs
-    assert info.matvecs <= alone + 3 < joint      # (+ the symmetry test and the final check)
+    # (+ the symmetry test, the final check and the error estimate's Arnoldi run of 20 products)
+    assert info.matvecs <= alone + 3 + 20 < joint
     # a block that is not positive definite is named
     bad = torch.block_diag(sym[:30, :30], -torch.eye(30, dtype=torch.float64), sym[60:, 60:])
     _, info = inn.CG().solve(bad, b, groups=3)
