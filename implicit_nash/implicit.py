@@ -537,6 +537,11 @@ def _move(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:
     return t.movedim(dim, 0) if dim is not None else t
 
 
+def _moved_dims(dims: Sequence[Optional[int]]) -> List[Optional[int]]:
+    """The batch dimensions of parameters after :func:`_move`: 0 for every batched one."""
+    return [None if d is None else 0 for d in dims]
+
+
 def _flatten_batch(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:
     """A flat per-problem vector, batched or not, as the flat vector of the batched problem."""
     t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(nb, *t.shape)
@@ -585,8 +590,8 @@ class EquilibriumFn(torch.autograd.Function):
     def vmap(info, in_dims, problem: Problem, start, *params):
         nb = info.batch_size
         start_dim, pdims = in_dims[1], in_dims[2:]
-        batched = problem.batched(nb, pdims)
         moved = [_move(p, d, nb) for p, d in zip(params, pdims)]
+        batched = problem.batched(nb, _moved_dims(pdims))
         out = EquilibriumFn.apply(batched, _flatten_batch(start, start_dim, nb), *moved)
         return out.reshape(nb, -1), 0
 
@@ -634,8 +639,8 @@ class LinearSolveFn(torch.autograd.Function):
     def vmap(info, in_dims, problem: Problem, transpose: bool, b, z, *params):
         nb = info.batch_size
         _, _, b_dim, z_dim, *pdims = in_dims
-        batched = problem.batched(nb, pdims)
         moved = [_move(p, d, nb) for p, d in zip(params, pdims)]
+        batched = problem.batched(nb, _moved_dims(pdims))
         out = LinearSolveFn.apply(batched, transpose, _flatten_batch(b, b_dim, nb), _flatten_batch(z, z_dim, nb),
                                   *moved)
         return out.reshape(nb, -1), 0
