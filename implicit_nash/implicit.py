@@ -42,7 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ._compat import functorch_active
+from ._compat import forward_mode_levels, functorch_active
 from ._tree import all_finite
 from .errors import ConvergenceError, ConvergenceWarning
 from .linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver
@@ -548,6 +548,19 @@ def _flatten_batch(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor
     return t.reshape(-1)
 
 
+_FORWARD_OVER_FORWARD = (
+    "forward-over-forward (jacfwd of jacfwd / nested jvp) through the implicit layer is not supported by "
+    "PyTorch's custom Function forward-mode rule; use jacrev(jacrev(...)), jacfwd(jacrev(...)) or "
+    "jacrev(jacfwd(...))")
+
+
+def _refuse_forward_over_forward() -> None:
+    """A forward-mode rule runs with forward-mode AD off: a second forward-mode transform around it
+    would see its tangent as a constant and return a wrong (often zero) derivative."""
+    if forward_mode_levels() > 1:
+        raise ValueError(_FORWARD_OVER_FORWARD)
+
+
 class EquilibriumFn(torch.autograd.Function):
     """``params -> z*``: the forward solve, with the implicit derivative in both modes."""
 
@@ -580,6 +593,7 @@ class EquilibriumFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _problem_t, _start_t, *tangents):
+        _refuse_forward_over_forward()
         z, *params = ctx.saved_tensors
         problem: Problem = ctx.problem
         tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(params, tangents)]
@@ -621,6 +635,7 @@ class LinearSolveFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _p, _t, b_t, z_t, *p_t):
+        _refuse_forward_over_forward()
         x, z, *params = ctx.saved_tensors
         problem: Problem = ctx.problem
         b_t = torch.zeros_like(x) if b_t is None else b_t
