@@ -86,7 +86,9 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
                          players=flat.players, block=flat.block, linear_solver=GMRES(), symmetric=symmetric,
                          throw=throw, record=record, name=name)
         holder._report_forward(sol, implicit=False)
-        z = sol.value
+        # a failed forward (throw=False) returns its last iterate with a zero derivative
+        z = sol.value if sol.converged else torch.where(torch.zeros((), dtype=torch.bool), sol.value,
+                                                        sol.value.detach())
     else:
         problem = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
                           players=flat.players // blocks, block=flat.block, linear_solver=adjoint.linear_solver,
@@ -98,7 +100,7 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
                           check_root=None if forward is None else _root_check(root_tol, z_name))
         # The implicit gradient does not depend on the initial point: the start is detached.
         start = flat.flatten(tree_map(torch.Tensor.detach, z0))
-        z = EquilibriumFn.apply(problem, start, *params)
+        z, _ = EquilibriumFn.apply(problem, start, *params)
     record.value = flat.unflatten(z)
     return record
 
@@ -152,8 +154,11 @@ _COMMON_ARGS = """
         constraint: the set Ω, default the whole space.  Its tensors (bounds, centre, radius...)
             may require grad: they get their gradients like ``theta``.
         throw: raise :class:`~implicit_nash.ConvergenceError` when a forward or backward solve
-            fails; with ``False``, warn (:class:`~implicit_nash.ConvergenceWarning`), return the
-            last iterate, and set to zero any derivative whose linear solve failed."""
+            fails; with ``False``, warn (:class:`~implicit_nash.ConvergenceWarning`) and return the
+            last iterate: a failed forward solve's derivative is zero (reverse and forward mode,
+            every order), and so is any derivative whose linear solve failed.  Under
+            ``torch.func.vmap`` this holds per member: a failed member's derivative is zero, the
+            others keep theirs."""
 
 
 def _legacy(sol: Solution, return_info: bool):
