@@ -426,7 +426,7 @@ class Problem:
             return x
         statuses = (info.group_statuses if len(info.group_statuses) == g and any(finite)
                     else [info.status] * g)
-        bad = [i for i in range(g) if not finite[i] or statuses[i] != "converged"]
+        bad = [i for i in range(g) if not finite[i] or statuses[i] != "converged"] or list(range(g))
         if info.converged:  # only the non-finite groups failed
             status, detail = "non_finite", "the right-hand side or the solution is not finite"
         else:
