@@ -297,3 +297,39 @@ def test_nested_forward_ad_dual_levels_do_not_return_a_wrong_value():
         with fwAD.dual_level():
             with fwAD.dual_level():
                 pass
+
+
+def test_failed_forward_zero_derivative_unrolled_and_forward_ad():
+    import torch.autograd.forward_ad as fwAD
+    t = torch.tensor(-1.0, requires_grad=True)
+    with pytest.warns(inn.ConvergenceWarning, match="the derivative through it is set to zero"):
+        z = inn.solve_vi(lambda z, t: t * z - 1, torch.zeros(()), t, adjoint=inn.Unrolled(), throw=False)
+    assert torch.autograd.grad(z, t)[0].item() == 0.0
+    with fwAD.dual_level():
+        with pytest.warns(inn.ConvergenceWarning, match="the derivative through it is set to zero"):
+            z = _diverging(fwAD.make_dual(torch.tensor(-1.0), torch.ones(())))
+        assert fwAD.unpack_dual(z).tangent.item() == 0.0
+
+
+def test_custom_root_blocks_one_failed_block_zeroes_only_it():
+    @inn.custom_root(lambda z, th: z - th, throw=False, blocks=3)
+    def solve(z0, th):
+        return th + torch.tensor([[0.0], [1.0], [0.0]])  # block 1 is not a root
+
+    th = torch.tensor([[1.0], [2.0], [3.0]], requires_grad=True)
+    with pytest.warns(inn.ConvergenceWarning, match=r"\(block 1\).*derivative through it is set to zero"):
+        z = solve(torch.zeros(3, 1), th)
+    (g,) = torch.autograd.grad(z.sum(), th)
+    _close(g, torch.tensor([[1.0], [0.0], [1.0]]))
+
+
+def test_second_order_under_vmap_with_a_failed_member():
+    ts = torch.tensor([2.0, -1.0, 4.0])
+
+    def f(t):
+        return inn.solve_vi(lambda z, t: t * z - 1, torch.zeros(()), t, throw=False)
+
+    with pytest.warns(inn.ConvergenceWarning, match=r"member 1 of the vmapped batch"):
+        h = vmap(jacrev(jacrev(f)))(ts)
+    _close(h[[0, 2]], 2 / ts[[0, 2]] ** 3)  # z = 1/t: z'' = 2/t^3
+    assert h[1] == 0
