@@ -224,7 +224,7 @@ class Problem:
                        groups=self.groups * nb, warm_start=self.warm_start, member_groups=self.member_groups,
                        batch_shape=(nb, *self.batch_shape))
 
-    def where(self, bad: Sequence[int]) -> str:
+    def _name_groups(self, bad: Sequence[int]) -> str:
         """Names the groups ``bad`` for a message: members of a vmapped batch, or blocks."""
         if self.groups == 1:
             return ""
@@ -293,7 +293,8 @@ class Problem:
         if not sol.converged:
             where = ""
             if sol.statuses:
-                where = self.where([i for i, s in enumerate(sol.statuses) if s not in ("converged", "completed")])
+                where = self._name_groups([i for i, s in enumerate(sol.statuses)
+                                           if s not in ("converged", "completed")])
             msg = (f"{self.name} stopped with status '{sol.status}' after {sol.steps} steps{where}: "
                    f"residual {sol.residual:.3g}, tolerance {sol.stats.get('tolerance', float('nan')):.3g}; "
                    f"{_fmt_reason(sol.status)}")
@@ -406,7 +407,9 @@ class Problem:
         ``vmap`` a failed member does not take the others' derivatives with it."""
         g = self.groups
         with torch.no_grad():
-            finite = (torch.isfinite(b.reshape(g, -1)).all(1) & torch.isfinite(z.reshape(g, -1)).all(1)).tolist()
+            finite = [True] * g
+            if not all_finite(b) or not all_finite(z):  # which groups (one reduction when all are finite)
+                finite = (torch.isfinite(b.reshape(g, -1)).all(1) & torch.isfinite(z.reshape(g, -1)).all(1)).tolist()
         if not any(finite):
             info = LinearSolveInfo(False, 0, 0, math.nan, math.nan, [], "the right-hand side or the solution "
                                    "is not finite", "non_finite")
@@ -432,8 +435,8 @@ class Problem:
         else:
             status, detail = info.status, info.message
         msg = (f"the implicit {'backward' if transpose else 'forward-mode'} linear solve "
-               f"({type(self.linear_solver).__name__}) failed{self.where(bad)} with status '{status}': residual "
-               f"{info.residual:.3g} > tolerance {info.tolerance:.3g} after {info.steps} steps "
+               f"({type(self.linear_solver).__name__}) failed{self._name_groups(bad)} with status '{status}': "
+               f"residual {info.residual:.3g} > tolerance {info.tolerance:.3g} after {info.steps} steps "
                f"({detail}); {_fmt_reason(status)}")
         if status == "max_steps":
             msg += "; raise max_steps or use another linear solver"
