@@ -123,22 +123,30 @@ def _root_check(tol, z_name: str) -> Callable:
         problem.name = z_name
         if not enabled:
             return Solution(z, "converged", 0, math.nan, [], {"tolerance": math.nan, "root_check": False})
+        g = problem.groups
         with torch.no_grad():
-            if not bool(torch.isfinite(z).all()):
+            finite = torch.isfinite(z.reshape(g, -1)).all(1)
+            if not bool(finite.any()):
                 return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
+            finite = finite.tolist()
+            # a block that is not finite fails alone; the others are checked at a finite point
+            zc = z if all(finite) else torch.where(
+                torch.tensor(finite, device=z.device).unsqueeze(1), z.reshape(g, -1), start.reshape(g, -1)).reshape(-1)
             with torch.enable_grad():
                 F0 = problem.F(start)
             if F0.requires_grad:
                 raise ValueError("the residual depends on tensors that require grad but are not in theta (a "
                                  "closure over parameters?); their gradient would be dropped: pass them in theta")
-            Fz = problem.F(z)
+            Fz = problem.F(zc)
             r0 = problem.residual_norm(start, F0)
-            r = problem.residual_norm(z, Fz)
-            L = _lipschitz_estimate(problem, z, Fz)
+            r = [x if f else math.nan for x, f in zip(problem.residual_norm(zc, Fz), finite)]
+            L = _lipschitz_estimate(problem, zc, Fz)
             rt = math.sqrt(torch.finfo(z.dtype).eps) if rtol is None else rtol
-            tol = [atol + rt * max(l * zn, a) for l, zn, a in zip(L, problem.norms(z), r0)]
-        statuses = ["converged" if x <= t else "not_a_root" for x, t in zip(r, tol)]
-        status = "converged" if all(s == "converged" for s in statuses) else "not_a_root"
+            tol = [atol + rt * max(l * zn, a) for l, zn, a in zip(L, problem.norms(zc), r0)]
+        statuses = ["non_finite" if not f else ("converged" if x <= t else "not_a_root")
+                    for x, t, f in zip(r, tol, finite)]
+        status = ("non_finite" if "non_finite" in statuses else
+                  "converged" if all(s == "converged" for s in statuses) else "not_a_root")
         sol = Solution(z, status, 0, max(r), [max(r)],
                        {"tolerance": min(tol), "lipschitz": max(L), "evaluations": problem.evaluations})
         if problem.groups > 1:

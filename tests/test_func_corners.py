@@ -333,3 +333,29 @@ def test_second_order_under_vmap_with_a_failed_member():
         h = vmap(jacrev(jacrev(f)))(ts)
     _close(h[[0, 2]], 2 / ts[[0, 2]] ** 3)  # z = 1/t: z'' = 2/t^3
     assert h[1] == 0
+
+
+def test_custom_root_non_finite_member_fails_alone():
+    @inn.custom_root(lambda z, t: t * z - 1, throw=False)
+    def inverse(z0, t):
+        return 1 / t  # inf at t = 0
+
+    ts = torch.tensor([2.0, 0.0, 4.0])
+    with pytest.warns(inn.ConvergenceWarning, match=r"non_finite.*member 1 of the vmapped batch"):
+        z = vmap(lambda t: inverse(torch.zeros(()), t))(ts)
+    assert torch.isinf(z[1]) and bool(torch.isfinite(z[[0, 2]]).all())
+    with pytest.warns(inn.ConvergenceWarning, match=r"member 1 of the vmapped batch"):
+        g = vmap(grad(lambda t: inverse(torch.zeros(()), t)))(ts)
+    _close(g[[0, 2]], -1 / ts[[0, 2]] ** 2)
+    assert g[1] == 0
+
+
+def test_linear_solve_info_group_statuses():
+    d = torch.tensor([2.0, 2.0, 2.0, 2.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0])  # block 1 needs four products
+    x, info = inn.GMRES(max_steps=2).solve(torch.diag(d), torch.ones(12), groups=3)
+    assert not info.converged
+    assert info.group_statuses == ["converged", "max_steps", "converged"]
+    _, info = inn.GMRES().solve(torch.diag(d), torch.ones(12), groups=3)
+    assert info.converged and info.group_statuses == ["converged"] * 3
+    _, info = inn.GMRES().solve(torch.diag(d), torch.ones(12))
+    assert info.group_statuses == []
