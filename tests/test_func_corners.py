@@ -359,3 +359,16 @@ def test_linear_solve_info_group_statuses():
     assert info.converged and info.group_statuses == ["converged"] * 3
     _, info = inn.GMRES().solve(torch.diag(d), torch.ones(12))
     assert info.group_statuses == []
+
+
+def test_jacfwd_through_a_layer_nested_in_the_operator_is_allowed():
+    A = torch.tensor([[2.0, 1.0], [-1.0, 2.0]])
+
+    def inner(t):
+        return inn.solve_vi(lambda y, s: 2 * y + 0.3 * torch.sin(y) - s, torch.zeros(2), t)
+
+    def outer(th):
+        return inn.solve_vi(lambda z, t: A @ z + inner(z + t) - 1.0, torch.zeros(2), th)
+
+    th = torch.tensor([0.3, -0.2])
+    _close(jacfwd(outer)(th), jacrev(outer)(th))
