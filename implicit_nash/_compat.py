@@ -8,7 +8,7 @@ def tree_leaves(tree):
 
 
 __all__ = ["tree_flatten", "tree_leaves", "tree_map", "tree_unflatten", "differentiable_all_reduce_sum", "is_batched",
-           "functorch_active"]
+           "functorch_active", "forward_mode_levels"]
 
 
 def differentiable_all_reduce_sum(t, group):
@@ -38,3 +38,13 @@ def functorch_active() -> bool:
         return torch._C._functorch.peek_interpreter_stack() is not None
     except AttributeError:  # pragma: no cover
         return True
+
+
+def forward_mode_levels() -> int:
+    """How many ``torch.func`` forward-mode transforms (``jvp``, ``jacfwd``) are running around this call."""
+    import torch
+    try:
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        return sum(1 for i in stack if i.key().name == "Jvp")
+    except AttributeError:  # pragma: no cover
+        return 0

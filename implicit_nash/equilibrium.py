@@ -86,7 +86,9 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
                          players=flat.players, block=flat.block, linear_solver=GMRES(), symmetric=symmetric,
                          throw=throw, record=record, name=name)
         holder._report_forward(sol, implicit=False)
-        z = sol.value
+        # a failed forward (throw=False) returns its last iterate with a zero derivative
+        z = sol.value if sol.converged else torch.where(torch.zeros((), dtype=torch.bool), sol.value,
+                                                        sol.value.detach())
     else:
         problem = Problem(F=F, project=project, unconstrained=constraint.unconstrained, n_theta=len(theta_leaves),
                           players=flat.players // blocks, block=flat.block, linear_solver=adjoint.linear_solver,
@@ -98,7 +100,7 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
                           check_root=None if forward is None else _root_check(root_tol, z_name))
         # The implicit gradient does not depend on the initial point: the start is detached.
         start = flat.flatten(tree_map(torch.Tensor.detach, z0))
-        z = EquilibriumFn.apply(problem, start, *params)
+        z, _ = EquilibriumFn.apply(problem, start, *params)
     record.value = flat.unflatten(z)
     return record
 
@@ -124,32 +126,40 @@ def _root_check(tol, z_name: str) -> Callable:
         problem.name = z_name
         if not enabled:
             return Solution(z, "converged", 0, math.nan, [], {"tolerance": math.nan, "root_check": False})
+        g = problem.groups
         with torch.no_grad():
-            if not bool(torch.isfinite(z).all()):
+            finite = torch.isfinite(z.reshape(g, -1)).all(1)
+            if not bool(finite.any()):
                 return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
+            finite = finite.tolist()
+            # a block that is not finite fails alone; the others are checked at a finite point
+            zc = z if all(finite) else torch.where(
+                torch.tensor(finite, device=z.device).unsqueeze(1), z.reshape(g, -1), start.reshape(g, -1)).reshape(-1)
             with torch.enable_grad():
-                Fz = problem.F(z)
+                Fz = problem.F(zc)
             if Fz.requires_grad:
                 raise ValueError("the residual depends on tensors that require grad but are not in theta (a "
                                  "closure over parameters?); their gradient would be dropped: pass them in theta")
             if not bool(torch.isfinite(Fz).all()):
                 return Solution(z, "non_finite", 0, math.nan, [], {"tolerance": math.nan})
-            L = _lipschitz_estimate(problem, z, Fz)
-            problem.set_step(L, z)
-            r = problem.residual_norm(z, Fz)
+            L = _lipschitz_estimate(problem, zc, Fz)
+            problem.set_step(L, zc)
+            r = [x if f else math.nan for x, f in zip(problem.residual_norm(zc, Fz), finite)]
             eps = torch.finfo(z.dtype).eps
             rt = max(math.sqrt(eps) if rtol is None else float(rtol), FLOOR * eps)
-            znorm = problem.norms(z)
+            znorm = problem.norms(zc)
             scale = [max(zn, fn / l if l > 0 else fn) for zn, fn, l in zip(znorm, problem.norms(Fz), L)]
             tol = [float(atol) + rt * zn + eps ** 1.5 * s for zn, s in zip(znorm, scale)]
-        errors, note = error_estimate(problem, z)
-        statuses = ["converged" if x <= t and e <= t else "not_a_root" for x, e, t in zip(r, errors, tol)]
-        status = "converged" if all(s == "converged" for s in statuses) else "not_a_root"
+        errors, note = error_estimate(problem, zc)
+        statuses = ["non_finite" if not f else ("converged" if x <= t and e <= t else "not_a_root")
+                    for x, e, t, f in zip(r, errors, tol, finite)]
+        status = ("non_finite" if "non_finite" in statuses else
+                  "converged" if all(s == "converged" for s in statuses) else "not_a_root")
         stats = {"tolerance": min(tol), "lipschitz": max(L), "evaluations": problem.evaluations, "rtol": rt}
         if note:
             stats["estimate"] = note
         sol = Solution(z, status, 0, max(r), [max(r)], stats)
-        sol.error = max(errors)
+        sol.error = max(e if f else math.nan for e, f in zip(errors, finite))
         if problem.groups > 1:
             sol.statuses, sol.residuals, sol.errors = statuses, r, errors
         return sol
@@ -163,8 +173,11 @@ _COMMON_ARGS = """
         constraint: the set Ω, default the whole space.  Its tensors (bounds, centre, radius...)
             may require grad: they get their gradients like ``theta``.
         throw: raise :class:`~implicit_nash.ConvergenceError` when a forward or backward solve
-            fails; with ``False``, warn (:class:`~implicit_nash.ConvergenceWarning`), return the
-            last iterate, and set to zero any derivative whose linear solve failed."""
+            fails; with ``False``, warn (:class:`~implicit_nash.ConvergenceWarning`) and return the
+            last iterate: a failed forward solve's derivative is zero (reverse and forward mode,
+            every order), and so is any derivative whose linear solve failed.  Under
+            ``torch.func.vmap`` this holds per member: a failed member's derivative is zero, the
+            others keep theirs."""
 
 
 def _legacy(sol: Solution, return_info: bool):

@@ -42,7 +42,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch.func import jvp, vjp, vmap
 
-from ._compat import functorch_active
+from ._compat import forward_mode_levels, functorch_active
 from ._tree import all_finite
 from .errors import ConvergenceError, ConvergenceWarning
 from .linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver
@@ -170,7 +170,8 @@ class Problem:
                  block: int, linear_solver: LinearSolver, symmetric: Optional[bool], throw: bool,
                  record: Solution, solver: Optional[Solver] = None, forward: Optional[Callable] = None,
                  check_root: Optional[Callable] = None, name: str = "", z_name: str = "", groups: int = 1,
-                 warm_start: Optional[WarmStart] = None):
+                 warm_start: Optional[WarmStart] = None, member_groups: Optional[int] = None,
+                 batch_shape: Tuple[int, ...] = ()):
         self.F = F
         self.project = project
         self.unconstrained = unconstrained
@@ -187,6 +188,8 @@ class Problem:
         self.name = name
         self.z_name = z_name
         self.groups = groups
+        self.member_groups = groups if member_groups is None else member_groups  # groups of one vmap member
+        self.batch_shape = batch_shape  # the sizes of the vmapped batches stacked here, outermost first
         self.warm_start = warm_start
         self.shared: Optional[_SharedGraph] = None  # set during a first-order backward only
 
@@ -220,10 +223,35 @@ class Problem:
                        block=self.block, linear_solver=self.linear_solver, symmetric=self.symmetric,
                        throw=self.throw, record=self.record, solver=self.solver, forward=forward,
                        check_root=self.check_root, name=self.name, z_name=self.z_name,
-                       groups=self.groups * nb, warm_start=self.warm_start)
+                       groups=self.groups * nb, warm_start=self.warm_start, member_groups=self.member_groups,
+                       batch_shape=(nb, *self.batch_shape))
+
+    def _name_groups(self, bad: Sequence[int]) -> str:
+        """Names the groups ``bad`` for a message: members of a vmapped batch, or blocks."""
+        if self.groups == 1:
+            return ""
+        if not self.batch_shape:
+            return f" (block{'s' if len(bad) > 1 else ''} {_fmt_list(bad)})"
+        members = sorted({g // self.member_groups for g in bad})
+        s = "s" if len(members) > 1 else ""
+        levels = [k for k, n in enumerate(self.batch_shape) if n > 1]  # a batch of one names nothing
+        if len(levels) > 1:
+            index = []
+            for m in members:
+                idx = []
+                for size in reversed(self.batch_shape):
+                    m, i = divmod(m, size)
+                    idx.append(i)
+                idx.reverse()
+                index.append(tuple(idx[k] for k in levels))
+            sizes = " x ".join(str(self.batch_shape[k]) for k in levels)
+            return f" (member{s} {_fmt_list(index)} of the nested vmapped batches of sizes {sizes}, outermost first)"
+        return f" (member{s} {_fmt_list(members)} of the vmapped batch)"
 
     # ------------------------------------------------------------------ the forward solve
-    def solve(self, start: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
+    def solve(self, start: torch.Tensor, params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The solution and, per group, 1 where the forward solve succeeded and 0 where it failed
+        (``throw=False``): the derivative through a failed group is zero."""
         params = [p.detach() for p in params]
         start = start.detach()
         th, sp = params[: self.n_theta], params[self.n_theta:]
@@ -251,7 +279,13 @@ class Problem:
             else:
                 sol = iterate(self.solver, problem, problem.project(start))
         self._report_forward(sol)
-        return sol.value
+        return sol.value, self.succeeded(sol, sol.value)
+
+    def succeeded(self, sol: Solution, z: torch.Tensor) -> torch.Tensor:
+        """Per group, 1 where the forward solve converged (or completed its steps), 0 where it failed."""
+        ok = ([s in ("converged", "completed") for s in sol.statuses] if len(sol.statuses) == self.groups
+              else [sol.converged] * self.groups)
+        return torch.tensor(ok, dtype=z.dtype, device=z.device)
 
     def _report_forward(self, sol: Solution, implicit: bool = True) -> None:
         rec = self.record
@@ -262,8 +296,8 @@ class Problem:
         if not sol.converged:
             where = ""
             if sol.statuses:
-                bad = [i for i, s in enumerate(sol.statuses) if s not in ("converged", "completed")]
-                where = f" (problems {bad[:10]}{'...' if len(bad) > 10 else ''} of the vmapped batch)"
+                where = self._name_groups([i for i, s in enumerate(sol.statuses)
+                                           if s not in ("converged", "completed")])
             msg = (f"{self.name} stopped with status '{sol.status}' after {sol.steps} steps{where}: "
                    f"residual {sol.residual:.3g}, estimated error {sol.error:.3g}, tolerance "
                    f"{sol.stats.get('tolerance', float('nan')):.3g} (in the units of z); {_fmt_reason(sol.status)}")
@@ -272,8 +306,8 @@ class Problem:
             if self.throw:
                 raise ConvergenceError(msg, status=sol.status, steps=sol.steps, residual=sol.residual,
                                        history=sol.history, stage="forward")
-            warnings.warn(msg + "; the gradient through it will be zero where the value is not finite",
-                          ConvergenceWarning, stacklevel=5)
+            warnings.warn(msg + "; throw=False: the last iterate is returned and the derivative through it is "
+                          "set to zero", ConvergenceWarning, stacklevel=5)
         elif implicit and sol.status == "completed" and sol.residual > sol.stats["tolerance"]:
             # A fixed step count (num_steps) is a valid forward pass, but the implicit function
             # theorem holds at an equilibrium only: say so rather than differentiate silently.
@@ -374,13 +408,21 @@ class Problem:
 
     def linear_solve(self, b: torch.Tensor, z: torch.Tensor, params: Sequence[torch.Tensor],
                      transpose: bool) -> torch.Tensor:
+        """The solution of the system; zero in every group whose solve failed (``throw=False``): under
+        ``vmap`` a failed member does not take the others' derivatives with it."""
+        g = self.groups
         with torch.no_grad():
-            bad = not all_finite(b) or not all_finite(z)
-        if bad:
+            finite = [True] * g
+            if not all_finite(b) or not all_finite(z):  # which groups (one reduction when all are finite)
+                finite = (torch.isfinite(b.reshape(g, -1)).all(1) & torch.isfinite(z.reshape(g, -1)).all(1)).tolist()
+        if not any(finite):
             info = LinearSolveInfo(False, 0, 0, math.nan, math.nan, [], "the right-hand side or the solution "
                                    "is not finite", "non_finite")
             x = torch.zeros_like(b)
         else:
+            if not all(finite):  # the finite groups are solved; the others get a zero derivative
+                keep = _per_group(torch.tensor(finite, device=b.device), b)
+                b, z = torch.where(keep, b, 0.0), torch.where(keep, z, 0.0)
             warm = self.warm_start if not functorch_active() else None
             x0 = None if warm is None else warm.start(transpose, b, self.groups)
             kw = {} if x0 is None else {"x0": x0}
@@ -388,20 +430,33 @@ class Problem:
             if warm is not None:
                 warm.remember(transpose, x, self.groups, info)
         self.record.backward.append(info)
-        if not info.converged:
-            msg = (f"the implicit {'backward' if transpose else 'forward-mode'} linear solve "
-                   f"({type(self.linear_solver).__name__}) failed with status '{info.status}': residual "
-                   f"{info.residual:.3g} > tolerance {info.tolerance:.3g} after {info.steps} steps "
-                   f"({info.message}); {_fmt_reason(info.status)}")
-            if info.status == "max_steps":
-                msg += "; raise max_steps or use another linear solver"
-            if self.throw:
-                raise ConvergenceError(msg, status=info.status, steps=info.steps, residual=info.residual,
-                                       history=info.history, stage="backward")
+        if info.converged and all(finite):
+            return x
+        statuses = (info.group_statuses if len(info.group_statuses) == g and any(finite)
+                    else [info.status] * g)
+        bad = [i for i in range(g) if not finite[i] or statuses[i] != "converged"] or list(range(g))
+        if info.converged:  # only the non-finite groups failed
+            status, detail = "non_finite", "the right-hand side or the solution is not finite"
+        else:
+            status, detail = info.status, info.message
+        msg = (f"the implicit {'backward' if transpose else 'forward-mode'} linear solve "
+               f"({type(self.linear_solver).__name__}) failed{self._name_groups(bad)} with status '{status}': "
+               f"residual {info.residual:.3g} > tolerance {info.tolerance:.3g} after {info.steps} steps "
+               f"({detail}); {_fmt_reason(status)}")
+        if status == "max_steps":
+            msg += "; raise max_steps or use another linear solver"
+        if self.throw:
+            raise ConvergenceError(msg, status=status, steps=info.steps, residual=info.residual,
+                                   history=info.history, stage="backward")
+        if len(bad) == g:
             warnings.warn(msg + ". throw=False: this derivative is set to zero (nothing unverified is "
                           "returned)", ConvergenceWarning, stacklevel=5)
             return torch.zeros_like(b)
-        return x
+        warnings.warn(msg + ". throw=False: this derivative is set to zero there and kept for the others "
+                      "(nothing unverified is returned)", ConvergenceWarning, stacklevel=5)
+        failed = torch.zeros(g, dtype=torch.bool, device=x.device)
+        failed[bad] = True
+        return torch.where(_per_group(failed, x), 0.0, x)
 
     def pairing_grad(self, a: torch.Tensor, c: torch.Tensor, z: torch.Tensor,
                      params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
@@ -538,8 +593,29 @@ class _Floating:
         return tuple(out)
 
 
+def _fmt_list(items: Sequence[int]) -> str:
+    return ", ".join(str(i) for i in items[:10]) + (", ..." if len(items) > 10 else "")
+
+
+def _per_group(mask: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A per-group boolean ``mask`` (one entry per group) spread over ``t``, the flat vector of those groups."""
+    g = mask.shape[0]
+    return mask.unsqueeze(-1).expand(g, t.shape[0] // g).reshape(-1)
+
+
+def _failed_groups_finite(z: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``z`` with the non-finite entries of its failed groups replaced by zero, so that products at it
+    stay finite (those groups' derivatives are zero anyway)."""
+    return torch.where(ok | torch.isfinite(z), z, 0.0)
+
+
 def _move(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:
     return t.movedim(dim, 0) if dim is not None else t
+
+
+def _moved_dims(dims: Sequence[Optional[int]]) -> List[Optional[int]]:
+    """The batch dimensions of parameters after :func:`_move`: 0 for every batched one."""
+    return [None if d is None else 0 for d in dims]
 
 
 def _flatten_batch(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor:
@@ -548,52 +624,83 @@ def _flatten_batch(t: torch.Tensor, dim: Optional[int], nb: int) -> torch.Tensor
     return t.reshape(-1)
 
 
+_FORWARD_OVER_FORWARD = (
+    "forward-over-forward (jacfwd of jacfwd / nested jvp) through the implicit layer is not supported by "
+    "PyTorch's custom Function forward-mode rule; use jacrev(jacrev(...)), jacfwd(jacrev(...)) or "
+    "jacrev(jacfwd(...))")
+
+
+def _refuse_forward_over_forward() -> None:
+    """A forward-mode rule runs with forward-mode AD off: a second forward-mode transform around it
+    would see its tangent as a constant and return a wrong (often zero) derivative."""
+    if forward_mode_levels() > 1:
+        raise ValueError(_FORWARD_OVER_FORWARD)
+
+
 class EquilibriumFn(torch.autograd.Function):
-    """``params -> z*``: the forward solve, with the implicit derivative in both modes."""
+    """``params -> (z*, ok)``: the forward solve, with the implicit derivative in both modes.  ``ok``
+    (not differentiable) holds, per group, 1 where the forward solve succeeded and 0 where it failed
+    (``throw=False``); the derivative through a failed group is zero."""
 
     @staticmethod
-    def forward(problem: Problem, start: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(problem: Problem, start: torch.Tensor, *params: torch.Tensor):
         return problem.solve(start, params)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         problem, _, *params = inputs
+        z, ok = output
         ctx.problem = problem
-        ctx.save_for_backward(output, *params)
-        ctx.save_for_forward(output, *params)
+        ctx.mark_non_differentiable(ok)
+        ctx.save_for_backward(z, ok, *params)
+        ctx.save_for_forward(z, ok, *params)
 
     @staticmethod
-    def backward(ctx, v):
-        z, *params = ctx.saved_tensors
+    def backward(ctx, v, _ok_v):
+        z, ok, *params = ctx.saved_tensors
         problem: Problem = ctx.problem
-        if not any(ctx.needs_input_grad[2:]):
+        needed = ctx.needs_input_grad[2:]
+        if not any(needed):
             return (None, None) + (None,) * len(params)
-        first_order = not torch.is_grad_enabled() and not functorch_active()
+        plain = not functorch_active()  # outside torch.func, ok's values can be read
+        if plain and not bool(ok.any()):  # a failed forward solve: its derivative is zero
+            return (None, None, *[torch.zeros_like(p) if need else None for p, need in zip(params, needed)])
+        mask = None
+        if not plain or not bool(ok.all()):
+            mask = _per_group(ok > 0, z)
+            v = torch.where(mask, v, 0.0)
+            z = _failed_groups_finite(z, mask)
+        first_order = not torch.is_grad_enabled() and plain
         if first_order:  # one graph of G serves the linear solve and the product with dG/dp
-            problem.shared = _SharedGraph(problem, z, params, ctx.needs_input_grad[2:])
+            problem.shared = _SharedGraph(problem, z, params, needed)
         try:
             u = LinearSolveFn.apply(problem, True, v, z, *params)
-            grads = problem.theta_vjp(u, z, params, ctx.needs_input_grad[2:])
+            if mask is not None:
+                u = torch.where(mask, u, 0.0)
+            grads = problem.theta_vjp(u, z, params, needed)
         finally:
             problem.shared = None
-        return (None, None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])])
+        return (None, None, *[g if need else None for g, need in zip(grads, needed)])
 
     @staticmethod
     def jvp(ctx, _problem_t, _start_t, *tangents):
-        z, *params = ctx.saved_tensors
+        _refuse_forward_over_forward()
+        z, ok, *params = ctx.saved_tensors
         problem: Problem = ctx.problem
+        mask = _per_group(ok > 0, z)
+        z = _failed_groups_finite(z, mask)
         tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(params, tangents)]
-        q = problem.theta_jvp(tangents, z, params)
-        return LinearSolveFn.apply(problem, False, q, z, *params).neg()
+        q = torch.where(mask, problem.theta_jvp(tangents, z, params), 0.0)
+        return torch.where(mask, LinearSolveFn.apply(problem, False, q, z, *params).neg(), 0.0), None
 
     @staticmethod
     def vmap(info, in_dims, problem: Problem, start, *params):
         nb = info.batch_size
         start_dim, pdims = in_dims[1], in_dims[2:]
-        batched = problem.batched(nb, pdims)
         moved = [_move(p, d, nb) for p, d in zip(params, pdims)]
-        out = EquilibriumFn.apply(batched, _flatten_batch(start, start_dim, nb), *moved)
-        return out.reshape(nb, -1), 0
+        batched = problem.batched(nb, _moved_dims(pdims))
+        out, ok = EquilibriumFn.apply(batched, _flatten_batch(start, start_dim, nb), *moved)
+        return (out.reshape(nb, -1), ok.reshape(nb, -1)), (0, 0)
 
 
 class LinearSolveFn(torch.autograd.Function):
@@ -621,6 +728,7 @@ class LinearSolveFn(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _p, _t, b_t, z_t, *p_t):
+        _refuse_forward_over_forward()
         x, z, *params = ctx.saved_tensors
         problem: Problem = ctx.problem
         b_t = torch.zeros_like(x) if b_t is None else b_t
@@ -639,8 +747,8 @@ class LinearSolveFn(torch.autograd.Function):
     def vmap(info, in_dims, problem: Problem, transpose: bool, b, z, *params):
         nb = info.batch_size
         _, _, b_dim, z_dim, *pdims = in_dims
-        batched = problem.batched(nb, pdims)
         moved = [_move(p, d, nb) for p, d in zip(params, pdims)]
+        batched = problem.batched(nb, _moved_dims(pdims))
         out = LinearSolveFn.apply(batched, transpose, _flatten_batch(b, b_dim, nb), _flatten_batch(z, z_dim, nb),
                                   *moved)
         return out.reshape(nb, -1), 0

@@ -164,6 +164,8 @@ class LinearSolveInfo:
         status: one of :data:`STATUSES`.
         norm_estimate: the estimate :math:`\\hat A` of :math:`\\|A\\|` used by the stopping rule.
         group_residuals, group_tolerances: per block, with ``groups > 1``.
+        group_statuses: per block, with ``groups > 1``: ``"converged"`` where that block meets its
+            tolerance (and shows no singularity), else the reason it failed.
         warm: how many blocks started from the given ``x0`` (the others from zero: a start whose
             residual is not below :math:`\\|b\\|` is discarded); ``0`` without ``x0``.
         error: an estimate of the solution's error :math:`\\|x - A^{-1}b\\|` (of the block furthest
@@ -187,6 +189,7 @@ class LinearSolveInfo:
     group_residuals: List[float] = field(default_factory=list)
     group_tolerances: List[float] = field(default_factory=list)
     warm: int = 0
+    group_statuses: List[str] = field(default_factory=list)
     error: float = float("nan")
     condition: float = float("nan")
     group_errors: List[float] = field(default_factory=list)
@@ -457,8 +460,12 @@ class _Monitor:
                                self.warm)
         info.error = float(errors[k])
         info.condition = float((self.estimate / self.sigma).max()) if bool(torch.isfinite(self.sigma).all()) else math.nan
+        info.group_statuses = self._group_statuses(res, tol, x, status)
         if self.groups > 1:
             info.group_errors = errors.tolist()
+            over = (errors > self.atol + self.error_rtol * xn).tolist()  # nan compares False
+            info.group_statuses = ["inaccurate" if o and g == "converged" else g
+                                   for o, g in zip(over, info.group_statuses)]
         return x, info
 
     def error_of(self, x: torch.Tensor, res: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
@@ -472,11 +479,25 @@ class _Monitor:
         err = torch.where(sigma > 0, res / sigma.clamp_min(1e-300), torch.where(res > 0, math.inf, 0.0))
         return err + self.eps * xn
 
+    def _group_statuses(self, res: torch.Tensor, tol: torch.Tensor, x: torch.Tensor, status: str) -> List[str]:
+        """Each block's outcome (``groups > 1``): converged where its residual meets its tolerance and
+        its solution's norm shows no singularity; a block that misses its tolerance gets the solve's
+        status, one that meets it but is singular to working precision gets ``"singular"``."""
+        if self.groups == 1:
+            return []
+        met = (torch.isfinite(res) & (res <= tol)).tolist()
+        xn = _gnorm(x, self.groups)
+        cond = torch.where(self.bnorm > 0, self.estimate * xn / self.bnorm.clamp_min(1e-300), torch.zeros(()))
+        singular = (cond * self.eps >= SINGULAR).tolist()
+        failed = status if status != "converged" else "max_steps"
+        return ["converged" if m and not s else ("singular" if m else failed) for m, s in zip(met, singular)]
+
     def zero(self) -> Tuple[torch.Tensor, LinearSolveInfo]:
         zeros = [0.0] * self.groups if self.groups > 1 else []
         tol = self.tolerance_for(self.best_x)
         return torch.zeros_like(self.b), LinearSolveInfo(True, 0, 0, 0.0, float(tol.min()), [0.0], "b = 0",
-                                                         "converged", 0.0, zeros, tol.tolist() if zeros else [])
+                                                         "converged", 0.0, zeros, tol.tolist() if zeros else [],
+                                                         group_statuses=["converged"] * len(zeros))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -142,7 +142,7 @@ def test_vmap_reports_per_problem_status():
         return sol.value
 
     # the third problem is not monotone (theta < 0): it diverges while the others converge
-    with pytest.warns(inn.ConvergenceWarning, match=r"problems \[2\]"):
+    with pytest.warns(inn.ConvergenceWarning, match=r"member 2 of the vmapped batch"):
         torch.func.vmap(solve)(torch.tensor([1.0, 2.0, -1.0]))
     assert sols[0].statuses[:2] == ["converged", "converged"] and sols[0].statuses[2] != "converged"
 
