@@ -23,8 +23,8 @@ whose norm shows a condition number :math:`\hat A\|x\|/\|b\|` of at least ``0.05
 digit of it can be trusted), ``"non_finite"`` (a product returned NaN or inf) or ``"diverged"``.
 
 Which solver for a game: the Jacobian :math:`P = \partial_\phi F` of a game is symmetric only for
-potential games.  :class:`CG` is valid only for symmetric positive definite operators and refuses
-anything else; :class:`GMRES` (the default) and :class:`BiCGSTAB` handle non-symmetric operators;
+potential games.  :class:`CG` is valid only for symmetric positive definite operators (it hands an operator
+that is not symmetric to GMRES and says so in ``info.message``); :class:`GMRES` (the default) and :class:`BiCGSTAB` handle non-symmetric operators;
 :class:`NormalCG` works on :math:`A^\top A` and squares the condition number.
 
 ``groups``: ``solve(A, b, groups=g)`` treats ``b`` as ``g`` independent blocks of equal size (a batch
@@ -538,11 +538,13 @@ class _Chunked(LinearSolver):
 class CG(_Chunked):
     """Conjugate gradients, for symmetric positive definite operators only (potential games).
 
-    Symmetry: an operator tagged non-symmetric is refused (``ValueError``).  ``check_symmetry``:
-    ``None`` (default) tests an operator whose symmetry is unknown by comparing
-    :math:`u^\\top A v` with :math:`v^\\top A u` for random ``u, v`` (two extra products) and raises
-    ``ValueError`` if they differ, and trusts one tagged symmetric; ``True`` tests even a tagged one;
-    ``False`` never tests.  Non-positive curvature :math:`p^\\top A p \\le 0` stops it with status
+    Symmetry: CG is valid for symmetric operators only; an operator tagged non-symmetric, or one that
+    fails the symmetry test, is solved by :class:`GMRES` instead (same tolerance and product budget),
+    and ``info.message`` says so and why (``"(ran GMRES: ...)"``): e.g. the implicit system of a
+    potential game with an active constraint, which is not symmetric.  ``check_symmetry``: ``None``
+    (default) tests an operator whose symmetry is unknown by comparing :math:`u^\\top A v` with
+    :math:`v^\\top A u` for random ``u, v`` (two extra products), and trusts one tagged symmetric;
+    ``True`` tests even a tagged one; ``False`` never tests.  Non-positive curvature :math:`p^\\top A p \\le 0` stops it with status
     ``"breakdown"`` (the operator is not positive definite).
 
     ``compiled=True`` runs the iteration in chunks of ``chunk`` steps, each one program compiled by
@@ -563,8 +565,7 @@ class CG(_Chunked):
     def _solve(self, mon):
         op, b = mon.op, mon.b
         if op.symmetric is False:
-            raise ValueError("CG needs a symmetric operator and this one is declared non-symmetric "
-                             "(a game that is not a potential game); use GMRES or BiCGSTAB")
+            return self._run_gmres(mon, "the operator is declared non-symmetric (not a potential game)")
         test = self.check_symmetry if self.check_symmetry is not None else op.symmetric is None
         if test:
             gen = torch.Generator(device=b.device).manual_seed(0)
@@ -575,10 +576,9 @@ class CG(_Chunked):
             scale = _norm(u) * _norm(Av) + _norm(v) * _norm(Au)
             limit = max(1e-6, 1e3 * mon.eps)
             if gap > limit * scale:
-                raise ValueError(
-                    f"CG needs a symmetric operator, but u'Av - v'Au = {gap:.3g} (relative "
-                    f"{gap / scale:.3g}) for random u, v: the system is not symmetric (not a potential "
-                    f"game, or constraints are active); use GMRES or BiCGSTAB")
+                return self._run_gmres(mon, f"the operator is not symmetric: u'Av - v'Au = {gap:.3g} (relative "
+                                            f"{gap / scale:.3g}) for random u, v (not a potential game, or "
+                                            f"constraints are active)")
         if self.compiled:
             return self._solve_compiled(mon)
         if mon.groups > 1:
@@ -674,6 +674,13 @@ class CG(_Chunked):
         else:
             mon.accept(x, r)
         return mon.finish(steps)
+
+    def _run_gmres(self, mon, why: str):
+        """GMRES on the same system (same monitor: tolerance, products and best iterate carry over) for an
+        operator CG cannot solve, with the reason in ``info.message``."""
+        x, info = GMRES(rtol=self.rtol, atol=self.atol, max_steps=max(1, self.steps_limit - mon.matvecs))._solve(mon)
+        info.message = f"{info.message} (ran GMRES: {why})"
+        return x, info
 
     def _chunk_start(self, mon):
         return mon.x0, mon.r0.clone(), mon.r0.clone(), _group_sq(mon.r0, mon.groups).to(mon.b.dtype)
