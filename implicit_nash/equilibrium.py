@@ -3,6 +3,7 @@
 :func:`custom_root` / :func:`custom_fixed_point` for a forward solver of the user's own."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -432,3 +433,16 @@ class NashLayer(nn.Module):
             sol = nash_solution(self.costs, phi0, theta, **kwargs)
         self.last_solution = sol
         return sol.value
+
+    def __getstate__(self):
+        """The state for ``copy.deepcopy`` and ``pickle``: ``last_solution`` is kept with its value
+        detached (its autograd graph cannot be copied and belongs to the original's forward call)."""
+        state = dict(super().__getstate__())
+        sol = state.get("last_solution")
+        if isinstance(sol, Solution):
+            kept = copy.copy(sol)
+            kept.value = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, sol.value)
+            kept.backward = list(sol.backward)
+            kept.stats = dict(sol.stats)
+            state["last_solution"] = kept
+        return state
