@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._compat import is_batched, tree_map, tree_unflatten
-from ._tree import Flattener, check_finite, leaves_of
+from ._tree import Flattener, check_finite, check_supported, leaves_of
 from .errors import ConvergenceError, ConvergenceWarning
 from .games import CostGame, Game
 from .implicit import Adjoint, EquilibriumFn, Implicit, Problem, Unrolled
@@ -48,6 +48,7 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         raise TypeError(f"constraint must be a StrategySet (Box, Ball, ...), got {type(constraint).__name__}")
     if not isinstance(throw, bool):
         raise TypeError(f"throw must be True or False, got {throw!r}")
+    check_supported((z0, z_name), (theta, "theta"))
     symmetric = _symmetry(symmetric, adjoint)
 
     flat = Flattener(z0, players, z_name)

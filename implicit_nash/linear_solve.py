@@ -44,7 +44,7 @@ from typing import Callable, ClassVar, List, Optional, Tuple, Union
 import torch
 
 from . import _collective
-from ._tree import all_finite
+from ._tree import all_finite, check_supported_tensor
 
 __all__ = [
     "LinearOperator", "LinearSolveInfo", "LinearSolver", "CG", "GMRES", "BiCGSTAB", "NormalCG",
@@ -179,6 +179,7 @@ class LinearSolveInfo:
 def _check_b(b: torch.Tensor) -> None:
     if not isinstance(b, torch.Tensor) or b.dim() != 1:
         raise ValueError("b must be a 1-D tensor")
+    check_supported_tensor(b, "b", "the linear solver's")
     if not all_finite(b):
         raise ValueError("the right-hand side b contains NaN or inf")
 
@@ -1211,6 +1212,9 @@ class Refined(LinearSolver):
                             f"{type(self.solver).__name__}")
         if not (isinstance(self.precision, torch.dtype) and self.precision.is_floating_point):
             raise ValueError(f"Refined.precision must be a floating dtype, got {self.precision!r}")
+        if self.precision in (torch.float16, torch.bfloat16):
+            raise ValueError(f"Refined.precision is {self.precision}: half precision cannot meet the linear "
+                             f"solver's tolerances (eps = {torch.finfo(self.precision).eps:.3g}): use float32")
 
     def _solve(self, mon):
         b, groups = mon.b, mon.groups

@@ -141,6 +141,8 @@ def test_half_precision_is_refused_at_the_layer_and_the_linear_solvers(dtype):
     for solver in (inn.Dense(), inn.GMRES(), inn.CG(), inn.BiCGSTAB()):
         with pytest.raises(ValueError, match="half precision"):
             solver.solve(torch.eye(3, dtype=dtype), torch.ones(3, dtype=dtype))
+    with pytest.raises(ValueError, match="half precision"):
+        inn.Refined(precision=dtype)
 
 
 def test_complex_and_meta_tensors_are_refused():
