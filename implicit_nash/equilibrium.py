@@ -348,9 +348,10 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
     if not isinstance(check, bool):
         raise TypeError(f"check must be True or False, got {check!r}")
     linear_solver = GMRES() if linear_solver is None else linear_solver
-    from .linear_solve import _check_nonneg
+    from .linear_solve import _check_nonneg, _plain
     _check_nonneg("rtol", rtol, allow_none=True)
     _check_nonneg("atol", atol)
+    rtol, atol = _plain(rtol), _plain(atol)
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
     adjoint = Implicit(linear_solver=linear_solver, warm_start=warm_start)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, List, Optional, Tuple, Union
@@ -142,7 +143,7 @@ def as_operator(A: Union[LinearOperator, Callable, torch.Tensor]) -> LinearOpera
     raise TypeError(f"expected a LinearOperator, a callable or a matrix, got {type(A).__name__}")
 
 
-@dataclass
+@dataclass(repr=False)
 class LinearSolveInfo:
     """What a linear solve did.
 
@@ -175,6 +176,19 @@ class LinearSolveInfo:
     group_tolerances: List[float] = field(default_factory=list)
     warm: int = 0
 
+    def __repr__(self) -> str:
+        # a summary (the history can be long); fields added later are read with defaults
+        def num(x):
+            return f"{x:.3g}" if isinstance(x, float) else repr(x)[:30]
+        parts = [f"status={getattr(self, 'status', None)!r}", f"steps={getattr(self, 'steps', None)}",
+                 f"matvecs={getattr(self, 'matvecs', None)}", f"residual={num(getattr(self, 'residual', None))}",
+                 f"tolerance={num(getattr(self, 'tolerance', None))}",
+                 f"history={len(getattr(self, 'history', None) or ())}"]
+        groups = getattr(self, "group_residuals", None)
+        if groups:
+            parts.append(f"groups={len(groups)}")
+        return f"LinearSolveInfo({', '.join(parts)})"
+
 
 def _check_b(b: torch.Tensor) -> None:
     if not isinstance(b, torch.Tensor) or b.dim() != 1:
@@ -184,10 +198,27 @@ def _check_b(b: torch.Tensor) -> None:
         raise ValueError("the right-hand side b contains NaN or inf")
 
 
+def _plain(value):
+    """A real number (numpy's scalars included, booleans excluded) as a Python ``int`` or ``float``;
+    anything else unchanged."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value) in (int, float):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _plain_fields(obj) -> None:
+    """Store every real-number field of the dataclass ``obj`` as a Python ``int`` or ``float``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name, None)
+        plain = _plain(value)
+        if plain is not value:
+            object.__setattr__(obj, f.name, plain)
+
+
 def _check_positive(name: str, value, *, integer: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
     if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
         kind = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
@@ -196,7 +227,7 @@ def _check_positive(name: str, value, *, integer: bool = False, allow_none: bool
 def _check_nonneg(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
 
 
@@ -400,6 +431,7 @@ class LinearSolver:
     iterative = True
 
     def __post_init__(self):
+        _plain_fields(self)  # numpy scalars are accepted and kept as Python numbers
         _check_nonneg("rtol", self.rtol, allow_none=True)
         _check_nonneg("atol", self.atol)
         _check_positive("max_steps", self.max_steps, integer=True, allow_none=True)
@@ -479,6 +511,9 @@ class _Chunked(LinearSolver):
             why = ("the operator has no functional form (LinearOperator(functional=...))"
                    if op.functional is None else "a solve sharded over ranks is not compiled")
             return self._eager_from(mon, mon.x0 if mon.warm else None, why)
+        known = _UNAVAILABLE.get((type(self)._chunk_fn, self.backend))
+        if known is not None:
+            return self._eager_from(mon, mon.x0 if mon.warm else None, f"compiled linear solve unavailable ({known})")
         fn, operands = op.functional
         state = self._chunk_start(mon)
         threshold = mon.tolerance_for(state[0]).to(mon.b.device, mon.b.dtype)
@@ -489,6 +524,9 @@ class _Chunked(LinearSolver):
             try:  # a short last chunk runs eagerly (no compilation for its length)
                 new, nactive, broke, top = self._compiled(k == self.chunk, fn, k, state, active, threshold,
                                                           *operands)
+            except _CompileUnavailable as err:  # the backend cannot compile: said once, then remembered
+                why = _unavailable(err)
+                return self._eager_from(mon, state[0] if steps or mon.warm else None, why, steps)
             except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: run eagerly instead
                 lines = [ln.strip() for ln in str(err).splitlines()
                          if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "For even more"))]
@@ -510,6 +548,9 @@ class _Chunked(LinearSolver):
         def verify(v):  # the final check, compiled too (an eager product may need a graph built for it)
             try:
                 return self._compiled(None, fn, v, *operands)
+            except _CompileUnavailable as err:
+                _unavailable(err)
+                return op(v)
             except Exception:  # noqa: BLE001 - as in the chunks: fall back to the eager product
                 return op(v)
 
@@ -533,6 +574,15 @@ class _Chunked(LinearSolver):
         info.steps += steps
         info.message = f"{info.message} (ran eagerly: {why})"
         return x, info
+
+
+def _unavailable(err: "_CompileUnavailable") -> str:
+    """Why a compiled solve runs eagerly when its backend cannot compile; warned once (the call that
+    found it out), later calls say it in ``info.message`` only."""
+    why = f"compiled linear solve unavailable ({err.reason})"
+    if err.first:
+        warnings.warn(f"{why}: running eagerly", RuntimeWarning, stacklevel=5)
+    return why
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -782,6 +832,38 @@ _COMPILED = {}
 _RECOMPILE_LIMIT = 64
 
 
+#: ``(fn, backend)`` pairs that cannot be compiled whatever they are called with (``torch.compile``
+#: itself failed, or the backend's compiler did: e.g. no working C++ compiler), with the reason: later
+#: calls run eagerly at once instead of paying for the failed compilation again.  A failure to trace
+#: one operator's product is that operator's, and is not remembered.
+_UNAVAILABLE = {}
+
+
+class _CompileUnavailable(RuntimeError):
+    """``fn`` cannot be compiled with this backend; ``first``: this call found it out."""
+
+    def __init__(self, reason: str, first: bool):
+        super().__init__(reason)
+        self.reason, self.first = reason, first
+
+
+def _failure_reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def _backend_failures() -> tuple:
+    failed = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    failed = getattr(failed, "BackendCompilerFailed", None)
+    return (failed,) if isinstance(failed, type) else ()
+
+
+def _give_up(key, err: BaseException) -> _CompileUnavailable:
+    _UNAVAILABLE[key] = _failure_reason(err)
+    _COMPILED.pop(key, None)
+    return _CompileUnavailable(_UNAVAILABLE[key], True)
+
+
 def _compiled_version(fn: Callable, backend: str):
     key = (fn, backend)
     if key not in _COMPILED:
@@ -793,10 +875,23 @@ def _compiled_call(fn: Callable, backend: Optional[str], *args):
     """``fn(*args)``, traced whole by ``torch.compile`` with ``backend`` (static shapes; ``None``: run
     eagerly), with the recompile limit raised to :data:`_RECOMPILE_LIMIT`. torch's compiler stack
     emits DeprecationWarnings of its own, which a warnings-as-errors filter would turn into a failed
-    compilation: they are silenced here."""
+    compilation: they are silenced here.  A pair ``(fn, backend)`` that cannot compile at all raises
+    :class:`_CompileUnavailable` (at once, from the second call on: see :data:`_UNAVAILABLE`)."""
+    key = (fn, backend)
+    if backend is not None and key in _UNAVAILABLE:
+        raise _CompileUnavailable(_UNAVAILABLE[key], False)
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return fn(*args) if backend is None else _compiled_version(fn, backend)(*args)
+        if backend is None:
+            return fn(*args)
+        try:
+            compiled = _compiled_version(fn, backend)
+        except Exception as err:  # noqa: BLE001 - torch.compile itself refuses: nothing will compile
+            raise _give_up(key, err) from err
+        try:
+            return compiled(*args)
+        except _backend_failures() as err:
+            raise _give_up(key, err) from err
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -191,10 +191,11 @@ def test_a_failed_compilation_is_remembered_and_said_once(monkeypatch):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         x2, info2 = solver.solve(A, 2 * b)
+        x2, info2 = solver.solve(A, 2 * b)
+    assert len(attempts) == 1 and not seen, [str(w.message) for w in seen]
+    with pytest.warns(RuntimeWarning, match="compiled linear solve unavailable"):
         _, info3 = inn.BiCGSTAB(rtol=1e-12, compiled=True).solve(A, b)  # another chunk: its own attempt
     assert len(attempts) == 2
-    assert [str(w.message) for w in seen if "compiled" in str(w.message)] == [
-        "compiled linear solve unavailable (RuntimeError: no working C++ compiler): running eagerly"]
     assert info2.converged and "(ran eagerly: compiled linear solve unavailable (RuntimeError: no working C++ "\
         "compiler))" in info2.message, info2.message
     torch.testing.assert_close(x2, 2 * x)
@@ -247,7 +248,7 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
     x, info = g.solve(2 * torch.eye(3), torch.ones(3))
     assert info.converged
     z = inn.solve_vi(_F, torch.zeros(3), torch.ones(3), solver=s)
-    torch.testing.assert_close(z, 0.5 * torch.ones(3))
+    torch.testing.assert_close(z, 0.5 * torch.ones(3), rtol=0, atol=1e-5)  # atol=1e-6 in the residual
 
     @inn.custom_root(lambda z, th: z ** 3 - th, rtol=np.float32(1e-6), atol=np.float64(0.0),
                      linear_solver=inn.GMRES(max_steps=np.int64(20)))
@@ -257,7 +258,7 @@ def test_numpy_numbers_are_accepted_and_stored_as_python_numbers():
     th = torch.tensor(8.0, requires_grad=True)
     z = cube_root(torch.ones(()), th)
     (gr,) = torch.autograd.grad(z, th)
-    assert float(z) == pytest.approx(2.0) and float(gr) == pytest.approx(1 / 12)
+    assert float(z.detach()) == pytest.approx(2.0) and float(gr) == pytest.approx(1 / 12)
     for bad in (np.bool_(True), True, np.float32(np.nan), np.float64(-1.0)):
         with pytest.raises(ValueError, match="atol"):
             inn.PRGD(atol=bad)
