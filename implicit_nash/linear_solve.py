@@ -1318,6 +1318,7 @@ class Refined(LinearSolver):
             low = mon.op.lowered(self.precision)
         x, r = mon.x0, mon.r0
         rounds, spent = 0, 0
+        swapped = ""
         note = "the operator has no lower-precision form"
         if low is not None:
             low = LinearOperator(low.matvec, low.rmatvec, mon.op.symmetric, functional=low.functional)
@@ -1339,7 +1340,11 @@ class Refined(LinearSolver):
                 if groups == 1:  # ||A_low|| estimates ||A|| to the lower precision: a better A-hat
                     mon.note_norm(info.norm_estimate)
                 if isinstance(inner, CG):  # one symmetry test is enough for the whole refinement
-                    inner = dataclasses.replace(inner, check_symmetry=False)
+                    if "(ran GMRES:" in info.message:  # not symmetric: GMRES for every round
+                        swapped = " " + info.message[info.message.index("(ran GMRES:"):]
+                        inner = GMRES(rtol=inner.rtol, atol=inner.atol, max_steps=inner.max_steps)
+                    else:
+                        inner = dataclasses.replace(inner, check_symmetry=False)
                 if not bool(torch.isfinite(d).all()):
                     note = f"round {rounds} in {self.precision} returned NaN or inf"
                     break
@@ -1349,7 +1354,7 @@ class Refined(LinearSolver):
                     mon.matvecs += spent
                     x, out = mon.finish(rounds, verify=False)
                     out.message += (f" ({rounds} rounds of mixed-precision refinement: {spent} products in "
-                                    f"{self.precision}, {out.matvecs - spent} in {b.dtype})")
+                                    f"{self.precision}, {out.matvecs - spent} in {b.dtype}){swapped}")
                     return x, out
                 if not bool((mon.res <= 0.5 * last).all()):
                     note = (f"round {rounds} did not halve the residual (condition number too large for "

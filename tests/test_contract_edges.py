@@ -63,6 +63,9 @@ def test_cg_on_a_non_symmetric_or_declared_non_symmetric_operator_runs_gmres(gen
     x, info = inn.CG(rtol=1e-12).solve(torch.block_diag(A, 2 * A), torch.cat([b, b]), groups=2)
     assert info.converged and "ran GMRES" in info.message
     torch.testing.assert_close(x, torch.cat([torch.linalg.solve(A, b), torch.linalg.solve(2 * A, b)]))
+    x, info = inn.Refined(solver=inn.CG(), rtol=1e-12).solve(A, b)
+    assert info.converged and "refinement" in info.message and "ran GMRES" in info.message, info.message
+    torch.testing.assert_close(x, torch.linalg.solve(A, b))
 
 
 # ------------------------------------------------------------------ a forward that differentiates
