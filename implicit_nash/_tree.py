@@ -90,3 +90,32 @@ def check_finite(leaves: Sequence[torch.Tensor], name: str) -> None:
         if not all_finite(leaf):
             where = "" if len(leaves) == 1 else f" (leaf {i}, shape {tuple(leaf.shape)})"
             raise ValueError(f"{name} contains NaN or inf{where}")
+
+
+#: floating dtypes whose resolution is too coarse for the solvers' stopping rules
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_supported_tensor(t: torch.Tensor, name: str, where: str = "the layer's") -> None:
+    """Refuse, with one clear ``ValueError``, a tensor the solvers cannot compute with: a meta
+    tensor (no data), a complex one, or half precision (``float16``/``bfloat16``: its resolution is
+    above the tolerances, so a solve would stop short of them or "converge" far from the answer).
+    Integer and boolean tensors pass (data)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device: meta tensors carry no data; compute on a CPU or "
+                         f"CUDA device")
+    if t.is_complex():
+        raise ValueError(f"{name} is {t.dtype}: complex tensors are not supported; split them into real "
+                         f"and imaginary parts")
+    if t.dtype in _HALF:
+        raise ValueError(f"{name} is {t.dtype}: half precision cannot meet {where} tolerances (eps = "
+                         f"{torch.finfo(t.dtype).eps:.3g}): compute in float32 and cast")
+
+
+def check_supported(*named_trees: Tuple[Any, str]) -> None:
+    """:func:`check_supported_tensor` on every tensor leaf of each ``(tree, name)`` pair (other
+    leaves are left to the type checks that follow)."""
+    for tree, name in named_trees:
+        for leaf in tree_flatten(tree)[0]:
+            if isinstance(leaf, torch.Tensor):
+                check_supported_tensor(leaf, name)

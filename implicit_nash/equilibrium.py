@@ -3,6 +3,7 @@
 :func:`custom_root` / :func:`custom_fixed_point` for a forward solver of the user's own."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from typing import Any, Callable, Optional, Union
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from ._compat import is_batched, tree_map, tree_unflatten
-from ._tree import Flattener, check_finite, leaves_of
+from ._tree import Flattener, check_finite, check_supported, leaves_of
 from .errors import ConvergenceError, ConvergenceWarning
 from .games import CostGame, Game
 from .implicit import Adjoint, EquilibriumFn, Implicit, Problem, Unrolled
@@ -47,6 +48,7 @@ def _solve(operator: Callable, z0: Any, theta: Any, *, players: Optional[int], s
         raise TypeError(f"constraint must be a StrategySet (Box, Ball, ...), got {type(constraint).__name__}")
     if not isinstance(throw, bool):
         raise TypeError(f"throw must be True or False, got {throw!r}")
+    check_supported((z0, z_name), (theta, "theta"))
     symmetric = _symmetry(symmetric, adjoint)
 
     flat = Flattener(z0, players, z_name)
@@ -374,9 +376,10 @@ def custom_root(residual: Callable[[Any, Any], Any], *, linear_solver: Optional[
     if not isinstance(check, bool):
         raise TypeError(f"check must be True or False, got {check!r}")
     linear_solver = GMRES() if linear_solver is None else linear_solver
-    from .linear_solve import _check_nonneg
+    from .linear_solve import _check_nonneg, _plain
     _check_nonneg("rtol", rtol, allow_none=True)
     _check_nonneg("atol", atol)
+    rtol, atol = _plain(rtol), _plain(atol)
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ValueError(f"blocks must be a positive integer, got {blocks!r}")
     adjoint = Implicit(linear_solver=linear_solver, warm_start=warm_start)
@@ -460,3 +463,16 @@ class NashLayer(nn.Module):
             sol = nash_solution(self.costs, phi0, theta, **kwargs)
         self.last_solution = sol
         return sol.value
+
+    def __getstate__(self):
+        """The state for ``copy.deepcopy`` and ``pickle``: ``last_solution`` is kept with its value
+        detached (its autograd graph cannot be copied and belongs to the original's forward call)."""
+        state = dict(super().__getstate__())
+        sol = state.get("last_solution")
+        if isinstance(sol, Solution):
+            kept = copy.copy(sol)
+            kept.value = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, sol.value)
+            kept.backward = list(sol.backward)
+            kept.stats = dict(sol.stats)
+            state["last_solution"] = kept
+        return state

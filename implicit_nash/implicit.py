@@ -272,11 +272,16 @@ class Problem:
                 raise ValueError("the strategy set holds a tensor that requires grad but is not among its "
                                  "parameters(): the implicit adjoint would drop its gradient; override "
                                  "StrategySet.parameters() and with_parameters() to expose it")
-        with torch.no_grad():
-            if self.user_forward is not None:
-                z = self.user_forward(start, th).detach()
+        if self.user_forward is not None:
+            # the user's forward may differentiate internally (torch.autograd.grad): it runs with grad
+            # enabled on the detached inputs, and its output is detached
+            with torch.enable_grad():
+                z = self.user_forward(start, th)
+            z = z.detach()
+            with torch.no_grad():
                 sol = self.check_root(problem, start, z)
-            else:
+        else:
+            with torch.no_grad():
                 sol = iterate(self.solver, problem, problem.project(start))
         self._report_forward(sol)
         return sol.value, self.succeeded(sol, sol.value)

@@ -23,8 +23,8 @@ whose norm shows a condition number :math:`\hat A\|x\|/\|b\|` of at least ``0.05
 digit of it can be trusted), ``"non_finite"`` (a product returned NaN or inf) or ``"diverged"``.
 
 Which solver for a game: the Jacobian :math:`P = \partial_\phi F` of a game is symmetric only for
-potential games.  :class:`CG` is valid only for symmetric positive definite operators and refuses
-anything else; :class:`GMRES` (the default) and :class:`BiCGSTAB` handle non-symmetric operators;
+potential games.  :class:`CG` is valid only for symmetric positive definite operators (it hands an operator
+that is not symmetric to GMRES and says so in ``info.message``); :class:`GMRES` (the default) and :class:`BiCGSTAB` handle non-symmetric operators;
 :class:`NormalCG` works on :math:`A^\top A` and squares the condition number.
 
 ``groups``: ``solve(A, b, groups=g)`` treats ``b`` as ``g`` independent blocks of equal size (a batch
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, List, Optional, Tuple, Union
@@ -44,7 +45,7 @@ from typing import Callable, ClassVar, List, Optional, Tuple, Union
 import torch
 
 from . import _collective
-from ._tree import all_finite
+from ._tree import all_finite, check_supported_tensor
 
 __all__ = [
     "LinearOperator", "LinearSolveInfo", "LinearSolver", "CG", "GMRES", "BiCGSTAB", "NormalCG",
@@ -148,7 +149,7 @@ def as_operator(A: Union[LinearOperator, Callable, torch.Tensor]) -> LinearOpera
     raise TypeError(f"expected a LinearOperator, a callable or a matrix, got {type(A).__name__}")
 
 
-@dataclass
+@dataclass(repr=False)
 class LinearSolveInfo:
     """What a linear solve did.
 
@@ -194,18 +195,49 @@ class LinearSolveInfo:
     condition: float = float("nan")
     group_errors: List[float] = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        # a summary (the history can be long); fields added later are read with defaults
+        def num(x):
+            return f"{x:.3g}" if isinstance(x, float) else repr(x)[:30]
+        parts = [f"status={getattr(self, 'status', None)!r}", f"steps={getattr(self, 'steps', None)}",
+                 f"matvecs={getattr(self, 'matvecs', None)}", f"residual={num(getattr(self, 'residual', None))}",
+                 f"tolerance={num(getattr(self, 'tolerance', None))}",
+                 f"history={len(getattr(self, 'history', None) or ())}"]
+        groups = getattr(self, "group_residuals", None)
+        if groups:
+            parts.append(f"groups={len(groups)}")
+        return f"LinearSolveInfo({', '.join(parts)})"
+
 
 def _check_b(b: torch.Tensor) -> None:
     if not isinstance(b, torch.Tensor) or b.dim() != 1:
         raise ValueError("b must be a 1-D tensor")
+    check_supported_tensor(b, "b", "the linear solver's")
     if not all_finite(b):
         raise ValueError("the right-hand side b contains NaN or inf")
+
+
+def _plain(value):
+    """A real number (numpy's scalars included, booleans excluded) as a Python ``int`` or ``float``;
+    anything else unchanged."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or type(value) in (int, float):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _plain_fields(obj) -> None:
+    """Store every real-number field of the dataclass ``obj`` as a Python ``int`` or ``float``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name, None)
+        plain = _plain(value)
+        if plain is not value:
+            object.__setattr__(obj, f.name, plain)
 
 
 def _check_positive(name: str, value, *, integer: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
     if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
         kind = "a positive integer" if integer else "a positive finite number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
@@ -214,7 +246,7 @@ def _check_positive(name: str, value, *, integer: bool = False, allow_none: bool
 def _check_nonneg(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
 
 
@@ -513,6 +545,7 @@ class LinearSolver:
     iterative = True
 
     def __post_init__(self):
+        _plain_fields(self)  # numpy scalars are accepted and kept as Python numbers
         _check_nonneg("rtol", self.rtol, allow_none=True)
         _check_nonneg("atol", self.atol)
         _check_positive("max_steps", self.max_steps, integer=True, allow_none=True)
@@ -634,6 +667,9 @@ class _Chunked(LinearSolver):
             why = ("the operator has no functional form (LinearOperator(functional=...))"
                    if op.functional is None else "a solve sharded over ranks is not compiled")
             return self._eager_from(mon, mon.x0 if mon.warm else None, why)
+        known = _UNAVAILABLE.get((type(self)._chunk_fn, self.backend))
+        if known is not None:
+            return self._eager_from(mon, mon.x0 if mon.warm else None, f"compiled linear solve unavailable ({known})")
         fn, operands = op.functional
         state = self._chunk_start(mon)
         threshold = mon.tolerance_for(state[0]).to(mon.b.device, mon.b.dtype)
@@ -644,6 +680,9 @@ class _Chunked(LinearSolver):
             try:  # a short last chunk runs eagerly (no compilation for its length)
                 new, nactive, broke, top = self._compiled(k == self.chunk, fn, k, state, active, threshold,
                                                           *operands)
+            except _CompileUnavailable as err:  # the backend cannot compile: said once, then remembered
+                why = _unavailable(err)
+                return self._eager_from(mon, state[0] if steps or mon.warm else None, why, steps)
             except Exception as err:  # noqa: BLE001 - any tracing or compiler failure: run eagerly instead
                 lines = [ln.strip() for ln in str(err).splitlines()
                          if ln.strip() and not ln.startswith(("Set TORCHDYNAMO", "For even more"))]
@@ -665,6 +704,9 @@ class _Chunked(LinearSolver):
         def verify(v):  # the final check, compiled too (an eager product may need a graph built for it)
             try:
                 return self._compiled(None, fn, v, *operands)
+            except _CompileUnavailable as err:
+                _unavailable(err)
+                return op(v)
             except Exception:  # noqa: BLE001 - as in the chunks: fall back to the eager product
                 return op(v)
 
@@ -690,15 +732,26 @@ class _Chunked(LinearSolver):
         return x, info
 
 
+def _unavailable(err: "_CompileUnavailable") -> str:
+    """Why a compiled solve runs eagerly when its backend cannot compile; warned once (the call that
+    found it out), later calls say it in ``info.message`` only."""
+    why = f"compiled linear solve unavailable ({err.reason})"
+    if err.first:
+        warnings.warn(f"{why}: running eagerly", RuntimeWarning, stacklevel=5)
+    return why
+
+
 @dataclass(frozen=True, kw_only=True)
 class CG(_Chunked):
     """Conjugate gradients, for symmetric positive definite operators only (potential games).
 
-    Symmetry: an operator tagged non-symmetric is refused (``ValueError``).  ``check_symmetry``:
-    ``None`` (default) tests an operator whose symmetry is unknown by comparing
-    :math:`u^\\top A v` with :math:`v^\\top A u` for random ``u, v`` (two extra products) and raises
-    ``ValueError`` if they differ, and trusts one tagged symmetric; ``True`` tests even a tagged one;
-    ``False`` never tests.  Non-positive curvature :math:`p^\\top A p \\le 0` stops it with status
+    Symmetry: CG is valid for symmetric operators only; an operator tagged non-symmetric, or one that
+    fails the symmetry test, is solved by :class:`GMRES` instead (same tolerance and product budget),
+    and ``info.message`` says so and why (``"(ran GMRES: ...)"``): e.g. the implicit system of a
+    potential game with an active constraint, which is not symmetric.  ``check_symmetry``: ``None``
+    (default) tests an operator whose symmetry is unknown by comparing :math:`u^\\top A v` with
+    :math:`v^\\top A u` for random ``u, v`` (two extra products), and trusts one tagged symmetric;
+    ``True`` tests even a tagged one; ``False`` never tests.  Non-positive curvature :math:`p^\\top A p \\le 0` stops it with status
     ``"breakdown"`` (the operator is not positive definite).
 
     ``compiled=True`` runs the iteration in chunks of ``chunk`` steps, each one program compiled by
@@ -719,8 +772,7 @@ class CG(_Chunked):
     def _solve(self, mon):
         op, b = mon.op, mon.b
         if op.symmetric is False:
-            raise ValueError("CG needs a symmetric operator and this one is declared non-symmetric "
-                             "(a game that is not a potential game); use GMRES or BiCGSTAB")
+            return self._run_gmres(mon, "the operator is declared non-symmetric (not a potential game)")
         test = self.check_symmetry if self.check_symmetry is not None else op.symmetric is None
         if test:
             gen = torch.Generator(device=b.device).manual_seed(0)
@@ -731,10 +783,9 @@ class CG(_Chunked):
             scale = _norm(u) * _norm(Av) + _norm(v) * _norm(Au)
             limit = max(1e-6, 1e3 * mon.eps)
             if gap > limit * scale:
-                raise ValueError(
-                    f"CG needs a symmetric operator, but u'Av - v'Au = {gap:.3g} (relative "
-                    f"{gap / scale:.3g}) for random u, v: the system is not symmetric (not a potential "
-                    f"game, or constraints are active); use GMRES or BiCGSTAB")
+                return self._run_gmres(mon, f"the operator is not symmetric: u'Av - v'Au = {gap:.3g} (relative "
+                                            f"{gap / scale:.3g}) for random u, v (not a potential game, or "
+                                            f"constraints are active)")
         if self.compiled:
             return self._solve_compiled(mon)
         if mon.groups > 1:
@@ -834,6 +885,13 @@ class CG(_Chunked):
         else:
             mon.accept(x, r)
         return mon.finish(steps)
+
+    def _run_gmres(self, mon, why: str):
+        """GMRES on the same system (same monitor: tolerance, products and best iterate carry over) for an
+        operator CG cannot solve, with the reason in ``info.message``."""
+        x, info = GMRES(rtol=self.rtol, atol=self.atol, max_steps=max(1, self.steps_limit - mon.matvecs))._solve(mon)
+        info.message = f"{info.message} (ran GMRES: {why})"
+        return x, info
 
     def _chunk_start(self, mon):
         return mon.x0, mon.r0.clone(), mon.r0.clone(), _group_sq(mon.r0, mon.groups).to(mon.b.dtype)
@@ -951,6 +1009,38 @@ _COMPILED = {}
 _RECOMPILE_LIMIT = 64
 
 
+#: ``(fn, backend)`` pairs that cannot be compiled whatever they are called with (``torch.compile``
+#: itself failed, or the backend's compiler did: e.g. no working C++ compiler), with the reason: later
+#: calls run eagerly at once instead of paying for the failed compilation again.  A failure to trace
+#: one operator's product is that operator's, and is not remembered.
+_UNAVAILABLE = {}
+
+
+class _CompileUnavailable(RuntimeError):
+    """``fn`` cannot be compiled with this backend; ``first``: this call found it out."""
+
+    def __init__(self, reason: str, first: bool):
+        super().__init__(reason)
+        self.reason, self.first = reason, first
+
+
+def _failure_reason(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def _backend_failures() -> tuple:
+    failed = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    failed = getattr(failed, "BackendCompilerFailed", None)
+    return (failed,) if isinstance(failed, type) else ()
+
+
+def _give_up(key, err: BaseException) -> _CompileUnavailable:
+    _UNAVAILABLE[key] = _failure_reason(err)
+    _COMPILED.pop(key, None)
+    return _CompileUnavailable(_UNAVAILABLE[key], True)
+
+
 def _compiled_version(fn: Callable, backend: str):
     key = (fn, backend)
     if key not in _COMPILED:
@@ -962,10 +1052,23 @@ def _compiled_call(fn: Callable, backend: Optional[str], *args):
     """``fn(*args)``, traced whole by ``torch.compile`` with ``backend`` (static shapes; ``None``: run
     eagerly), with the recompile limit raised to :data:`_RECOMPILE_LIMIT`. torch's compiler stack
     emits DeprecationWarnings of its own, which a warnings-as-errors filter would turn into a failed
-    compilation: they are silenced here."""
+    compilation: they are silenced here.  A pair ``(fn, backend)`` that cannot compile at all raises
+    :class:`_CompileUnavailable` (at once, from the second call on: see :data:`_UNAVAILABLE`)."""
+    key = (fn, backend)
+    if backend is not None and key in _UNAVAILABLE:
+        raise _CompileUnavailable(_UNAVAILABLE[key], False)
     with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        return fn(*args) if backend is None else _compiled_version(fn, backend)(*args)
+        if backend is None:
+            return fn(*args)
+        try:
+            compiled = _compiled_version(fn, backend)
+        except Exception as err:  # noqa: BLE001 - torch.compile itself refuses: nothing will compile
+            raise _give_up(key, err) from err
+        try:
+            return compiled(*args)
+        except _backend_failures() as err:
+            raise _give_up(key, err) from err
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1388,6 +1491,9 @@ class Refined(LinearSolver):
                             f"{type(self.solver).__name__}")
         if not (isinstance(self.precision, torch.dtype) and self.precision.is_floating_point):
             raise ValueError(f"Refined.precision must be a floating dtype, got {self.precision!r}")
+        if self.precision in (torch.float16, torch.bfloat16):
+            raise ValueError(f"Refined.precision is {self.precision}: half precision cannot meet the linear "
+                             f"solver's tolerances (eps = {torch.finfo(self.precision).eps:.3g}): use float32")
 
     def _solve(self, mon):
         b, groups = mon.b, mon.groups
@@ -1396,6 +1502,7 @@ class Refined(LinearSolver):
             low = mon.op.lowered(self.precision)
         x, r = mon.x0, mon.r0
         rounds, spent = 0, 0
+        swapped = ""
         note = "the operator has no lower-precision form"
         if low is not None:
             low = LinearOperator(low.matvec, low.rmatvec, mon.op.symmetric, functional=low.functional)
@@ -1417,7 +1524,11 @@ class Refined(LinearSolver):
                 if groups == 1:  # ||A_low|| estimates ||A|| to the lower precision: a better A-hat
                     mon.note_norm(info.norm_estimate)
                 if isinstance(inner, CG):  # one symmetry test is enough for the whole refinement
-                    inner = dataclasses.replace(inner, check_symmetry=False)
+                    if "(ran GMRES:" in info.message:  # not symmetric: GMRES for every round
+                        swapped = " " + info.message[info.message.index("(ran GMRES:"):]
+                        inner = GMRES(rtol=inner.rtol, atol=inner.atol, max_steps=inner.max_steps)
+                    else:
+                        inner = dataclasses.replace(inner, check_symmetry=False)
                 if not bool(torch.isfinite(d).all()):
                     note = f"round {rounds} in {self.precision} returned NaN or inf"
                     break
@@ -1427,7 +1538,7 @@ class Refined(LinearSolver):
                     mon.matvecs += spent
                     x, out = mon.finish(rounds, verify=False)
                     out.message += (f" ({rounds} rounds of mixed-precision refinement: {spent} products in "
-                                    f"{self.precision}, {out.matvecs - spent} in {b.dtype})")
+                                    f"{self.precision}, {out.matvecs - spent} in {b.dtype}){swapped}")
                     return x, out
                 if not bool((mon.res <= 0.5 * last).all()):
                     note = (f"round {rounds} did not halve the residual (condition number too large for "

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _collective
-from .linear_solve import LinearSolveInfo, _check_nonneg, _check_positive, default_rtol
+from .linear_solve import LinearSolveInfo, _check_nonneg, _check_positive, _plain_fields, default_rtol
 
 __all__ = ["Solver", "PRGD", "SimultaneousGradient", "GaussSeidel", "Extragradient", "Solution",
            "iterate", "initial_state", "error_estimate", "DIVERGENCE_FACTOR"]
@@ -59,7 +59,7 @@ MAX_ESTIMATES = 8
 _ORDER = ["converged", "completed", "max_steps", "inaccurate", "diverged"]
 
 
-@dataclass
+@dataclass(repr=False)
 class Solution:
     """The result of a solve, and of the backward passes through it.
 
@@ -99,6 +99,42 @@ class Solution:
     @property
     def converged(self) -> bool:
         return self.status in ("converged", "completed")
+
+    def __repr__(self) -> str:
+        # a summary (the history and the value can be long); fields added later are read with defaults
+        parts = [f"status={getattr(self, 'status', None)!r}", f"steps={getattr(self, 'steps', None)}",
+                 f"residual={_short_number(getattr(self, 'residual', None))}",
+                 f"value={_describe_value(getattr(self, 'value', None))}",
+                 f"history={len(getattr(self, 'history', None) or ())}",
+                 f"backward={len(getattr(self, 'backward', None) or ())}"]
+        statuses = getattr(self, "statuses", None)
+        if statuses:
+            parts.append(f"batch={len(statuses)}")
+        if getattr(self, "error", None) is not None:
+            parts.append(f"error={_clip(repr(self.error), 60)}")
+        return f"Solution({', '.join(parts)})"
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _short_number(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else _clip(repr(x), 30)
+
+
+def _describe_value(value) -> str:
+    """A value's shape and dtype (a tensor), or its type and number of leaves (a pytree)."""
+    if isinstance(value, torch.Tensor):
+        return f"{str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    if value is None:
+        return "None"
+    from ._compat import tree_flatten
+    try:
+        leaves = tree_flatten(value)[0]
+    except Exception:  # noqa: BLE001 - a repr never fails
+        leaves = []
+    return f"{type(value).__name__} of {len(leaves)} leaf" + ("" if len(leaves) == 1 else "s")
 
 
 class FlatProblem:
@@ -217,6 +253,7 @@ class Solver:
     num_steps: Optional[int] = None
 
     def __post_init__(self):
+        _plain_fields(self)  # numpy scalars are accepted and kept as Python numbers
         _check_nonneg("rtol", self.rtol, allow_none=True)
         _check_nonneg("atol", self.atol)
         _check_positive("max_steps", self.max_steps, integer=True)

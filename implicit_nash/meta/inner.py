@@ -42,7 +42,8 @@ import torch
 
 from .. import _collective
 from ..implicit import graph_products
-from ..linear_solve import GMRES, LinearOperator, LinearSolveInfo, LinearSolver, _compiled_call, as_operator, default_rtol
+from ..linear_solve import (GMRES, LinearOperator, LinearSolveInfo, LinearSolver, _compiled_call,
+                            _CompileUnavailable, as_operator, default_rtol)
 
 __all__ = ["NewtonKrylov", "NewtonResult", "newton_krylov", "Coupling", "FixedSteps", "TaskCG"]
 
@@ -728,6 +729,8 @@ def _try_compiled(program, backend: str, *args):
     line>")`` when tracing or compiling fails (the caller then runs the eager method)."""
     try:
         return _compiled_call(program, backend, *args), ""
+    except _CompileUnavailable as err:  # the backend cannot compile (remembered: no second attempt)
+        return None, err.reason
     except Exception as err:  # noqa: BLE001 - any tracing or compiler failure
         line = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         return None, f"{type(err).__name__}: {line}"
