@@ -51,6 +51,9 @@ FLOOR = 4.0
 #: The error estimate's linear solve: its relative tolerance and its budget of products.
 ESTIMATE_RTOL = 1e-3
 ESTIMATE_MAX_STEPS = 200
+#: The error estimate is the Newton correction's norm times this margin (which covers the correction's
+#: own inaccuracy: its linear solve's tolerance, and the second-order term of a nonlinear F).
+ESTIMATE_MARGIN = 1.25
 
 #: How many times a solve may lower its residual threshold after an error estimate above tolerance.
 MAX_ESTIMATES = 8
@@ -490,7 +493,7 @@ def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE
 
     For an affine ``F`` whose active set at ``z`` is that of the solution, :math:`z - d = z^*`
     exactly, so that :math:`\|d\| = \|z - z^*\|`; for a smooth ``F`` the two differ by
-    :math:`O(\|z - z^*\|^2)`.  The estimate includes GMRES's own error (``rtol`` times the
+    :math:`O(\|z - z^*\|^2)`.  The estimate is :math:`\|d\|` times a margin of 1.25, plus GMRES's own error (``rtol`` times the
     condition number that the solve has seen) and the rounding floor :math:`\varepsilon\|z\|`, and
     it reflects the conditioning of the problem: rounding noise in :math:`G(z)` comes back
     amplified by :math:`\|A^{-1}\|`, as it does in the iterate.  ``inf`` where the linear solve
@@ -530,14 +533,15 @@ def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE
         return [math.inf] * problem.groups, "the natural map is not finite at the returned point"
     with torch.no_grad():
         d, info = GMRES(rtol=rtol, max_steps=max_steps).solve(LinearOperator(A, AT), b, groups=problem.groups)
-    if info.status != "converged":
-        return [math.inf] * problem.groups, f"the Newton correction's linear solve ended '{info.status}' ({info.message})"
+    note = "" if info.status == "converged" else \
+        f"the Newton correction's linear solve ended '{info.status}' ({info.message})"
+    good = info.group_statuses if problem.groups > 1 and info.group_statuses else [info.status] * problem.groups
     dn, gn = problem.norms(d), problem.norms(b)
     out = []
-    for dg, gg, zg in zip(dn, gn, znorm):
+    for dg, gg, zg, st in zip(dn, gn, znorm, good):
         kappa = info.norm_estimate * dg / gg if gg > 0 else 0.0
-        out.append(dg * (1.0 + rtol * (1.0 + kappa)) + eps * zg)
-    return out, ""
+        out.append(dg * (ESTIMATE_MARGIN + rtol * (1.0 + kappa)) + eps * zg if st == "converged" else math.inf)
+    return out, note
 
 
 def _tolerances(rtol: float, atol: float, znorm: Sequence[float], floor: Sequence[float]) -> List[float]:

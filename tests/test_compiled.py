@@ -38,9 +38,10 @@ def test_compiled_cg_returns_what_eager_cg_returns(chunk, scales):
     assert torch.allclose(x_c, x_star, rtol=0, atol=1e-8 * x_star.norm())
     assert (A @ x_c - b).reshape(groups, -1).norm(dim=1).max() <= comp.tolerance * (1 + 1e-12)
     # each block freezes at the same iteration as in the eager method: the same iterate, and no more
-    # products than a chunk's rounding (plus nothing else)
+    # products than a chunk's rounding, and, for one block, the error estimate's Arnoldi run of 20
+    # products (the eager method reads sigma_min off its Lanczos coefficients; the chunks keep none)
     assert torch.allclose(x_c, x_e, rtol=1e-9, atol=1e-12)
-    assert eager.matvecs <= comp.matvecs <= eager.matvecs + chunk
+    assert eager.matvecs <= comp.matvecs <= eager.matvecs + chunk + (20 if groups == 1 else 0)
 
 
 def test_compiled_cg_keeps_the_product_budget():
