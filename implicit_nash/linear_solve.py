@@ -10,7 +10,9 @@ Stopping rule (all solvers), backward-stable and independent of the scale of ``A
 .. math:: \|b - Ax\| \le \text{atol} + \text{rtol}\,(\hat A\,\|x\| + \|b\|),
 
 where :math:`\hat A` is a lower estimate of :math:`\|A\|` (the largest :math:`\|Av\|/\|v\|` over
-the products the solver made).  A solution that meets it is the exact solution of a system whose
+the products the solver made); a solution that meets it is then held to its estimated error
+:math:`\|b - Ax\|/\hat\sigma_{\min} \le \text{atol} + \max(\text{rtol}, \sqrt\varepsilon)\|x\|`
+(``LinearSolveInfo.error``; ``"inaccurate"`` where it cannot be met).  A solution that meets it is the exact solution of a system whose
 matrix and right-hand side differ from ``A`` and ``b`` by relative amounts of order ``rtol``; an
 exact (LU) solve meets it at any condition number.  ``rtol=None`` follows the dtype:
 :math:`10\,\varepsilon^{3/4}` (about ``2e-11`` in float64, ``6e-5`` in float32); ``rtol=0`` and

@@ -7,18 +7,20 @@ players' partial gradients (the pseudo-gradient) and :math:`z^*` is a Nash equil
 All solvers are frozen dataclasses holding hyperparameters only, and all run in one loop,
 :func:`iterate`, through ``init / step``:
 
-* each ``step`` evaluates ``F`` and reports the natural residual
-  :math:`\|y - \Pi_\Omega(y - F(y))\|` at the point ``y`` where it evaluated ``F``;
-* the loop stops when that residual is at most ``atol + rtol * max(L * ||z_k||, r0)``, *and* the
-  residual re-measured at the returned iterate passes too.  ``r0`` is the residual at the initial
-  point and ``L`` a finite-difference estimate of the Lipschitz constant of ``F`` at the initial
-  point, so that ``L * ||z_k||`` is in the units of ``F``: the rule is the VI analogue of a
-  backward-stable linear-system test (:math:`\|Az - b\| \le \text{rtol}(\|A\|\|z\| + \|b\|)`) and
-  gives the same accuracy in ``z`` whatever the scale of ``F`` or of ``z``.  ``rtol`` is relative and
-  unit-free; ``atol`` is absolute, in the units of the residual.  ``rtol=0`` and ``atol=0`` are
-  accepted.  Or the loop stops after exactly ``num_steps`` steps when that is set (the paper's
-  Algorithm 2 runs a fixed number of steps); or when the residual exceeds ``1e6 * r0`` or is not
-  finite (``"diverged"``).
+* each ``step`` evaluates ``F`` and reports the step-scaled natural residual
+  :math:`\rho(y) = \|y - \Pi_\Omega(y - F(y)/\hat L)\|` at the point ``y`` where it evaluated ``F``,
+  in the units of ``z`` (:math:`\hat L`: a finite-difference estimate of the Lipschitz constant of
+  ``F`` at the initial point);
+* the loop stops when that residual, re-measured at the returned iterate, is at most
+  :math:`\tau(z) = \text{atol} + \text{rtol}\,\|z\| + \varepsilon^{3/2} s_0` *and* the estimated error
+  :math:`\|A^{-1}G(z)\|` (:func:`error_estimate`, a Newton correction) is at most :math:`\tau` too;
+  if the estimate is above, the residual's threshold is lowered and the loop goes on, and a problem
+  whose error rounding keeps above :math:`\tau` ends ``"inaccurate"``.  Neither the scale of ``F`` nor
+  the starting point loosens the rule (:math:`s_0 = \max(\|z_0\|, \|F(z_0)\|/\hat L)` only sets the
+  level below which a solution counts as zero).  ``rtol`` below ``4 eps`` is raised to it.  Or the
+  loop stops after exactly ``num_steps`` steps when that is set (the paper's Algorithm 2 runs a fixed
+  number of steps); or when the residual exceeds ``1e6`` times its initial value or is not finite
+  (``"diverged"``).  See ``docs/differentiation.rst`` for the error bound behind the rule.
 
 A batch of independent problems (the ``vmap`` rule of the layer) runs as one flat vector of
 ``groups`` equal blocks: the solver steps them together, and every norm above is taken per block,
