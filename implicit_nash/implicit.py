@@ -642,6 +642,17 @@ def _refuse_forward_over_forward() -> None:
         raise ValueError(_FORWARD_OVER_FORWARD)
 
 
+def _note_hypergradient_error(info: LinearSolveInfo, u: torch.Tensor, grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """The linear solve's share of the hypergradient's error (the epsilon of Theorem D.3): the
+    adjoint's estimated error :math:`\\|u - u^*\\|` carried through :math:`-Q^\\top`, with
+    :math:`\\|Q\\|` estimated by :math:`\\|Q^\\top u\\|/\\|u\\|` (a lower estimate)."""
+    with torch.no_grad():
+        un = float(torch.linalg.vector_norm(u.detach().to(torch.float64)))
+        gn = math.sqrt(sum(float((g.detach().to(torch.float64) ** 2).sum()) for g in grads
+                           if g is not None and g.is_floating_point()))
+    info.hypergradient_error = info.error * gn / un if un > 0 else (0.0 if info.error == 0 else math.nan)
+
+
 class EquilibriumFn(torch.autograd.Function):
     """``params -> (z*, ok)``: the forward solve, with the implicit derivative in both modes.  ``ok``
     (not differentiable) holds, per group, 1 where the forward solve succeeded and 0 where it failed
@@ -685,6 +696,8 @@ class EquilibriumFn(torch.autograd.Function):
             grads = problem.theta_vjp(u, z, params, needed)
         finally:
             problem.shared = None
+        if plain and problem.record.backward:
+            _note_hypergradient_error(problem.record.backward[-1], u, grads)
         return (None, None, *[g if need else None for g, need in zip(grads, needed)])
 
     @staticmethod

@@ -177,6 +177,9 @@ class LinearSolveInfo:
             matrix (GMRES's Hessenberg, CG's Lanczos tridiagonal) or of a short Arnoldi run from the
             solution; ``nan`` where none was computed.
         condition: the condition estimate :math:`\\hat A/\\hat\\sigma_{\\min}` behind it.
+        hypergradient_error: for the reverse-mode solve of the layer's backward, the share of this
+            solve in the hypergradient's error (the :math:`\\epsilon` of Theorem D.3):
+            ``error`` carried through :math:`-Q^\\top` (see :meth:`Solution.hypergradient_error`).
         group_errors: per block, with ``groups > 1``.
     """
 
@@ -196,6 +199,7 @@ class LinearSolveInfo:
     error: float = float("nan")
     condition: float = float("nan")
     group_errors: List[float] = field(default_factory=list)
+    hypergradient_error: float = float("nan")
 
     def __repr__(self) -> str:
         # a summary (the history can be long); fields added later are read with defaults

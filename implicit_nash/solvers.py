@@ -105,6 +105,26 @@ class Solution:
     def converged(self) -> bool:
         return self.status in ("converged", "completed")
 
+    def hypergradient_error(self, C: float) -> float:
+        r"""An estimate of the error of the latest hypergradient computed through this solution, in the
+        form of Theorem D.3 (eq. 69): :math:`C\delta + \epsilon`.
+
+        :math:`\delta` is :attr:`error`, the estimated distance of the returned point to the equilibrium,
+        and :math:`\epsilon` the latest backward solve's ``hypergradient_error`` (its estimated error
+        carried through :math:`-Q^	op`).  ``C`` is the Lipschitz constant of the hypergradient in the
+        inner variable (eq. 64 gives it from the game's constants; ``analysis.hypergradient_error``
+        computes it for affine games): the layer cannot estimate it from one solve.  ``nan`` before a
+        backward pass.
+
+        Args:
+            C: the constant of eq. 64, a non-negative number.
+        """
+        if isinstance(C, bool) or not isinstance(C, (int, float)) or not C >= 0 or not math.isfinite(C):
+            raise ValueError(f"C must be a non-negative finite number, got {C!r}")
+        eps = next((info.hypergradient_error for info in reversed(self.backward)
+                    if not math.isnan(getattr(info, "hypergradient_error", math.nan))), math.nan)
+        return C * self.error + eps
+
     def __repr__(self) -> str:
         # a summary (the history and the value can be long); fields added later are read with defaults
         parts = [f"status={getattr(self, 'status', None)!r}", f"steps={getattr(self, 'steps', None)}",

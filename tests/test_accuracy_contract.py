@@ -118,3 +118,21 @@ def test_ill_conditioned_backward_is_right_or_refused(name, dtype, cond):
         return
     allowed = max(10 * torch.finfo(dtype).eps ** 0.75, torch.finfo(dtype).eps ** 0.5)
     assert float((grad.double() - truth).norm()) <= 10 * allowed * float(truth.norm())
+
+
+def test_hypergradient_error_bound_of_theorem_d3_covers_the_true_error():
+    """Meta-loss 1/2 ||z* - t||^2 on F = A z - theta: the hypergradient A^-T (z - t) is Lipschitz in z with
+    C = ||A^-1||, so C * Solution.error + epsilon must cover the error of a hypergradient computed at a
+    loosely solved z (rtol 1e-6), and be within 100x of it."""
+    A, _ = _problem(5, 30.0, 7)
+    theta = torch.randn(5, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    target = torch.ones(5)
+    sol = inn.vi_solution(lambda z, t: A @ z - t, torch.zeros(5), theta, solver=inn.PRGD(rtol=1e-6))
+    (grad,) = torch.autograd.grad(0.5 * ((sol.value - target) ** 2).sum(), theta)
+    exact = torch.linalg.solve(A.T, torch.linalg.solve(A, theta.detach()) - target)
+    C = float(torch.linalg.matrix_norm(torch.linalg.inv(A), 2))
+    bound = sol.hypergradient_error(C)
+    error = float((grad - exact).norm())
+    assert sol.backward[-1].hypergradient_error >= 0 and error <= bound <= 100 * error
+    with pytest.raises(ValueError, match="C must be"):
+        sol.hypergradient_error(-1.0)
