@@ -116,13 +116,16 @@ def rel_err(x, ref: np.ndarray) -> float:
 def make_implicit_nash_cg(H: torch.Tensor, theta: torch.Tensor, target: torch.Tensor, info: dict):
     """CG forward, then solve_vi started at z* to attach the implicit backward.
 
-    solve_vi's stopping rule is ``residual <= atol + rtol * r0`` with ``r0`` the residual of the
-    first step; started at a point that is already converged, ``r0`` is ~1e-10 |theta| and an
-    rtol-only rule would ask for a residual ~1e-20 that cannot be reached.  ``atol`` is therefore
-    set to the forward CG's own absolute threshold ``TOL * |theta|``, which the start satisfies.
+    solve_vi's tolerance bounds the error in z (``atol + rtol * |z|``), checked through an error
+    estimate.  The CG answer meets the backward-stable rule ``|Hz - theta| <= TOL (|H| |z| + |theta|)``,
+    so its error can reach ``TOL (|H| |z| + |theta|) / lambda_min``; ``atol`` is set to that bound
+    (with ``|z| <= |theta| / lambda_min``), which the start satisfies.
     """
     forward_cg = inn.CG(rtol=TOL, max_steps=MAX_ITER)
-    attach = inn.PRGD(rtol=TOL, atol=TOL * float(torch.linalg.vector_norm(theta.detach())))
+    eig = torch.linalg.eigvalsh(H)
+    lo, hi = float(eig[0]), float(eig[-1])
+    th_norm = float(torch.linalg.vector_norm(theta.detach()))
+    attach = inn.PRGD(rtol=TOL, atol=TOL * (hi * th_norm / lo + th_norm) / lo)
     adjoint = inn.Implicit(linear_solver=inn.CG(rtol=TOL, max_steps=MAX_ITER))
 
     def operator(z, th):

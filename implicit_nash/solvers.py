@@ -508,15 +508,17 @@ def initial_state(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Dic
 
 
 def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE_RTOL,
-                   max_steps: int = ESTIMATE_MAX_STEPS) -> Tuple[List[float], str]:
+                   max_steps: int = ESTIMATE_MAX_STEPS,
+                   tolerance: Optional[Sequence[float]] = None) -> Tuple[List[float], str]:
     r"""An estimate of :math:`\|z - z^*\|` per group: the norm of the Newton correction
     :math:`d = A^{-1} G(z)`, :math:`G(z) = z - \Pi(z - \eta F(z))` the natural map with the
     problem's step and :math:`A = \partial_z G(z)`, solved by GMRES to ``rtol``.
 
     For an affine ``F`` whose active set at ``z`` is that of the solution, :math:`z - d = z^*`
     exactly, so that :math:`\|d\| = \|z - z^*\|`; for a smooth ``F`` the two differ by
-    :math:`O(\|z - z^*\|^2)`.  The estimate is :math:`\|d\|` times a margin of 1.25, plus GMRES's own error (``rtol`` times the
-    condition number that the solve has seen) and the rounding floor :math:`\varepsilon\|z\|`, and
+    :math:`O(\|z - z^*\|^2)`.  The estimate is :math:`\|d\|` times a margin of 1.25, plus the
+    correction's own estimated error (its residual over the smallest singular value of GMRES's
+    Hessenberg matrix) and the rounding floor :math:`\varepsilon\|z\|`, and
     it reflects the conditioning of the problem: rounding noise in :math:`G(z)` comes back
     amplified by :math:`\|A^{-1}\|`, as it does in the iterate.  ``inf`` where the linear solve
     fails (a Jacobian singular to working precision: no derivative exists there, and no error can
@@ -553,16 +555,23 @@ def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE
     znorm = problem.norms(z)
     if not bool(torch.isfinite(b).all()):
         return [math.inf] * problem.groups, "the natural map is not finite at the returned point"
+    # the correction is needed to about a digit, and not below a hundredth of the tolerance it is
+    # compared with (``A`` is the Jacobian of the step-scaled map, of norm about 1, so the residual
+    # is in the units of z)
+    atol = 0.0 if tolerance is None else 0.01 * min(tolerance)
     with torch.no_grad():
-        d, info = GMRES(rtol=rtol, max_steps=max_steps).solve(LinearOperator(A, AT), b, groups=problem.groups)
+        d, info = GMRES(rtol=rtol, atol=atol, max_steps=max_steps).solve(
+            LinearOperator(A, AT), b, groups=problem.groups, enforce_error=False)
     note = "" if info.status == "converged" else \
         f"the Newton correction's linear solve ended '{info.status}' ({info.message})"
     good = info.group_statuses if problem.groups > 1 and info.group_statuses else [info.status] * problem.groups
-    dn, gn = problem.norms(d), problem.norms(b)
+    own = info.group_errors if problem.groups > 1 and info.group_errors else [info.error] * problem.groups
+    dn = problem.norms(d)
     out = []
-    for dg, gg, zg, st in zip(dn, gn, znorm, good):
-        kappa = info.norm_estimate * dg / gg if gg > 0 else 0.0
-        out.append(dg * (ESTIMATE_MARGIN + rtol * (1.0 + kappa)) + eps * zg if st == "converged" else math.inf)
+    for dg, eg, zg, st in zip(dn, own, znorm, good):
+        # the correction's norm with a margin, plus the correction's own estimated error
+        eg = 0.0 if math.isnan(eg) else eg
+        out.append(ESTIMATE_MARGIN * dg + eg + eps * zg if st == "converged" else math.inf)
     return out, note
 
 
@@ -646,7 +655,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate:
         if not estimate:
             done = True
             break
-        errors, note = error_estimate(problem, z)
+        errors, note = error_estimate(problem, z, tolerance=tol)
         estimates += 1
         ok = [d or e <= t for d, e, t in zip(diverged, errors, tol)]
         if all(ok):
