@@ -151,7 +151,7 @@ def _root_check(tol, z_name: str) -> Callable:
             rt = max(math.sqrt(eps) if rtol is None else float(rtol), FLOOR * eps)
             znorm = problem.norms(zc)
             scale = [max(zn, fn / l if l > 0 else fn) for zn, fn, l in zip(znorm, problem.norms(Fz), L)]
-            tol = [float(atol) + rt * zn + eps ** 1.5 * s for zn, s in zip(znorm, scale)]
+            tol = [float(atol) + rt * zn + eps ** 2 * s for zn, s in zip(znorm, scale)]
         errors, note = error_estimate(problem, zc, tolerance=tol)
         statuses = ["non_finite" if not f else ("converged" if x <= t and e <= t else "not_a_root")
                     for x, e, t, f in zip(r, errors, tol, finite)]

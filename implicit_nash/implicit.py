@@ -1,8 +1,9 @@
 r"""How gradients flow through a solve: the implicit adjoint and the unrolled adjoint.
 
 Implicit (Lemma B.4, generalised).  At a solution the residual :math:`G(z^*, p) = 0`, with
-:math:`G = F` without constraints and :math:`G(z, p) = z - \Pi_\Omega(z - F(z;\theta))` (the
-fixed-point form, unit step) with them; :math:`p` collects ``theta`` and the tensors that define the
+:math:`G = F` without constraints and :math:`G(z, p) = z - \Pi_\Omega(z - \eta F(z;\theta))` (the
+fixed-point form, with the forward's step :math:`\eta = 1/\hat L`, which leaves the root and the
+derivative unchanged and keeps :math:`A` of norm about 1 whatever the scale of :math:`F`) with them; :math:`p` collects ``theta`` and the tensors that define the
 set :math:`\Omega`.  The implicit function theorem gives :math:`dz^*/dp = -A^{-1}\partial_p G` with
 :math:`A = \partial_z G`, which for :math:`G = F` is the paper's :math:`-P^{-1}Q`.
 
@@ -192,12 +193,19 @@ class Problem:
         self.batch_shape = batch_shape  # the sizes of the vmapped batches stacked here, outermost first
         self.warm_start = warm_start
         self.shared: Optional[_SharedGraph] = None  # set during a first-order backward only
+        self.step = None  # the forward's residual step 1/L (a number, or one per entry), set by solve()
 
     # ------------------------------------------------------------------ functions of (z, params)
     def G(self, z: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
         th, sp = list(params[: self.n_theta]), list(params[self.n_theta:])
         Fz = self.F(z, th)
-        return Fz if self.unconstrained else z - self.project(z - Fz, sp)
+        if self.unconstrained:
+            return Fz
+        if self.step is not None:
+            # the forward's step 1/L: the same root and the same derivative -A^-1 dG/dp as the unit
+            # step, but A = (I - D) + D dF/dz / L stays of norm about 1 whatever the scale of F
+            Fz = Fz * self.step
+        return z - self.project(z - Fz, sp)
 
     def batched(self, nb: int, param_dims: Sequence[Optional[int]]) -> "Problem":
         """The problem of a batch of ``nb`` problems stacked along a leading dimension (``vmap``)."""
@@ -283,6 +291,7 @@ class Problem:
         else:
             with torch.no_grad():
                 sol = iterate(self.solver, problem, problem.project(start))
+            self.step = problem.step
         self._report_forward(sol)
         return sol.value, self.succeeded(sol, sol.value)
 
@@ -446,8 +455,9 @@ class Problem:
             status, detail = info.status, info.message
         msg = (f"the implicit {'backward' if transpose else 'forward-mode'} linear solve "
                f"({type(self.linear_solver).__name__}) failed{self._name_groups(bad)} with status '{status}': "
-               f"residual {info.residual:.3g} > tolerance {info.tolerance:.3g} after {info.steps} steps "
-               f"({detail}); {_fmt_reason(status)}")
+               + (f"estimated error {info.error:.3g} (residual {info.residual:.3g})" if status == "inaccurate"
+                  else f"residual {info.residual:.3g} > tolerance {info.tolerance:.3g}")
+               + f" after {info.steps} steps ({detail}); {_fmt_reason(status)}")
         if status == "max_steps":
             msg += "; raise max_steps or use another linear solver"
         if self.throw:

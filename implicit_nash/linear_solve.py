@@ -502,7 +502,8 @@ class _Monitor:
         info.group_statuses = self._group_statuses(res, tol, x, status)
         if self.groups > 1:
             info.group_errors = errors.tolist()
-            over = (errors > self.atol + self.error_rtol * xn).tolist()  # nan compares False
+            over = (errors > self.atol + self.error_rtol * xn).tolist() if self.enforce_error \
+                else [False] * self.groups  # nan compares False
             info.group_statuses = ["inaccurate" if o and g == "converged" else g
                                    for o, g in zip(over, info.group_statuses)]
         return x, info

@@ -12,7 +12,7 @@ All solvers are frozen dataclasses holding hyperparameters only, and all run in 
   in the units of ``z`` (:math:`\hat L`: a finite-difference estimate of the Lipschitz constant of
   ``F`` at the initial point);
 * the loop stops when that residual, re-measured at the returned iterate, is at most
-  :math:`\tau(z) = \text{atol} + \text{rtol}\,\|z\| + \varepsilon^{3/2} s_0` *and* the estimated error
+  :math:`\tau(z) = \text{atol} + \text{rtol}\,\|z\| + \varepsilon^2 s_0` *and* the estimated error
   :math:`\|A^{-1}G(z)\|` (:func:`error_estimate`, a Newton correction) is at most :math:`\tau` too;
   if the estimate is above, the residual's threshold is lowered and the loop goes on, and a problem
   whose error rounding keeps above :math:`\tau` ends ``"inaccurate"``.  Neither the scale of ``F`` nor
@@ -584,7 +584,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate:
 
     The stopping rule bounds the error in the answer (see the module docstring): the loop stops on
     the step-scaled residual :math:`\rho(z) = \|z - \Pi(z - F(z)/\hat L)\|` (in the units of ``z``)
-    meeting :math:`\tau(z) = \text{atol} + \text{rtol}\,\|z\| + \varepsilon^{3/2} s_0`, then checks
+    meeting :math:`\tau(z) = \text{atol} + \text{rtol}\,\|z\| + \varepsilon^2 s_0`, then checks
     the estimated error :math:`\|A^{-1}G(z)\|` (:func:`error_estimate`) against the same
     :math:`\tau`; when the estimate is above it, the residual's threshold is lowered by the ratio and
     the iteration goes on.  ``estimate=False`` stops on the residual alone (no error estimate).
@@ -612,9 +612,9 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate:
     atol = float(solver.atol)
     with torch.no_grad():
         r0 = problem.residual_norm(z0, F0)
-        # the problem's scale at the start, in the units of z: below eps^1.5 of it, a solution is zero
+        # the problem's scale at the start, in the units of z: below eps^2 of it, a solution is zero
         scale0 = [max(zn, fn / l if l > 0 else fn) for zn, fn, l in zip(problem.norms(z0), problem.norms(F0), L)]
-    floor = [eps ** 1.5 * s for s in scale0]
+    floor = [eps ** 2 * s for s in scale0]
     state = solver.init(problem, z0, F0)
     history: List[float] = []
     limit_r = [DIVERGENCE_FACTOR * max(r, atol, 1e-300) for r in r0]
