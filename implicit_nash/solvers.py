@@ -57,6 +57,9 @@ ESTIMATE_MAX_STEPS = 200
 #: own inaccuracy: its linear solve's tolerance, and the second-order term of a nonlinear F).
 ESTIMATE_MARGIN = 1.25
 
+#: The error estimate's rounding term is eps * (1 + ROUNDING * condition) * ||z||.
+ROUNDING = 4.0
+
 #: How many times a solve may lower its residual threshold after an error estimate above tolerance.
 MAX_ESTIMATES = 8
 
@@ -186,6 +189,7 @@ class FlatProblem:
         self.check_closure = False  # iterate() evaluates F(z0) with grad on and refuses a closure
         self.name = ""  # the initial point's name, for messages
         self.frozen: Optional[torch.Tensor] = None  # groups that diverged (batched solves)
+        self.condition = 1.0  # the largest condition number the error estimates have seen
 
     def F(self, z: torch.Tensor) -> torch.Tensor:
         self.evaluations += 1
@@ -508,8 +512,8 @@ def initial_state(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Dic
 
 
 def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE_RTOL,
-                   max_steps: int = ESTIMATE_MAX_STEPS,
-                   tolerance: Optional[Sequence[float]] = None) -> Tuple[List[float], str]:
+                   max_steps: int = ESTIMATE_MAX_STEPS, tolerance: Optional[Sequence[float]] = None,
+                   condition: float = 1.0) -> Tuple[List[float], str]:
     r"""An estimate of :math:`\|z - z^*\|` per group: the norm of the Newton correction
     :math:`d = A^{-1} G(z)`, :math:`G(z) = z - \Pi(z - \eta F(z))` the natural map with the
     problem's step and :math:`A = \partial_z G(z)`, solved by GMRES to ``rtol``.
@@ -568,10 +572,15 @@ def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE
     own = info.group_errors if problem.groups > 1 and info.group_errors else [info.error] * problem.groups
     dn = problem.norms(d)
     out = []
+    kappa = max(condition, info.condition if math.isfinite(info.condition) else 1.0)
+    problem.condition = kappa
     for dg, eg, zg, st in zip(dn, own, znorm, good):
-        # the correction's norm with a margin, plus the correction's own estimated error
+        # the correction's norm with a margin, plus the correction's own estimated error, plus the
+        # rounding floor of the iterate: noise of order eps ||z|| in G, amplified by the condition
+        # number (the largest that this solve's Krylov spaces have shown; a correction whose GMRES
+        # ends in a step or two sees almost none of the spectrum)
         eg = 0.0 if math.isnan(eg) else eg
-        out.append(ESTIMATE_MARGIN * dg + eg + eps * zg if st == "converged" else math.inf)
+        out.append(ESTIMATE_MARGIN * dg + eg + eps * (1.0 + ROUNDING * kappa) * zg if st == "converged" else math.inf)
     return out, note
 
 
@@ -655,7 +664,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate:
         if not estimate:
             done = True
             break
-        errors, note = error_estimate(problem, z, tolerance=tol)
+        errors, note = error_estimate(problem, z, tolerance=tol, condition=getattr(problem, "condition", 1.0))
         estimates += 1
         ok = [d or e <= t for d, e, t in zip(diverged, errors, tol)]
         if all(ok):
@@ -678,7 +687,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate:
             final = problem.residual_norm(z, problem.F(z))
         errors = None
     if errors is None and estimate and not any(diverged):
-        errors, note = error_estimate(problem, z)
+        errors, note = error_estimate(problem, z, condition=getattr(problem, "condition", 1.0))
     if errors is None:
         errors = [math.nan] * G
     tol = _tolerances(rtol, atol, problem.norms(z), floor)
