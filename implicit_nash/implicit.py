@@ -227,12 +227,16 @@ class Problem:
                 outs = [one(starts[i], [t[i] if d is not None else t for t, d in zip(th, th_dims)])
                         for i in range(nb)]
                 return torch.stack(outs).reshape(-1)
-        return Problem(F=F, project=project, unconstrained=self.unconstrained, n_theta=k, players=self.players,
-                       block=self.block, linear_solver=self.linear_solver, symmetric=self.symmetric,
-                       throw=self.throw, record=self.record, solver=self.solver, forward=forward,
-                       check_root=self.check_root, name=self.name, z_name=self.z_name,
-                       groups=self.groups * nb, warm_start=self.warm_start, member_groups=self.member_groups,
-                       batch_shape=(nb, *self.batch_shape))
+        out = Problem(F=F, project=project, unconstrained=self.unconstrained, n_theta=k, players=self.players,
+                      block=self.block, linear_solver=self.linear_solver, symmetric=self.symmetric,
+                      throw=self.throw, record=self.record, solver=self.solver, forward=forward,
+                      check_root=self.check_root, name=self.name, z_name=self.z_name,
+                      groups=self.groups * nb, warm_start=self.warm_start, member_groups=self.member_groups,
+                      batch_shape=(nb, *self.batch_shape))
+        # the same natural map for every member: the step of the solve it differentiates (the linear
+        # solve and the product with dG/dp must use one G)
+        out.step = self.step.repeat(nb) if isinstance(self.step, torch.Tensor) else self.step
+        return out
 
     def _name_groups(self, bad: Sequence[int]) -> str:
         """Names the groups ``bad`` for a message: members of a vmapped batch, or blocks."""

@@ -56,7 +56,10 @@ def test_random_games(B, d, p, cond, coupling, seed, set_name, dtype):
     Pz = torch.func.jacrev(G, argnums=0)(z, theta).reshape(n, n)
     Qz = torch.func.jacrev(G, argnums=1)(z, theta).reshape(n, p)
     J_ref = -torch.linalg.solve(Pz, Qz).reshape(B, d, p)
-    tol = 1e-8 if tight else 1e-3
+    # float32: the dense reference linearises the unit-step map at the float32 point, so it carries the
+    # forward's error amplified by the projection's curvature (an active Ball: 1.5e-3 from the float64
+    # truth where the layer's step-scaled map is 3.4e-4 from it)
+    tol = 1e-8 if tight else 3e-3
     assert torch.linalg.norm(J - J_ref) <= tol * (torch.linalg.norm(J_ref) + 1e-3)
     if constraint is None and tight:
         assert torch.linalg.norm(J - game.jacobian()) <= 1e-8 * torch.linalg.norm(game.jacobian())
