@@ -137,3 +137,24 @@ def test_hypergradient_error_bound_of_theorem_d3_covers_the_true_error():
     assert sol.backward[-1].hypergradient_error >= 0 and error <= bound <= 100 * error
     with pytest.raises(ValueError, match="C must be"):
         sol.hypergradient_error(-1.0)
+
+
+@pytest.mark.parametrize("constraint", [inn.Box(-0.3, 0.3), inn.Ball(0.4)], ids=["box", "ball"])
+def test_vmap_of_jacrev_through_an_active_set_equals_a_loop(constraint):
+    """The constrained backward differentiates the natural map with the forward's step; every batched
+    copy of the problem (vmap of the solve, vmap of the linear solve inside jacrev) must use that same
+    map, or the Jacobian comes out scaled by the step."""
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 4, generator=gen)
+    A = (A - A.T) + 3 * torch.eye(4)
+    W = torch.randn(4, 2, generator=gen)
+    F = lambda z, th: 20.0 * (A @ z + 0.3 * torch.tanh(z) - W @ torch.sin(th))  # noqa: E731
+    thetas = 2 * torch.randn(3, 2, generator=gen)
+    solve = lambda t: inn.solve_vi(F, torch.zeros(4), t, solver=inn.PRGD(rtol=1e-13), constraint=constraint)  # noqa: E731
+    batched = torch.func.vmap(torch.func.jacrev(solve))(thetas)
+    loop = torch.stack([torch.func.jacrev(solve)(t) for t in thetas])
+    assert torch.allclose(batched, loop, atol=1e-9)
+    h = 1e-6
+    for i, t in enumerate(thetas):  # and the loop against central differences
+        fd = torch.stack([(solve(t + h * e) - solve(t - h * e)) / (2 * h) for e in torch.eye(2)], dim=1)
+        assert torch.allclose(loop[i], fd, atol=1e-6)
