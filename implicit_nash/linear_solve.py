@@ -1093,10 +1093,15 @@ class GMRES(LinearSolver):
     """
 
     restart: int = 50
+    #: the Krylov dimension a restart cycle reaches before the tolerance may stop it (at most the
+    #: system's size): an error estimate needs the weak directions, which a small residual can hide
+    min_steps: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         _check_positive("restart", self.restart, integer=True)
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be a non-negative integer, got {self.min_steps!r}")
 
     def _solve(self, mon):
         if mon.groups > 1:
@@ -1151,7 +1156,8 @@ class GMRES(LinearSolver):
                     H[i][j] = col[i]
                 k = j + 1
                 mon.history.append(abs(g[j + 1]))
-                if hn == 0 or abs(g[j + 1]) <= threshold:
+                # min_steps holds a converged cycle only while the new direction is not rounding noise
+                if hn == 0 or (abs(g[j + 1]) <= threshold and (j + 1 >= self.min_steps or hn <= 1e3 * mon.eps * wn)):
                     break
                 V[j + 1] = w / hn
             if k:
@@ -1203,6 +1209,7 @@ class GMRES(LinearSolver):
             k = 0
             for j in range(m):
                 w = mon(V[j].reshape(-1)).reshape(G, n)
+                wn0 = w.norm(dim=1)
                 steps += 1
                 basis = V[: j + 1]
                 h = torch.einsum("jgn,gn->gj", basis, w)
@@ -1231,7 +1238,7 @@ class GMRES(LinearSolver):
                 k = j + 1
                 est = g[:, j + 1].abs()
                 mon.history.append(float(est.norm()))
-                live = grow & (hn > 0) & (est > tol)
+                live = grow & (hn > 0) & ((est > tol) | ((j + 1 < self.min_steps) & (hn > 1e3 * mon.eps * wn0)))
                 if not bool(live.any()):
                     break
                 V[j + 1] = w / torch.where(live, hn, 1.0).unsqueeze(1) * live.unsqueeze(1)

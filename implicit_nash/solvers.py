@@ -53,12 +53,15 @@ FLOOR = 4.0
 #: The error estimate's linear solve: its relative tolerance and its budget of products.
 ESTIMATE_RTOL = 1e-3
 ESTIMATE_MAX_STEPS = 200
+#: The error estimate's GMRES builds a Krylov space of at least this dimension (or the problem's size):
+#: the error of an ill-conditioned problem lies along directions in which G(z) is small.
+ESTIMATE_MIN_KRYLOV = 10
 #: The error estimate is the Newton correction's norm times this margin (which covers the correction's
 #: own inaccuracy: its linear solve's tolerance, and the second-order term of a nonlinear F).
 ESTIMATE_MARGIN = 1.25
 
 #: The error estimate's rounding term is eps * (1 + ROUNDING * condition) * ||z||.
-ROUNDING = 4.0
+ROUNDING = 1.0
 
 #: How many times a solve may lower its residual threshold after an error estimate above tolerance.
 MAX_ESTIMATES = 8
@@ -562,9 +565,11 @@ def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE
     # the correction is needed to about a digit, and not below a hundredth of the tolerance it is
     # compared with (``A`` is the Jacobian of the step-scaled map, of norm about 1, so the residual
     # is in the units of z)
-    atol = 0.0 if tolerance is None else 0.01 * min(tolerance)
+    # (no absolute floor: a residual below a fraction of the tolerance can still hide the weak
+    # directions of an ill-conditioned A, where the error lives)
+    atol = 0.0
     with torch.no_grad():
-        d, info = GMRES(rtol=rtol, atol=atol, max_steps=max_steps).solve(
+        d, info = GMRES(rtol=rtol, atol=atol, max_steps=max_steps, min_steps=ESTIMATE_MIN_KRYLOV).solve(
             LinearOperator(A, AT), b, groups=problem.groups, enforce_error=False)
     note = "" if info.status == "converged" else \
         f"the Newton correction's linear solve ended '{info.status}' ({info.message})"

@@ -24,13 +24,13 @@ def _problem(n, cond, seed):
 
 
 def _reference(A, c, constraint):
-    """z* of F(z) = A z - c over the set, in float64: an LU solve without constraints, else PRGD with a
-    tight tolerance (the constrained cases keep the condition number at most 1e3)."""
+    """z* of F(z) = A z - c over the set, in float64, and its error: an LU solve without constraints,
+    else PRGD with a tight tolerance (the constrained cases keep the condition number at most 1e3)."""
     if constraint is None:
-        return torch.linalg.solve(A, c)
+        return torch.linalg.solve(A, c), 0.0
     sol = inn.vi_solution(lambda z, t: A @ z - t, torch.zeros(A.shape[0]), c,
                           constraint=constraint, solver=inn.PRGD(rtol=1e-12, max_steps=200_000))
-    return sol.value
+    return sol.value, sol.error  # the reference's own estimated error: the comparisons allow for it
 
 
 def _set(name):
@@ -60,14 +60,14 @@ def test_forward_within_tolerance_or_refused(n, log_cond, log_scale, start, seed
     sol = _run(A, c, z0, constraint, dtype, 10.0 ** log_scale)
     if sol is None:
         return
-    truth = _reference(A, c, constraint)
+    truth, uncertain = _reference(A, c, constraint)
     error = float((sol.value.double() - truth).norm())
     tol = sol.stats["tolerance"]
     assert sol.status == "converged"
-    assert error <= 10 * tol + 1e-300, (error, tol, sol)
+    assert error - uncertain <= 10 * tol + 1e-300, (error, uncertain, tol, sol)
     # the estimate is never far below the truth (the next test asks for "not below" in 95% of cases: at
     # the rounding floor, with a nearly active constraint, it can be below by a small factor)
-    assert sol.error >= error / 4 - 1e-14 * float(truth.norm()) - 1e-300, (error, sol.error)
+    assert sol.error >= (error - uncertain) / 4 - 1e-14 * float(truth.norm()) - 1e-300, (error, uncertain, sol.error)
 
 
 def test_error_estimates_are_not_below_the_truth_in_at_least_95_percent_of_cases():
@@ -84,9 +84,9 @@ def test_error_estimates_are_not_below_the_truth_in_at_least_95_percent_of_cases
         sol = _run(A, c, torch.ones(n) * (seed % 3), constraint, dtype, 10.0 ** ((seed % 5) - 2))
         if sol is None:
             continue
-        truth = _reference(A, c, constraint)
+        truth, uncertain = _reference(A, c, constraint)
         error = float((sol.value.double() - truth).norm())
-        floor = (1e-14 if dtype == torch.float64 else 1e-7) * float(truth.norm())
+        floor = (1e-14 if dtype == torch.float64 else 1e-7) * float(truth.norm()) + uncertain
         total += 1
         hits += bool(error - floor <= sol.error <= 100 * max(error, floor))
     assert total >= 30 and hits >= 0.95 * total, (hits, total)

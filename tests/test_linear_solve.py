@@ -65,6 +65,13 @@ def test_contract_fields_have_effect(name, gen):
             _, info = dataclasses.replace(base, check_symmetry=False).solve(A, b)
             assert info.matvecs <= ref.matvecs - 2
             continue
+        if f.name == "min_steps":  # a loose tolerance stops GMRES early, unless min_steps holds it
+            if base.restart < 20:  # (a cycle's dimension: capped by the restart, checked on plain GMRES)
+                continue
+            _, loose = dataclasses.replace(base, rtol=1e-3).solve(A, b)
+            _, held = dataclasses.replace(base, rtol=1e-3, min_steps=loose.steps + 5).solve(A, b)
+            assert held.steps >= min(n, loose.steps + 5) and held.steps > loose.steps and held.converged
+            continue
         if f.name in ("compiled", "chunk", "backend"):  # the same answer, computed by a compiled program
             chunk = 3 if f.name == "chunk" else 10
             _, info = dataclasses.replace(base, compiled=True, chunk=chunk, backend="aot_eager").solve(A, b)
