@@ -158,3 +158,15 @@ def test_vmap_of_jacrev_through_an_active_set_equals_a_loop(constraint):
     for i, t in enumerate(thetas):  # and the loop against central differences
         fd = torch.stack([(solve(t + h * e) - solve(t - h * e)) / (2 * h) for e in torch.eye(2)], dim=1)
         assert torch.allclose(loop[i], fd, atol=1e-6)
+
+
+@pytest.mark.parametrize("cond", [1e6, 1e8])
+def test_a_weak_direction_hidden_by_a_small_residual_is_not_converged(cond):
+    """float32, condition 1e6-1e8, from ones: the residual F/L is small long before the error is, since the
+    error lies along the weak direction; the error estimate must see it (the call was once 'converged'
+    0.15 off here)."""
+    A, c = _problem(2, cond, 0)
+    sol = _run(A, c, torch.ones(2), None, torch.float32, 1.0)
+    if sol is not None:
+        truth = torch.linalg.solve(A, c)
+        assert float((sol.value.double() - truth).norm()) <= 10 * sol.stats["tolerance"]
