@@ -152,7 +152,7 @@ def _root_check(tol, z_name: str) -> Callable:
             znorm = problem.norms(zc)
             scale = [max(zn, fn / l if l > 0 else fn) for zn, fn, l in zip(znorm, problem.norms(Fz), L)]
             tol = [float(atol) + rt * zn + eps ** 2 * s for zn, s in zip(znorm, scale)]
-        errors, note = error_estimate(problem, zc, tolerance=tol)
+        errors, note = error_estimate(problem, zc)
         statuses = ["non_finite" if not f else ("converged" if x <= t and e <= t else "not_a_root")
                     for x, e, t, f in zip(r, errors, tol, finite)]
         status = ("non_finite" if "non_finite" in statuses else

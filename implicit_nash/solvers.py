@@ -515,7 +515,7 @@ def initial_state(solver: Solver, problem: FlatProblem, z0: torch.Tensor) -> Dic
 
 
 def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE_RTOL,
-                   max_steps: int = ESTIMATE_MAX_STEPS, tolerance: Optional[Sequence[float]] = None,
+                   max_steps: int = ESTIMATE_MAX_STEPS,
                    condition: float = 1.0) -> Tuple[List[float], str]:
     r"""An estimate of :math:`\|z - z^*\|` per group: the norm of the Newton correction
     :math:`d = A^{-1} G(z)`, :math:`G(z) = z - \Pi(z - \eta F(z))` the natural map with the
@@ -562,14 +562,10 @@ def error_estimate(problem: FlatProblem, z: torch.Tensor, rtol: float = ESTIMATE
     znorm = problem.norms(z)
     if not bool(torch.isfinite(b).all()):
         return [math.inf] * problem.groups, "the natural map is not finite at the returned point"
-    # the correction is needed to about a digit, and not below a hundredth of the tolerance it is
-    # compared with (``A`` is the Jacobian of the step-scaled map, of norm about 1, so the residual
-    # is in the units of z)
-    # (no absolute floor: a residual below a fraction of the tolerance can still hide the weak
-    # directions of an ill-conditioned A, where the error lives)
-    atol = 0.0
+    # a relative tolerance only, and a Krylov space of at least ESTIMATE_MIN_KRYLOV dimensions: a small
+    # residual can hide the weak directions of an ill-conditioned A, where the error lives
     with torch.no_grad():
-        d, info = GMRES(rtol=rtol, atol=atol, max_steps=max_steps, min_steps=ESTIMATE_MIN_KRYLOV).solve(
+        d, info = GMRES(rtol=rtol, max_steps=max_steps, min_steps=ESTIMATE_MIN_KRYLOV).solve(
             LinearOperator(A, AT), b, groups=problem.groups, enforce_error=False)
     note = "" if info.status == "converged" else \
         f"the Newton correction's linear solve ended '{info.status}' ({info.message})"
@@ -669,7 +665,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate:
         if not estimate:
             done = True
             break
-        errors, note = error_estimate(problem, z, tolerance=tol, condition=getattr(problem, "condition", 1.0))
+        errors, note = error_estimate(problem, z, condition=problem.condition)
         estimates += 1
         ok = [d or e <= t for d, e, t in zip(diverged, errors, tol)]
         if all(ok):
@@ -692,7 +688,7 @@ def iterate(solver: Solver, problem: FlatProblem, z0: torch.Tensor, *, estimate:
             final = problem.residual_norm(z, problem.F(z))
         errors = None
     if errors is None and estimate and not any(diverged):
-        errors, note = error_estimate(problem, z, condition=getattr(problem, "condition", 1.0))
+        errors, note = error_estimate(problem, z, condition=problem.condition)
     if errors is None:
         errors = [math.nan] * G
     tol = _tolerances(rtol, atol, problem.norms(z), floor)
